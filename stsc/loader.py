@@ -1,0 +1,72 @@
+"""Load a user's model file: a Python file defining ``build_model()`` and ``example_inputs()``.
+
+Loading *executes* the file, as ``python model.py`` would: only load files you trust.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import traceback
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["ModelFileError", "load_model_file"]
+
+
+class ModelFileError(Exception):
+    """The model file is missing, fails to import, or does not provide what stsc needs."""
+
+
+def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
+    """Import ``path`` and return ``(build_model(), example_inputs(...))``, checked.
+
+    ``example_inputs`` is called with the model when it takes an argument, else with none.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    module = _import(path)
+    for name in ("build_model", "example_inputs"):
+        if not callable(getattr(module, name, None)):
+            raise ModelFileError(f"{path}: no {name}() function; a model file must define "
+                                 f"build_model() and example_inputs()")
+    model = _call(path, module.build_model)
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"{path}: build_model() returned {type(model).__name__}, expected a torch.nn.Module")
+    takes_model = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                      for p in inspect.signature(module.example_inputs).parameters.values())
+    inputs = _call(path, module.example_inputs, *((model,) if takes_model else ()))
+    if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
+        raise ModelFileError(f"{path}: example_inputs() returned {type(inputs).__name__}, "
+                             f"expected a dict of forward keyword arguments")
+    return model, inputs
+
+
+def _import(path: Path):
+    name = f"stsc_model_file_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    except Exception as exc:  # noqa: BLE001 - report any import failure with its place in the file
+        raise ModelFileError(f"{_where(path, exc)}: failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _call(path: Path, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{_where(path, exc)}: {fn.__name__}() failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _where(path: Path, exc: BaseException) -> str:
+    """``file:line`` of the deepest traceback frame inside the model file, else the file."""
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f"{path}:{lines[-1]}" if lines else str(path)

@@ -1,0 +1,78 @@
+"""Report: what capture and match found, as a dataclass, a JSON-ready dict and a readable table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .capture import capture
+from .match import Boundary, Block, match
+
+__all__ = ["Report", "inspect"]
+
+
+@dataclass
+class Report:
+    capture_method: str  # "export" or "dynamo"
+    graphs: int
+    fallback_reason: str | None
+    blocks: list[str]  # decoder block module paths, in execution order
+    block_details: list[Block]
+    block_kinds: int
+    vision_blocks: list[str]
+    boundary: Boundary | None
+    token_input: str | None
+    notes: list[str] = field(default_factory=list)
+    capture_notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def supported(self) -> bool:
+        """True when decoder blocks were found (the minimum any pass needs)."""
+        return bool(self.blocks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [f"capture      {self.capture_method} ({self.graphs} graph{'s' * (self.graphs != 1)}, "
+                 f"{self.seconds:.1f} s)"]
+        if self.fallback_reason:
+            lines.append(f"  fallback   {self.fallback_reason}")
+        lines += [f"  note       {note}" for note in self.capture_notes]
+        lines.append(f"token input  {self.token_input or '-'}")
+        b = self.boundary
+        if b is None:
+            lines.append("boundary     no vision boundary found")
+        else:
+            grid = f"{b.grid[0]}x{b.grid[1]}" if b.grid else "-"
+            lines += [
+                f"boundary     {b.kind} ({b.merge_op} at {b.merge_node})",
+                f"  visual tokens   {b.visual_tokens} shape {list(b.visual_shape or ())}, "
+                f"from module '{b.producer_module or '-'}'",
+                f"  per image       {b.tokens_per_image if b.tokens_per_image is not None else '-'} tokens, "
+                f"grid {grid}, {b.images if b.images is not None else '-'} images in the example",
+                f"  placeholder id  {b.placeholder_id if b.placeholder_id is not None else '-'}",
+                f"  pixel inputs    {', '.join(b.vision_inputs)}",
+                f"  aligned inputs  {', '.join(b.aligned_inputs)}",
+            ]
+        kinds = f", {self.block_kinds} kinds" if self.block_kinds > 1 else ""
+        lines.append(f"decoder      {len(self.blocks)} blocks{kinds}")
+        for i, block in enumerate(self.block_details):
+            lines.append(f"  {i:>3}  {block.path}  (kind {block.kind}, {block.nodes} nodes)")
+        if self.vision_blocks:
+            lines.append(f"vision       {len(self.vision_blocks)} blocks: {self.vision_blocks[0]} .. {self.vision_blocks[-1]}")
+        lines += [f"not found    {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def inspect(model: nn.Module, example_inputs: dict) -> Report:
+    """Capture ``model(**example_inputs)`` and report its decoder blocks and vision boundary."""
+    start = time.perf_counter()
+    cap = capture(model, example_inputs)
+    structure = match(cap)
+    return Report(cap.method, len(cap.graphs), cap.fallback_reason, [b.path for b in structure.blocks],
+                  structure.blocks, structure.block_kinds, structure.vision_blocks, structure.boundary,
+                  structure.token_input, structure.notes, cap.notes, time.perf_counter() - start)

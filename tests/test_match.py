@@ -1,0 +1,106 @@
+"""Capture + match on the bundled example and on tiny builds of Hugging Face MLLM families."""
+
+import pytest
+import torch
+
+import hf_models
+import tiny_llava
+from stsc import inspect
+
+TINY_BLOCKS = [f"decoder.layers.{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("merge, kind", [("scatter", "scatter"), ("concat", "concat")])
+def test_bundled_example(merge, kind):
+    model = tiny_llava.build_model(merge=merge)
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.capture_method == "export"
+    assert report.blocks == TINY_BLOCKS
+    assert report.vision_blocks == ["vision.blocks.0", "vision.blocks.1"]
+    b = report.boundary
+    assert (b.kind, b.tokens_per_image, b.grid, b.images) == (kind, 64, (8, 8), 2)
+    assert b.producer_module == "projector"
+    assert b.placeholder_id == (tiny_llava.IMAGE_TOKEN_ID if merge == "scatter" else None)
+    assert b.token_input == "input_ids" and b.vision_inputs == ["pixel_values"]
+    assert b.aligned_inputs == ["input_ids", "attention_mask", "labels"]
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma", "mllama", "qwen2_vl"])
+def test_hf_family(family):
+    model, inputs = hf_models.BUILDERS[family]()
+    expected = model.stsc_expected
+    report = inspect(model, inputs)
+    assert report.blocks == expected.blocks
+    assert report.boundary.kind == expected.boundary_kind
+    assert report.boundary.tokens_per_image == expected.tokens_per_image
+    assert report.boundary.placeholder_id == expected.placeholder_id
+    assert "input_ids" in report.boundary.aligned_inputs and "labels" in report.boundary.aligned_inputs
+
+
+def test_grid_from_patch_convolution():
+    model, inputs = hf_models.llava()
+    assert inspect(model, inputs).boundary.grid == (4, 4)
+
+
+def test_mixed_stack_reports_two_block_kinds():
+    model, inputs = hf_models.mllama(layers=4, cross_attention_layers=(1, 3))
+    report = inspect(model, inputs)
+    assert report.block_kinds == 2
+    kinds = [b.kind for b in report.block_details]
+    assert kinds[0] == kinds[2] and kinds[1] == kinds[3] and kinds[0] != kinds[1]
+    assert report.boundary.merge_op == "scaled_dot_product_attention"
+    assert report.boundary.producer_module == "model.multi_modal_projector"
+
+
+def test_dynamo_fallback_is_reported():
+    model, inputs = hf_models.qwen2_vl()
+    report = inspect(model, inputs)
+    assert report.capture_method == "dynamo" and report.graphs > 1
+    assert report.fallback_reason.startswith("torch.export failed: ")
+    assert report.boundary.merge_op == "masked_scatter"
+
+
+def test_use_cache_is_disabled_for_capture_and_said():
+    model, inputs = hf_models.llava()
+    report = inspect(model, inputs)
+    assert report.capture_method == "export"
+    assert report.capture_notes == ["passed use_cache=False (no cache is needed for training)"]
+
+
+def test_text_only_model_reports_blocks_and_no_boundary():
+    model, inputs = hf_models.llama_text_only()
+    report = inspect(model, inputs)
+    assert report.blocks == model.stsc_expected.blocks
+    assert report.boundary is None
+    assert any(note.startswith("no vision boundary found") for note in report.notes)
+    assert "no vision boundary found" in report.format()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: (tiny_llava.TinyLlava(tiny_llava.TinyLlavaConfig()), tiny_llava.example_inputs()),
+    lambda: (hf_models.llava()[0].__class__(hf_models.llava()[0].config), hf_models.llava()[1]),
+], ids=["tiny", "llava"])
+def test_meta_device_model_needs_no_weights(build):
+    with torch.device("meta"):
+        model, inputs = build()
+    assert next(model.parameters()).device.type == "meta"
+    report = inspect(model, inputs)
+    assert len(report.blocks) >= 3 and report.boundary.kind == "scatter"
+    assert report.boundary.tokens_per_image in (16, 64)
+
+
+def test_exported_graph_trains_the_users_parameters(tiny):
+    from stsc import capture
+
+    model, inputs = tiny
+    cap = capture(model, inputs)
+    graph_params = dict(cap.exported.module().named_parameters())
+    assert all(graph_params[name] is param for name, param in model.named_parameters())
+
+
+def test_model_without_blocks_says_what_was_looked_for():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+    report = inspect(model.train(), {"input": torch.randint(0, 10, (2, 5))})
+    assert report.blocks == [] and not report.supported
+    assert any(note.startswith("no decoder blocks found: looked for sibling modules that run one after another")
+               for note in report.notes)
