@@ -1,0 +1,242 @@
+"""Layer Dynamic Skipper: guarded skip branches around the decoder blocks.
+
+**Matches** the decoder blocks that :func:`stsc.match` found (``Structure.blocks``): repeated residual
+blocks on the token stream. Each block's hidden-state argument and hidden-state output are located
+by running the model once on the example inputs with hooks on the blocks (the argument whose tensor
+has the output's shape, preferring the previous block's output itself).
+
+**Rewrites** each block's ``forward`` (on the instance; the module, its parameters and its
+``state_dict`` keys stay as they are) into the guarded branch::
+
+    skip[i] ? hidden_in : block(hidden_in, ...)
+
+A skipped block computes nothing: neither its forward nor its backward runs, and its output is its
+hidden-state input (the residual identity), inside the block's usual output structure.
+
+**Decisions** are drawn once per training forward, before the first block runs, from a generator
+seeded by ``(seed, step, micro_step)`` (:func:`stsc.schedules.draw_skips`): identical on every rank,
+reproducible after a resume. ``step`` is set with :meth:`LayerSkipper.set_progress`; ``micro_step``
+counts the training forwards since then. In ``eval()`` nothing is skipped: the model is the dense one.
+
+**Gradients**: a block skipped in a forward gets no gradient from it. A block skipped in every
+micro-batch of an optimizer step keeps ``.grad = None`` (with ``zero_grad(set_to_none=True)``, the
+default), so AdamW leaves it alone: no momentum step and no weight decay. (``torch.cond`` would give
+zeros instead, which AdamW still applies.)
+
+**torch.compile**: the guard runs outside compiled code (``torch.compiler.disable``), so a compiled
+model graph-breaks at each block and never guards on a skip pattern: any pattern runs without
+recompiling. :meth:`LayerSkipper.compile_blocks` compiles the blocks themselves (regional
+compilation: one compiled block serves every block of the same kind), so a skipped block still
+saves its time when compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from stsc.capture import forward_kwargs
+from stsc.registry import PassInfo, register_pass
+from stsc.schedules import SkipSchedule, draw_skips, layer_probabilities
+
+__all__ = ["LayerSkipper", "SkipLayersConfig", "apply"]
+
+
+@dataclass(frozen=True)
+class SkipLayersConfig(SkipSchedule):
+    """Parameters of the pass: the schedule (see :class:`stsc.schedules.SkipSchedule`), plus:
+
+    ``skip_kinds``: block kinds that may be skipped (kind 0 is the first block's shape); ``None``
+    means every kind. Mixed stacks (self- and cross-attention layers) can keep one kind dense.
+    ``seed``: seed of the decision generator, shared by all ranks.
+    """
+
+    skip_kinds: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def schedule(self) -> SkipSchedule:
+        return SkipSchedule(**{f.name: getattr(self, f.name) for f in fields(SkipSchedule)})
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """Where a block's hidden state goes in and comes out."""
+
+    arg: int | str  # positional index or keyword name of the hidden-state argument
+    out_leaf: int  # index of the hidden state among the output's pytree leaves
+    out_spec: pytree.TreeSpec
+    out_leaves: tuple  # the other (non-tensor) leaves of the output, reproduced when skipping
+
+    def hidden(self, args, kwargs) -> torch.Tensor:
+        return args[self.arg] if isinstance(self.arg, int) else kwargs[self.arg]
+
+    def identity(self, hidden: torch.Tensor):
+        leaves = list(self.out_leaves)
+        leaves[self.out_leaf] = hidden
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+class LayerSkipper:
+    """Runtime of the pass: schedule state, skip decisions, and the guarded blocks."""
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module, int]], bindings: list[_Binding | None],
+                 config: SkipLayersConfig):
+        self.config = config
+        self.schedule = config.schedule()
+        self.paths = [path for path, _, _ in blocks]
+        self.modules = [module for _, module, _ in blocks]
+        self.skippable = [binding is not None and (config.skip_kinds is None or kind in config.skip_kinds)
+                          for (_, _, kind), binding in zip(blocks, bindings)]
+        self.progress = 0.0  # epochs into the stage
+        self.step = 0
+        self.micro_step = 0
+        self.forced: list[int] | None = None
+        self.last_skipped: list[int] = []
+        self._skip = [False] * len(blocks)
+        self._originals = [module.__dict__.get("forward") for module in self.modules]
+        for index, (module, binding) in enumerate(zip(self.modules, bindings)):
+            if binding is not None:
+                module.forward = self._guard(index, module.forward, binding)
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+        self._model = model
+
+    # ----------------------------------------------------------------------------- schedule state
+    def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
+        """Move the schedule: ``epoch`` = epochs completed in the stage (fractional), ``step`` = global step."""
+        if epoch is not None:
+            self.progress = float(epoch)
+        if step is not None and step != self.step:
+            self.step, self.micro_step = int(step), 0
+
+    def probabilities(self) -> list[float]:
+        return layer_probabilities(self.schedule, len(self.modules), self.progress, self.skippable)
+
+    def force(self, skipped: list[int] | None) -> None:
+        """Skip exactly these block indices in every training forward (``None``: back to the schedule)."""
+        self.forced = None if skipped is None else sorted(skipped)
+
+    def state_dict(self) -> dict:
+        return {"progress": self.progress, "step": self.step, "micro_step": self.micro_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress, self.step, self.micro_step = float(state["progress"]), int(state["step"]), int(state["micro_step"])
+
+    # ------------------------------------------------------------------------------------ runtime
+    @torch.compiler.disable
+    def _before_forward(self, module, args):
+        if not module.training:
+            self._skip = [False] * len(self.modules)
+            return
+        if self.forced is not None:
+            skipped = self.forced
+        else:
+            skipped = draw_skips(self.probabilities(), self.config.seed, self.step, self.micro_step,
+                                 self.schedule.min_kept)
+            self.micro_step += 1
+        self.last_skipped = skipped
+        self._skip = [i in skipped for i in range(len(self.modules))]
+
+    def _guard(self, index: int, forward, binding: _Binding):
+        module = self.modules[index]
+
+        @torch.compiler.disable
+        def guarded_forward(*args, **kwargs):
+            if module.training and self._skip[index]:
+                return binding.identity(binding.hidden(args, kwargs))
+            return guarded_forward.block_forward(*args, **kwargs)
+
+        guarded_forward.block_forward = forward
+        return guarded_forward
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Compile each block's own forward (regional compilation); the guards stay eager."""
+        for module in self.modules:
+            guard = module.__dict__.get("forward")
+            if guard is not None and hasattr(guard, "block_forward"):
+                guard.block_forward = torch.compile(guard.block_forward, **compile_kwargs)
+
+    def remove(self) -> None:
+        """Undo the rewrite: blocks get their own forward back."""
+        for module, original in zip(self.modules, self._originals):
+            if original is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = original
+        self._hook.remove()
+
+
+def _bind(model: nn.Module, blocks: list[nn.Module], example_inputs: dict) -> list[_Binding | None]:
+    """Run the model once and locate each block's hidden-state argument and output leaf."""
+    calls: dict[int, tuple] = {}
+
+    def record(index):
+        def hook(module, args, kwargs, output):
+            calls.setdefault(index, (args, kwargs, output))
+        return hook
+
+    handles = [block.register_forward_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(**forward_kwargs(model, example_inputs)[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    bindings, previous = [], None
+    for index in range(len(blocks)):
+        if index not in calls:
+            bindings.append(None)
+            continue
+        args, kwargs, output = calls[index]
+        binding = _binding_of(args, kwargs, output, previous)
+        bindings.append(binding)
+        previous = pytree.tree_leaves(output)[binding.out_leaf] if binding else None
+    return bindings
+
+
+def _binding_of(args, kwargs, output, previous) -> _Binding | None:
+    leaves, spec = pytree.tree_flatten(output)
+    tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    candidates = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
+    candidates = [(where, t) for where, t in candidates if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if previous is not None:
+        candidates.sort(key=lambda c: c[1] is not previous)
+    for where, tensor in candidates:
+        for leaf in tensors:
+            if leaves[leaf].shape == tensor.shape and leaves[leaf].dtype == tensor.dtype:
+                others = [i for i in tensors if i != leaf]
+                if others:
+                    return None  # other tensor outputs cannot be reproduced without running the block
+                return _Binding(where, leaf, spec, tuple(None if i == leaf else v for i, v in enumerate(leaves)))
+    return None
+
+
+@register_pass("skip_layers", SkipLayersConfig)
+def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs: dict) -> tuple[LayerSkipper, PassInfo]:
+    """Guard every decoder block of ``structure`` in ``model``; return the runtime and what was done."""
+    modules = dict(model.named_modules())
+    blocks = [(b.path, modules[b.path], b.kind) for b in structure.blocks]
+    bindings = _bind(model, [m for _, m, _ in blocks], example_inputs)
+    skipper = LayerSkipper(model, blocks, bindings, config)
+    unbound = [path for (path, _, _), binding in zip(blocks, bindings) if binding is None]
+    info = PassInfo("skip_layers", sum(skipper.skippable), {
+        "blocks": len(blocks),
+        "skippable": [p for p, s in zip(skipper.paths, skipper.skippable) if s],
+        "not_skippable": {p: ("its output has other tensors besides the hidden state, or it did not run"
+                              if p in unbound else "its kind is not in skip_kinds")
+                          for p, s in zip(skipper.paths, skipper.skippable) if not s},
+        "schedule": config.schedule().__dict__,
+        "mean_skip_fraction_over_stage": _mean_fraction(skipper),
+    })
+    return skipper, info
+
+
+def _mean_fraction(skipper: LayerSkipper, samples: int = 100) -> float:
+    """Expected fraction of blocks skipped, averaged over the stage (before min_kept capping)."""
+    schedule, total = skipper.schedule, 0.0
+    for k in range(samples):
+        progress = (k + 0.5) / samples * schedule.epochs
+        total += sum(layer_probabilities(schedule, len(skipper.modules), progress, skipper.skippable))
+    return total / samples / max(len(skipper.modules), 1)

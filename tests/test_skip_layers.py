@@ -1,0 +1,152 @@
+"""The Layer Dynamic Skipper pass on the bundled example and tiny Hugging Face families."""
+
+import copy
+
+import pytest
+import torch
+
+import hf_models
+import tiny_llava
+from stsc import capture, match
+from stsc.capture import forward_kwargs
+from stsc.passes.skip_layers import SkipLayersConfig, apply
+
+
+def build(family):
+    if family == "tiny":
+        model = tiny_llava.build_model()
+        return model, tiny_llava.example_inputs(model)
+    return hf_models.BUILDERS[family]()
+
+
+def skip_pass(model, inputs, **config):
+    structure = match(capture(model, inputs))
+    return apply(model, structure, SkipLayersConfig(**config), inputs)
+
+
+def run(model, inputs):
+    return model(**forward_kwargs(model, inputs)[0])
+
+
+def identity_reference(model, block_path):
+    """The original model with one block replaced by the identity on its hidden state."""
+    reference = copy.deepcopy(model)
+    block = reference.get_submodule(block_path)
+    block.forward = lambda hidden, *args, **kwargs: hidden
+    return reference
+
+
+FAMILIES = ["tiny", "llava", "mllama", "qwen2_vl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forced_skip_equals_identity_block(family):
+    model, inputs = build(family)
+    skipper, info = skip_pass(model, inputs)
+    assert info.matched == len(skipper.paths) >= 3
+    layer = 1
+    reference = identity_reference(model, skipper.paths[layer])
+    skipper.force([layer])
+    out = run(model, inputs)
+    assert skipper.last_skipped == [layer]
+    torch.testing.assert_close(out["logits"], run(reference, inputs)["logits"], rtol=0, atol=0)
+    assert not torch.equal(out["logits"], run(identity_reference(model, skipper.paths[0]), inputs)["logits"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_block_gets_no_gradient(family):
+    model, inputs = build(family)
+    skipper, _ = skip_pass(model, inputs)
+    skipper.force([1])
+    model.zero_grad(set_to_none=True)
+    run(model, inputs)["loss"].backward()
+    skipped = model.get_submodule(skipper.paths[1])
+    assert all(p.grad is None for p in skipped.parameters())
+    for path in skipper.paths[:1] + skipper.paths[2:]:
+        assert all(p.grad is not None for p in model.get_submodule(path).parameters() if p.requires_grad)
+
+
+def test_grad_is_none_only_if_skipped_in_every_micro_batch(tiny):
+    model = copy.deepcopy(tiny[0])
+    skipper, _ = skip_pass(model, tiny[1])
+    block = model.get_submodule(skipper.paths[2])
+    model.zero_grad(set_to_none=True)
+    skipper.force([2])
+    run(model, tiny[1])["loss"].backward()
+    assert block.o_proj.weight.grad is None
+    skipper.force([])
+    run(model, tiny[1])["loss"].backward()  # second micro-batch runs the block
+    assert block.o_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("family", ["tiny", "mllama"])
+def test_eval_is_the_dense_model(family):
+    model, inputs = build(family)
+    dense = copy.deepcopy(model).eval()
+    skipper, _ = skip_pass(model, inputs, alpha=0.5, eps=1.0)
+    skipper.force(list(range(len(skipper.paths) - 1)))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs)["logits"], run(dense, inputs)["logits"])
+
+
+def test_state_dict_keys_and_parameters_unchanged(tiny):
+    model = copy.deepcopy(tiny[0])
+    keys, params = list(model.state_dict()), list(model.parameters())
+    skipper, _ = skip_pass(model, tiny[1])
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    skipper.remove()
+    assert "forward" not in model.get_submodule(skipper.paths[0]).__dict__
+
+
+def test_decisions_follow_seed_and_step_and_resume(tiny):
+    model = copy.deepcopy(tiny[0])
+    skipper, _ = skip_pass(model, tiny[1], alpha=0.5, eps=1.0, seed=11)
+    patterns = []
+    for step in range(6):
+        skipper.set_progress(step=step, epoch=step / 10)
+        run(model, tiny[1])
+        patterns.append(skipper.last_skipped)
+    state = {"progress": 0.2, "step": 2, "micro_step": 0}
+    skipper.load_state_dict(state)
+    run(model, tiny[1])
+    assert skipper.last_skipped == patterns[2]
+    assert len({tuple(p) for p in patterns}) > 1
+
+
+def test_mixed_stack_can_keep_one_kind_dense():
+    model, inputs = hf_models.mllama(layers=4, cross_attention_layers=(1, 3))
+    skipper, info = skip_pass(model, inputs, skip_kinds=(0,))
+    assert info.details["skippable"] == [skipper.paths[0], skipper.paths[2]]
+    assert info.details["not_skippable"] == {skipper.paths[1]: "its kind is not in skip_kinds",
+                                             skipper.paths[3]: "its kind is not in skip_kinds"}
+    assert skipper.probabilities()[1] == skipper.probabilities()[3] == 0.0
+
+
+def test_report_gives_the_mean_skip_fraction(tiny):
+    model = copy.deepcopy(tiny[0])
+    _, info = skip_pass(model, tiny[1], alpha=0.6, eps=0.5)
+    assert info.details["mean_skip_fraction_over_stage"] == pytest.approx(0.6 / 3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_model_runs_any_pattern_without_recompiling(tiny):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = copy.deepcopy(tiny[0])
+    skipper, _ = skip_pass(model, tiny[1], alpha=0.5, eps=0.0)  # p = 0.5 for every block: 15 patterns
+    skipper.compile_blocks()
+    compiled = torch.compile(model)
+    counters.clear()
+    patterns = set()
+    for step in range(50):
+        skipper.set_progress(step=step)
+        compiled(**tiny[1])["loss"].backward()
+        patterns.add(tuple(skipper.last_skipped))
+        if step == 0:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+    assert len(patterns) >= 8
+    assert counters["stats"]["unique_graphs"] == graphs_after_first
+    torch._dynamo.reset()
