@@ -77,6 +77,7 @@ class Boundary:
     grid: tuple[int, int] | None
     placeholder_id: int | None
     token_input: str
+    token_embedding: str | None  # module path of the embedding lookup the token input indexes
     vision_inputs: list[str]
     aligned_inputs: list[str]
 
@@ -158,6 +159,15 @@ def _token_input(flow: nx.DiGraph, order: list[str]) -> str | None:
     return best
 
 
+def _token_embedding(flow: nx.DiGraph, order: list[str], token_input: str) -> str | None:
+    """Module path of the embedding lookup indexed by the token input."""
+    for key in order:
+        if flow.nodes[key]["op"] == "embedding" and flow.nodes[key]["module"] and any(
+                flow.nodes[_walk_back_data_movement(flow, p)]["source"] == token_input for p in flow.predecessors(key)):
+            return flow.nodes[key]["module"][-1]
+    return None
+
+
 def _taint(flow, order, token_input, vision_inputs) -> dict[str, int]:
     taint = {}
     for key in order:
@@ -193,7 +203,8 @@ def _boundary(cap, flow, order, taint, token_input, vision_inputs, block_paths, 
     aligned = [name for name, value in cap.example_inputs.items()
                if isinstance(value, torch.Tensor) and tuple(value.shape) == token_shape]
     return Boundary(kind, merge, op, visual, shape, _producer_module(flow, visual, merge), tokens_per_image,
-                    images, grid, placeholder, token_input, vision_inputs, aligned)
+                    images, grid, placeholder, token_input, _token_embedding(flow, order, token_input),
+                    vision_inputs, aligned)
 
 
 def _enclosing(modules: tuple[str, ...], block_paths: list[str]) -> str | None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SCHEDULES", "SkipSchedule", "depth_factor", "draw_skips", "layer_probabilities", "sts_probability",
-           "time_factor"]
+__all__ = ["SCHEDULES", "SkipSchedule", "depth_factor", "draw_skips", "layer_probabilities", "seeded_generator",
+           "sts_probability", "time_factor"]
 
 SCHEDULES = ("sts", "linear", "constant")
 
@@ -95,6 +95,12 @@ def layer_probabilities(schedule: SkipSchedule, layers: int, progress: float,
     return probabilities
 
 
+def seeded_generator(seed: int, step: int, micro_step: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, step, micro_step)``: the same in every process."""
+    digest = hashlib.sha256(f"stsc:{seed}:{step}:{micro_step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
 def draw_skips(probabilities: list[float], seed: int, step: int, micro_step: int, min_kept: int) -> list[int]:
     """Indices of the blocks to skip, drawn from a generator seeded by ``(seed, step, micro_step)``.
 
@@ -102,9 +108,7 @@ def draw_skips(probabilities: list[float], seed: int, step: int, micro_step: int
     resumed run). If fewer than ``min_kept`` blocks would run, the skipped blocks with the lowest
     probability (then the lowest index) run after all.
     """
-    digest = hashlib.sha256(f"stsc:{seed}:{step}:{micro_step}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
-    draws = torch.rand(len(probabilities), generator=generator, dtype=torch.float64).tolist()
+    draws = torch.rand(len(probabilities), generator=seeded_generator(seed, step, micro_step), dtype=torch.float64).tolist()
     skipped = [i for i, (u, p) in enumerate(zip(draws, probabilities)) if u < p]
     excess = len(skipped) - (len(probabilities) - min(min_kept, len(probabilities)))
     if excess > 0:

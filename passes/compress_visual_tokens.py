@@ -1,0 +1,267 @@
+"""Visual Token Compressor: keep fewer visual tokens where they enter the language model.
+
+**Matches** the vision boundary that :func:`stsc.match` found: the module producing the visual-token
+tensor (the projector) and the merge kind. Supported merges: ``scatter`` (features written into
+placeholder positions of the token sequence) and ``concat`` (features concatenated with the text
+embeddings). ``cross_attention`` is refused with a clear error (not built yet).
+
+**Rewrites**, during training only (in ``eval()`` the model is the dense original):
+
+* the projector's output ``[..., N, D]`` per image becomes ``[..., k, D]`` with ``k = round(N * keep_ratio)``
+  (a forward hook on the producer module, so the compression is part of what runs, and of what any
+  later capture sees, rather than a node spliced into a graph specialized to N tokens);
+* for ``scatter`` merges, every input aligned with the token sequence (``input_ids``,
+  ``attention_mask``, ``labels``, ``token_type_ids``... any input shaped like the token ids) loses the
+  last ``N - k`` positions of each image's placeholder run, so the model scatters the ``k`` kept
+  features into the ``k`` remaining placeholders. Placeholders are interchangeable (one token id, and
+  labels of ignore-index), so no text token is dropped, shifted or unmasked. The caller's tensors are
+  never modified; new ones are passed on. For ``concat`` merges the sequence shortens by itself.
+
+**Methods** (``keep_ratio`` in (0, 1]):
+
+* ``uniform`` (default): evenly spaced tokens, ``floor((i + 0.5) * n / k)``; on the 2-D grid when it
+  is known (rows x cols chosen with the product closest to ``k``, then the most even coverage), so the
+  kept tokens still cover the image.
+* ``random``: a random subset per image and step, from a generator seeded by ``(seed, step,
+  micro_step)`` so every rank draws the same.
+* ``text_guided``: token j of an image is scored ``max_t cos(v_j, e_t)``, the highest cosine
+  similarity between the projected visual token ``v_j`` and the input embedding ``e_t`` of any text
+  token t of the same sample (every non-placeholder token); the ``k`` best are kept, in order.
+* ``pool``: average pooling over ``kernel x kernel`` grid neighbourhoods (needs the grid; the
+  kept count is the pooled grid size, ``keep_ratio`` is ignored).
+* ``merge``: ToMe-style bipartite merging: tokens alternate into sets A and B, and the A tokens most
+  similar (cosine) to their best B partner are averaged into it, repeatedly, until ``k`` remain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stsc.registry import PassInfo, register_pass
+from stsc.schedules import seeded_generator
+
+__all__ = ["METHODS", "CompressVisualTokensConfig", "VisualTokenCompressor", "apply", "compress", "kept_count",
+           "uniform_indices"]
+
+METHODS = ("uniform", "random", "text_guided", "pool", "merge")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class CompressVisualTokensConfig:
+    method: str = "uniform"
+    keep_ratio: float = 0.5  # fraction of each image's visual tokens kept
+    kernel: int = 2  # pool only: kernel x kernel neighbourhoods
+    seed: int = 0  # random only
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.kernel < 1:
+            raise ValueError(f"kernel must be >= 1, got {self.kernel}")
+
+
+# ------------------------------------------------------------------------------ token selection
+def kept_count(tokens: int, config: CompressVisualTokensConfig, grid: tuple[int, int] | None) -> int:
+    """How many of ``tokens`` visual tokens per image the method keeps."""
+    if config.method == "pool":
+        rows, cols = grid
+        return math.ceil(rows / config.kernel) * math.ceil(cols / config.kernel)
+    kept = round(tokens * config.keep_ratio)
+    if kept < 1:
+        raise ValueError(f"keep_ratio {config.keep_ratio} keeps 0 of {tokens} visual tokens per image; at least "
+                         f"1 must be kept (keep_ratio >= {0.5 / tokens:.4g})")
+    return kept
+
+
+def _centered(n: int, k: int) -> list[int]:
+    return [math.floor((i + 0.5) * n / k) for i in range(k)]
+
+
+def uniform_indices(tokens: int, kept: int, grid: tuple[int, int] | None) -> list[int]:
+    """Evenly spaced token indices; on the grid when known (raster order)."""
+    if grid is None or grid[0] * grid[1] != tokens:
+        return _centered(tokens, kept)
+    rows, cols = grid
+    shapes = [(r, min(max(round(kept / r), 1), cols)) for r in range(1, rows + 1)]
+    r, c = min(shapes, key=lambda rc: (abs(rc[0] * rc[1] - kept), abs(rc[0] / rows - rc[1] / cols), -rc[0]))
+    return [i * cols + j for i in _centered(rows, r) for j in _centered(cols, c)]
+
+
+def _select(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+def _merge(features: torch.Tensor, kept: int) -> torch.Tensor:
+    x = features
+    while x.shape[1] > kept:
+        a, b = x[:, ::2], x[:, 1::2]
+        remove = min(x.shape[1] - kept, a.shape[1])
+        similarity = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)
+        best, partner = similarity.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True)
+        merged, kept_a = order[:, :remove], order[:, remove:].sort(dim=-1).values
+        sums = b.clone().scatter_add(1, partner.gather(1, merged).unsqueeze(-1).expand(-1, -1, x.shape[-1]),
+                                     _select(a, merged))
+        counts = torch.ones(b.shape[:2], dtype=x.dtype, device=x.device).scatter_add(
+            1, partner.gather(1, merged), torch.ones(merged.shape, dtype=x.dtype, device=x.device))
+        x = torch.cat([_select(a, kept_a), sums / counts.unsqueeze(-1)], dim=1)
+    return x
+
+
+def compress(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tuple[int, int] | None,
+             kept: int, generator: torch.Generator | None = None,
+             text_embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``[images, N, D] -> [images, kept, D]`` by ``config.method``."""
+    images, tokens, dim = features.shape
+    if config.method == "uniform":
+        indices = torch.tensor(uniform_indices(tokens, kept, grid), device=features.device).expand(images, -1)
+        return _select(features, indices)
+    if config.method == "random":
+        draws = torch.rand(images, tokens, generator=generator).argsort(dim=-1)[:, :kept].sort(dim=-1).values
+        return _select(features, draws.to(features.device))
+    if config.method == "text_guided":
+        scores = torch.stack([(F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T).max(dim=-1).values
+                              for v, t in zip(features, text_embeddings)])
+        return _select(features, scores.topk(kept, dim=-1).indices.sort(dim=-1).values)
+    if config.method == "pool":
+        rows, cols = grid
+        x = features.transpose(1, 2).reshape(images, dim, rows, cols)
+        x = F.avg_pool2d(x, config.kernel, ceil_mode=True)
+        return x.flatten(2).transpose(1, 2)
+    return _merge(features, kept)
+
+
+# ------------------------------------------------------------------------------------- runtime
+class VisualTokenCompressor:
+    """Runtime of the pass: hooks on the model (sequence shrink) and on the producer (features)."""
+
+    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig):
+        self.config, self.boundary = config, boundary
+        self.tokens = boundary.tokens_per_image
+        self.kept = kept_count(self.tokens, config, boundary.grid)
+        self.step = self.micro_step = 0
+        self._input_ids: torch.Tensor | None = None
+        modules = dict(model.named_modules())
+        self._embedding = modules.get(boundary.token_embedding)
+        self._hooks = [model.register_forward_pre_hook(self._shrink_inputs, with_kwargs=True),
+                       modules[boundary.producer_module].register_forward_hook(self._compress_output)]
+        self._model = model
+
+    def set_progress(self, *, step: int | None = None, epoch: float | None = None) -> None:
+        if step is not None and step != self.step:
+            self.step, self.micro_step = int(step), 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_step": self.micro_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    @torch.compiler.disable
+    def _shrink_inputs(self, model, args, kwargs):
+        if not model.training:
+            return None
+        b = self.boundary
+        self._input_ids = kwargs.get(b.token_input)
+        if b.kind != "scatter" or self._input_ids is None:
+            return None
+        keep = self._placeholder_keep_mask(self._input_ids)
+        lengths = keep.sum(dim=1)
+        new = dict(kwargs)
+        for name in b.aligned_inputs:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.shape == keep.shape:
+                new[name] = _pack(value, keep, lengths)
+        return args, new
+
+    def _placeholder_keep_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True everywhere except the last ``N - k`` positions of each placeholder run."""
+        is_placeholder = input_ids == self.boundary.placeholder_id
+        keep = torch.ones_like(is_placeholder)
+        for row, flags in enumerate(is_placeholder.tolist()):
+            run = 0
+            for position, flag in enumerate(flags + [False]):
+                if flag:
+                    run += 1
+                    continue
+                if run and run % self.tokens:
+                    raise ValueError(f"a run of {run} image placeholders (token {self.boundary.placeholder_id}) is "
+                                     f"not a whole number of images of {self.tokens} visual tokens")
+                for end in range(position, position - run, -self.tokens):
+                    keep[row, end - (self.tokens - self.kept):end] = False
+                run = 0
+        return keep
+
+    @torch.compiler.disable
+    def _compress_output(self, module, args, output):
+        if not module.training or not self._model.training:
+            return None
+        dim = output.shape[-1]
+        features = output.reshape(-1, self.tokens, dim)
+        generator = seeded_generator(self.config.seed, self.step, self.micro_step)
+        self.micro_step += 1
+        text = self._text_embeddings(features.shape[0]) if self.config.method == "text_guided" else None
+        compressed = compress(features, self.config, self.boundary.grid, self.kept, generator, text)
+        if output.dim() == 2:
+            return compressed.reshape(-1, dim)
+        return compressed.reshape(*output.shape[:-2], self.kept, dim)
+
+    def _text_embeddings(self, images: int) -> list[torch.Tensor]:
+        """For each image, the input embeddings of its sample's text tokens."""
+        ids = self._input_ids
+        is_text = ids != self.boundary.placeholder_id if self.boundary.placeholder_id is not None else torch.ones_like(ids, dtype=torch.bool)
+        per_sample = images // ids.shape[0]
+        with torch.no_grad():
+            embedded = self._embedding(ids)
+        return [embedded[i // per_sample][is_text[i // per_sample]] for i in range(images)]
+
+
+def _pack(value: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Keep the marked positions of each row; rows of unequal length are right-padded.
+
+    Padding is 0, or ignore-index (-100) for label-like inputs (those holding -100 anywhere).
+    """
+    if bool((lengths == lengths[0]).all()):
+        return value[keep].reshape(value.shape[0], int(lengths[0]))
+    pad = IGNORE_INDEX if bool((value == IGNORE_INDEX).any()) else 0
+    out = value.new_full((value.shape[0], int(lengths.max())), pad)
+    for row in range(value.shape[0]):
+        out[row, : int(lengths[row])] = value[row][keep[row]]
+    return out
+
+
+@register_pass("compress_visual_tokens", CompressVisualTokensConfig)
+def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, example_inputs: dict):
+    """Install the compressor at ``structure.boundary``; return the runtime and what was done."""
+    b = structure.boundary
+    if b is None:
+        raise ValueError("compress_visual_tokens needs a vision boundary, and none was found: "
+                         + "; ".join(structure.notes))
+    if b.kind not in ("scatter", "concat"):
+        raise ValueError(f"compress_visual_tokens supports scatter and concat merges; this model merges by "
+                         f"{b.kind} ({b.merge_op})")
+    if b.tokens_per_image is None or b.producer_module is None:
+        raise ValueError("compress_visual_tokens needs the visual tokens per image and the module producing them; "
+                         "the matcher could not derive them")
+    if b.kind == "scatter" and b.placeholder_id is None:
+        raise ValueError("compress_visual_tokens needs the image placeholder token id of a scatter merge")
+    if config.method == "pool" and b.grid is None:
+        raise ValueError("method 'pool' needs the 2-D token grid, which the matcher could not derive")
+    compressor = VisualTokenCompressor(model, b, config)
+    return compressor, PassInfo("compress_visual_tokens", 1, {
+        "boundary": b.kind, "producer_module": b.producer_module, "method": config.method,
+        "tokens_per_image": b.tokens_per_image, "kept_per_image": compressor.kept,
+        "sequence_inputs_shrunk": b.aligned_inputs if b.kind == "scatter" else [],
+    })
