@@ -229,7 +229,7 @@ def _visual_tokens(flow: nx.DiGraph, operand: str, merging_block: str | None) ->
 def _producer_module(flow: nx.DiGraph, visual: str, merge: str) -> str | None:
     """The outermost module whose last node is the visual-token node and that does not do the merge."""
     members = defaultdict(list)
-    for key, data in flow.nodes(data=True):
+    for _, data in flow.nodes(data=True):
         for path in data["module"]:
             members[path].append(data["order"])
     merge_modules = set(flow.nodes[merge]["module"])
