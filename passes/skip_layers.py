@@ -101,7 +101,6 @@ class LayerSkipper:
             if binding is not None:
                 module.forward = self._guard(index, module.forward, binding)
         self._hook = model.register_forward_pre_hook(self._before_forward)
-        self._model = model
 
     # ----------------------------------------------------------------------------- schedule state
     def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:

@@ -282,8 +282,6 @@ def _tokens_per_image(cap, token_input, placeholder, shape, notes) -> tuple[int 
         return None, len(runs)
     if shape and len(shape) >= 3 and all(isinstance(s, int) for s in shape):
         return prod(shape[1:-1]), shape[0]
-    if placeholder is not None and shape and isinstance(shape[0], int):
-        return None, None
     notes.append(f"visual tokens per image not derivable from the visual-token tensor of shape {shape}")
     return None, None
 
