@@ -206,7 +206,7 @@ class VisualTokenCompressor:
 
     @torch.compiler.disable
     def _compress_output(self, module, args, output):
-        if not module.training or not self._model.training:
+        if not self._model.training:  # the model's mode decides, as in _shrink_inputs: never one without the other
             return None
         dim = output.shape[-1]
         features = output.reshape(-1, self.tokens, dim)

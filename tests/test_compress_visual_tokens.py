@@ -151,3 +151,14 @@ def test_invalid_config(kwargs, message):
     with pytest.raises(ValueError) as err:
         CompressVisualTokensConfig(**kwargs)
     assert str(err.value) == message
+
+
+def test_projector_in_eval_mode_still_compresses_when_the_model_trains():
+    """A frozen projector put in eval() must not desynchronize features from the shrunk sequence."""
+    model, _, inputs, structure, compressor, _ = compressed("tiny", keep_ratio=0.25)
+    projector = model.get_submodule(structure.boundary.producer_module)
+    projector.eval()
+    seen = []
+    projector.register_forward_hook(lambda module, args, output: seen.append(output.shape))  # runs after ours
+    model(**inputs)
+    assert seen == [(2, 16, 64)]
