@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stsc.match import placeholder_runs
 from stsc.registry import PassInfo, register_pass
-from stsc.schedules import seeded_generator
+from stsc.schedules import StepClock, seeded_generator
 
 __all__ = ["METHODS", "CompressVisualTokensConfig", "VisualTokenCompressor", "apply", "compress", "kept_count",
            "uniform_indices"]
@@ -147,7 +148,7 @@ class VisualTokenCompressor:
         self.config, self.boundary = config, boundary
         self.tokens = boundary.tokens_per_image
         self.kept = kept_count(self.tokens, config, boundary.grid)
-        self.step = self.micro_step = 0
+        self.clock = StepClock()
         self._input_ids: torch.Tensor | None = None
         modules = dict(model.named_modules())
         self._embedding = modules.get(boundary.token_embedding)
@@ -156,14 +157,14 @@ class VisualTokenCompressor:
         self._model = model
 
     def set_progress(self, *, step: int | None = None, epoch: float | None = None) -> None:
-        if step is not None and step != self.step:
-            self.step, self.micro_step = int(step), 0
+        if step is not None:
+            self.clock.set_step(step)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "micro_step": self.micro_step}
+        return self.clock.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        self.clock.load_state_dict(state)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -188,20 +189,13 @@ class VisualTokenCompressor:
 
     def _placeholder_keep_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True everywhere except the last ``N - k`` positions of each placeholder run."""
-        is_placeholder = input_ids == self.boundary.placeholder_id
-        keep = torch.ones_like(is_placeholder)
-        for row, flags in enumerate(is_placeholder.tolist()):
-            run = 0
-            for position, flag in enumerate(flags + [False]):
-                if flag:
-                    run += 1
-                    continue
-                if run and run % self.tokens:
-                    raise ValueError(f"a run of {run} image placeholders (token {self.boundary.placeholder_id}) is "
-                                     f"not a whole number of images of {self.tokens} visual tokens")
-                for end in range(position, position - run, -self.tokens):
-                    keep[row, end - (self.tokens - self.kept):end] = False
-                run = 0
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for row, start, run in placeholder_runs(input_ids, self.boundary.placeholder_id):
+            if run % self.tokens:
+                raise ValueError(f"a run of {run} image placeholders (token {self.boundary.placeholder_id}) is "
+                                 f"not a whole number of images of {self.tokens} visual tokens")
+            for end in range(start + run, start, -self.tokens):
+                keep[row, end - (self.tokens - self.kept):end] = False
         return keep
 
     @torch.compiler.disable
@@ -210,8 +204,7 @@ class VisualTokenCompressor:
             return None
         dim = output.shape[-1]
         features = output.reshape(-1, self.tokens, dim)
-        generator = seeded_generator(self.config.seed, self.step, self.micro_step)
-        self.micro_step += 1
+        generator = seeded_generator(self.config.seed, *self.clock.tick())
         text = self._text_embeddings(features.shape[0]) if self.config.method == "text_guided" else None
         compressed = compress(features, self.config, self.boundary.grid, self.kept, generator, text)
         if output.dim() == 2:

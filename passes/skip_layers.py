@@ -40,7 +40,7 @@ from torch import nn
 
 from stsc.capture import forward_kwargs
 from stsc.registry import PassInfo, register_pass
-from stsc.schedules import SkipSchedule, draw_skips, layer_probabilities
+from stsc.schedules import SkipSchedule, StepClock, draw_skips, layer_probabilities
 
 __all__ = ["LayerSkipper", "SkipLayersConfig", "apply"]
 
@@ -91,8 +91,7 @@ class LayerSkipper:
         self.skippable = [binding is not None and (config.skip_kinds is None or kind in config.skip_kinds)
                           for (_, _, kind), binding in zip(blocks, bindings)]
         self.progress = 0.0  # epochs into the stage
-        self.step = 0
-        self.micro_step = 0
+        self.clock = StepClock()
         self.forced: list[int] | None = None
         self.last_skipped: list[int] = []
         self._skip = [False] * len(blocks)
@@ -107,8 +106,8 @@ class LayerSkipper:
         """Move the schedule: ``epoch`` = epochs completed in the stage (fractional), ``step`` = global step."""
         if epoch is not None:
             self.progress = float(epoch)
-        if step is not None and step != self.step:
-            self.step, self.micro_step = int(step), 0
+        if step is not None:
+            self.clock.set_step(step)
 
     def probabilities(self) -> list[float]:
         return layer_probabilities(self.schedule, len(self.modules), self.progress, self.skippable)
@@ -118,10 +117,11 @@ class LayerSkipper:
         self.forced = None if skipped is None else sorted(skipped)
 
     def state_dict(self) -> dict:
-        return {"progress": self.progress, "step": self.step, "micro_step": self.micro_step}
+        return {"progress": self.progress, **self.clock.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.progress, self.step, self.micro_step = float(state["progress"]), int(state["step"]), int(state["micro_step"])
+        self.progress = float(state["progress"])
+        self.clock.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------ runtime
     @torch.compiler.disable
@@ -132,9 +132,7 @@ class LayerSkipper:
         if self.forced is not None:
             skipped = self.forced
         else:
-            skipped = draw_skips(self.probabilities(), self.config.seed, self.step, self.micro_step,
-                                 self.schedule.min_kept)
-            self.micro_step += 1
+            skipped = draw_skips(self.probabilities(), self.config.seed, *self.clock.tick(), self.schedule.min_kept)
         self.last_skipped = skipped
         self._skip = [i in skipped for i in range(len(self.modules))]
 

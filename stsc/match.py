@@ -34,7 +34,7 @@ import torch
 
 from .capture import Capture
 
-__all__ = ["Block", "Boundary", "Structure", "match"]
+__all__ = ["Block", "Boundary", "Structure", "match", "placeholder_runs"]
 
 PIXELS, TOKENS = 1, 2
 
@@ -96,7 +96,7 @@ def match(cap: Capture) -> Structure:
     flow = cap.dataflow
     order = sorted(flow.nodes, key=lambda k: flow.nodes[k]["order"])
     notes: list[str] = []
-    token_input = _token_input(flow, order)
+    token_input, token_embedding = _token_input(flow, order)
     vision_inputs = list(dict.fromkeys(flow.nodes[k]["source"] for k in order
                                        if flow.nodes[k]["op"] == "input" and _is_float(flow, k)))
     taint = _taint(flow, order, token_input, vision_inputs)
@@ -111,7 +111,8 @@ def match(cap: Capture) -> Structure:
                      "token stream, each consuming the previous one's output, with alike op graphs")
     boundary = None
     if token_input is not None and vision_inputs:
-        boundary = _boundary(cap, flow, order, taint, token_input, vision_inputs, [b.path for b in blocks], notes)
+        boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs,
+                             [b.path for b in blocks], notes)
     elif token_input is not None:
         notes.append("no vision boundary found: the model has no floating-point input (pixels) besides tokens")
     return Structure(blocks, len({b.kind for b in blocks}), vision, boundary, token_input, notes)
@@ -137,13 +138,14 @@ def _numel_shape(shape: tuple) -> list[int]:
     return [s if isinstance(s, int) else 1 for s in shape]
 
 
-def _token_input(flow: nx.DiGraph, order: list[str]) -> str | None:
-    """The integer model input that indexes the largest embedding table (the vocabulary).
+def _token_input(flow: nx.DiGraph, order: list[str]) -> tuple[str | None, str | None]:
+    """The integer model input that indexes the largest embedding table (the vocabulary), and the
+    module path of that embedding lookup.
 
     Other integer inputs may index small tables too (aspect-ratio ids, say); the vocabulary is the
     largest table a model input indexes.
     """
-    best, best_rows = None, -1
+    best, best_module, best_rows = None, None, -1
     for key in order:
         if flow.nodes[key]["op"] != "embedding":
             continue
@@ -155,17 +157,9 @@ def _token_input(flow: nx.DiGraph, order: list[str]) -> str | None:
             if dtype is not None and not dtype.is_floating_point:
                 origin = _walk_back_data_movement(flow, pred)
                 if flow.nodes[origin]["op"] == "input" and rows > best_rows:
-                    best, best_rows = flow.nodes[origin]["source"], rows
-    return best
-
-
-def _token_embedding(flow: nx.DiGraph, order: list[str], token_input: str) -> str | None:
-    """Module path of the embedding lookup indexed by the token input."""
-    for key in order:
-        if flow.nodes[key]["op"] == "embedding" and flow.nodes[key]["module"] and any(
-                flow.nodes[_walk_back_data_movement(flow, p)]["source"] == token_input for p in flow.predecessors(key)):
-            return flow.nodes[key]["module"][-1]
-    return None
+                    modules = flow.nodes[key]["module"]
+                    best, best_module, best_rows = flow.nodes[origin]["source"], modules[-1] if modules else None, rows
+    return best, best_module
 
 
 def _taint(flow, order, token_input, vision_inputs) -> dict[str, int]:
@@ -182,7 +176,8 @@ def _taint(flow, order, token_input, vision_inputs) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------- boundary
-def _boundary(cap, flow, order, taint, token_input, vision_inputs, block_paths, notes) -> Boundary | None:
+def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, block_paths,
+              notes) -> Boundary | None:
     merge = next((k for k in order if taint[k] == PIXELS | TOKENS and _is_float(flow, k)
                   and flow.nodes[k]["op"] not in PLACEHOLDER_OPS and len(flow.nodes[k]["shape"] or ()) >= 2), None)
     if merge is None:
@@ -203,7 +198,7 @@ def _boundary(cap, flow, order, taint, token_input, vision_inputs, block_paths, 
     aligned = [name for name, value in cap.example_inputs.items()
                if isinstance(value, torch.Tensor) and tuple(value.shape) == token_shape]
     return Boundary(kind, merge, op, visual, shape, _producer_module(flow, visual, merge), tokens_per_image,
-                    images, grid, placeholder, token_input, _token_embedding(flow, order, token_input),
+                    images, grid, placeholder, token_input, token_embedding,
                     vision_inputs, aligned)
 
 
@@ -257,24 +252,24 @@ def _placeholder_id(flow: nx.DiGraph, merge: str, token_input: str) -> int | Non
     return None
 
 
-def _runs(values: torch.Tensor, token: int) -> list[int]:
-    """Lengths of the runs of ``token`` in each row of ``values``."""
-    lengths = []
-    for row in values.tolist():
-        run = 0
-        for value in row + [None]:
-            if value == token:
-                run += 1
-            elif run:
-                lengths.append(run)
-                run = 0
-    return lengths
+def placeholder_runs(values: torch.Tensor, token: int) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every run of ``token`` in the rows of a ``[batch, seq]`` tensor."""
+    runs = []
+    for row, items in enumerate(values.tolist()):
+        start = None
+        for position, value in enumerate(items + [None]):
+            if value == token and start is None:
+                start = position
+            elif value != token and start is not None:
+                runs.append((row, start, position - start))
+                start = None
+    return runs
 
 
 def _tokens_per_image(cap, token_input, placeholder, shape, notes) -> tuple[int | None, int | None]:
     token_values = cap.example_inputs[token_input]
     if placeholder is not None and token_values.device.type != "meta":
-        runs = _runs(token_values, placeholder)
+        runs = [length for _, _, length in placeholder_runs(token_values, placeholder)]
         if runs and len(set(runs)) == 1:
             return runs[0], len(runs)
         notes.append(f"placeholder token {placeholder} appears in runs of unequal lengths {runs}: "

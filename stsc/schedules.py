@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SCHEDULES", "SkipSchedule", "depth_factor", "draw_skips", "layer_probabilities", "seeded_generator",
+__all__ = ["SCHEDULES", "SkipSchedule", "StepClock", "depth_factor", "draw_skips", "layer_probabilities", "seeded_generator",
            "sts_probability", "time_factor"]
 
 SCHEDULES = ("sts", "linear", "constant")
@@ -93,6 +93,34 @@ def layer_probabilities(schedule: SkipSchedule, layers: int, progress: float,
         probability = schedule.alpha * factor * depth_factor(layer, layers, schedule.eps)
         probabilities.append(0.0 if protected or not allowed else probability)
     return probabilities
+
+
+@dataclass
+class StepClock:
+    """The global training step and the training forwards counted within it: what seeds a pass's draws.
+
+    ``micro_step`` counts forwards since ``step`` last changed (micro-batches of gradient
+    accumulation), so every forward draws anew, and a run resumed from :meth:`state_dict` draws the same.
+    """
+
+    step: int = 0
+    micro_step: int = 0
+
+    def set_step(self, step: int) -> None:
+        if step != self.step:
+            self.step, self.micro_step = int(step), 0
+
+    def tick(self) -> tuple[int, int]:
+        """``(step, micro_step)`` for this forward; the next forward gets the following micro step."""
+        current = (self.step, self.micro_step)
+        self.micro_step += 1
+        return current
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_step": self.micro_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
 
 
 def seeded_generator(seed: int, step: int, micro_step: int) -> torch.Generator:

@@ -162,3 +162,26 @@ def test_projector_in_eval_mode_still_compresses_when_the_model_trains():
     projector.register_forward_hook(lambda module, args, output: seen.append(output.shape))  # runs after ours
     model(**inputs)
     assert seen == [(2, 16, 64)]
+
+
+def test_placeholder_run_that_is_not_whole_images_is_refused():
+    model, _, inputs, *_ = compressed("tiny", keep_ratio=0.25)
+    broken = dict(inputs, input_ids=inputs["input_ids"].clone())
+    broken["input_ids"][:, 1:5] = 7  # 60 placeholders left where an image needs 64
+    with pytest.raises(ValueError) as err:
+        model(**broken)
+    assert str(err.value) == "a run of 60 image placeholders (token 3) is not a whole number of images of 64 visual tokens"
+
+
+def test_random_compression_resumes_with_the_same_draws():
+    model, _, inputs, structure, compressor, _ = compressed("tiny", method="random", keep_ratio=0.25)
+    outputs = []
+    projector = model.get_submodule(structure.boundary.producer_module)
+    projector.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    compressor.set_progress(step=4)
+    model(**inputs)
+    state = compressor.state_dict()
+    model(**inputs)
+    compressor.load_state_dict(state)
+    model(**inputs)
+    assert torch.equal(outputs[1], outputs[2]) and not torch.equal(outputs[0], outputs[1])
