@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import tiny_llava  # noqa: E402
 
-from stsc import capture, match  # noqa: E402
-from stsc.passes.skip_layers import SkipLayersConfig, apply  # noqa: E402
+from stsc import sparsify  # noqa: E402
+from stsc.policy import parse_policy  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,33 +55,38 @@ def measure(args, compiled: bool) -> dict:
     dense = tiny_llava.build_model(hidden_size=args.hidden, layers=args.layers, heads=max(args.hidden // 64, 1),
                                    intermediate_size=int(args.hidden * 8 / 3))
     inputs = tiny_llava.example_inputs(dense, batch=args.batch, text_tokens=args.text_tokens)
-    sparse = copy.deepcopy(dense)
-    skipper, info = apply(sparse, match(capture(sparse, inputs)),
-                          SkipLayersConfig(alpha=args.alpha, eps=args.eps, epochs=1.0), inputs)
+    policy = parse_policy(f"""
+version: 1
+stages:
+  - {{name: instruction, epochs: 1, passes: {{skip_layers: {{alpha: {args.alpha}, eps: {args.eps}}}}}}}
+""", source="lds_speed")
+    sparse = sparsify(copy.deepcopy(dense), policy, inputs)
+    dense = sparsify(dense, "dense", inputs)  # the same wrapper, no passes: compiled alike
     run_dense, run_sparse = dense, sparse
     if compiled:
         torch._dynamo.reset()
-        skipper.compile_blocks()
+        for model in (dense, sparse):
+            model.compile()
         run_dense, run_sparse = torch.compile(dense), torch.compile(sparse)
     opt_dense = torch.optim.AdamW(dense.parameters(), lr=1e-4)
     opt_sparse = torch.optim.AdamW(sparse.parameters(), lr=1e-4)
     for step in range(args.warmup):  # also compiles every variant
-        skipper.set_progress(step=step, epoch=0.0)
+        sparse.set_progress(step=step, epoch=0.0)
         train_step(run_dense, opt_dense, inputs)
         train_step(run_sparse, opt_sparse, inputs)
     times_dense, times_sparse, skipped = [], [], 0
     for step in range(args.steps):
-        skipper.set_progress(step=args.warmup + step, epoch=step / args.steps)
+        sparse.set_progress(step=args.warmup + step, epoch=step / args.steps)
         for run, opt, times in ((run_dense, opt_dense, times_dense), (run_sparse, opt_sparse, times_sparse)):
             start = time.perf_counter()
             train_step(run, opt, inputs)
             times.append(time.perf_counter() - start)
-        skipped += len(skipper.last_skipped)
+        skipped += len(sparse.runtimes["skip_layers"].last_skipped)
     fraction = skipped / (args.steps * args.layers)
     dense_s, sparse_s = statistics.mean(times_dense), statistics.mean(times_sparse)
     speedup, ideal = dense_s / sparse_s, 1 / (1 - fraction)
     return {"mode": "compiled" if compiled else "eager", "dense_ms": 1e3 * dense_s, "sts_ms": 1e3 * sparse_s,
-            "skip_fraction": fraction, "expected_fraction": info.details["mean_skip_fraction_over_stage"],
+            "skip_fraction": fraction, "expected_fraction": 1 - sparse.report.stages[0].layers_run,
             "speedup": speedup, "ideal": ideal, "fraction_of_ideal": speedup / ideal}
 
 

@@ -28,12 +28,7 @@ import tiny_llava  # noqa: E402
 
 from stsc import capture, match  # noqa: E402
 from stsc.passes.compress_visual_tokens import CompressVisualTokensConfig, apply  # noqa: E402
-
-
-def decoder_flops(sequence: int, hidden: int, layers: int) -> float:
-    """Forward FLOPs of the decoder blocks: projections (4 d^2 attention + 3 * 8/3 d^2 SwiGLU, x2 per MAC)
-    plus attention scores and weighted values (2 * 2 S^2 d)."""
-    return layers * (2 * sequence * (4 + 8) * hidden * hidden + 4 * sequence * sequence * hidden)
+from stsc.savings import decoder_flops  # noqa: E402
 
 
 def main(argv=None):

@@ -44,9 +44,10 @@ from torch import nn
 
 from stsc.match import placeholder_runs
 from stsc.registry import PassInfo, register_pass
+from stsc.savings import Savings
 from stsc.schedules import StepClock, seeded_generator
 
-__all__ = ["METHODS", "CompressVisualTokensConfig", "VisualTokenCompressor", "apply", "compress", "kept_count",
+__all__ = ["METHODS", "CompressVisualTokensConfig", "VisualTokenCompressor", "apply", "compress", "estimate", "kept_count",
            "uniform_indices"]
 
 METHODS = ("uniform", "random", "text_guided", "pool", "merge")
@@ -235,7 +236,16 @@ def _pack(value: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor) -> tor
     return out
 
 
-@register_pass("compress_visual_tokens", CompressVisualTokensConfig)
+def estimate(structure, config: CompressVisualTokensConfig) -> Savings:
+    """Decoder positions removed per sample: ``images per sample * (N - k)``, at the example's images."""
+    b = structure.boundary
+    if b is None or b.tokens_per_image is None or not b.images or (config.method == "pool" and b.grid is None):
+        return Savings()
+    removed = b.images * (b.tokens_per_image - kept_count(b.tokens_per_image, config, b.grid))
+    return Savings(tokens_removed=removed / structure.batch if structure.batch else removed)
+
+
+@register_pass("compress_visual_tokens", CompressVisualTokensConfig, estimate)
 def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, example_inputs: dict):
     """Install the compressor at ``structure.boundary``; return the runtime and what was done."""
     b = structure.boundary

@@ -25,9 +25,9 @@ zeros instead, which AdamW still applies.)
 
 **torch.compile**: the guard runs outside compiled code (``torch.compiler.disable``), so a compiled
 model graph-breaks at each block and never guards on a skip pattern: any pattern runs without
-recompiling. :meth:`LayerSkipper.compile_blocks` compiles the blocks themselves (regional
-compilation: one compiled block serves every block of the same kind), so a skipped block still
-saves its time when compiled.
+recompiling. :meth:`stsc.SparseModel.compile` compiles the blocks themselves underneath the guards
+(regional compilation: one compiled block serves every block of the same kind), so a skipped block
+still saves its time when compiled.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from torch import nn
 
 from stsc.capture import forward_kwargs
 from stsc.registry import PassInfo, register_pass
-from stsc.schedules import SkipSchedule, StepClock, draw_skips, layer_probabilities
+from stsc.savings import Savings
+from stsc.schedules import SkipSchedule, StepClock, draw_skips, layer_probabilities, mean_skip_fraction
 
-__all__ = ["LayerSkipper", "SkipLayersConfig", "apply"]
+__all__ = ["LayerSkipper", "SkipLayersConfig", "apply", "estimate"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class SkipLayersConfig(SkipSchedule):
     skip_kinds: tuple[int, ...] | None = None
     seed: int = 0
 
-    def schedule(self) -> SkipSchedule:
+    def skip_schedule(self) -> SkipSchedule:
         return SkipSchedule(**{f.name: getattr(self, f.name) for f in fields(SkipSchedule)})
 
 
@@ -85,7 +86,7 @@ class LayerSkipper:
     def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module, int]], bindings: list[_Binding | None],
                  config: SkipLayersConfig):
         self.config = config
-        self.schedule = config.schedule()
+        self.schedule = config.skip_schedule()
         self.paths = [path for path, _, _ in blocks]
         self.modules = [module for _, module, _ in blocks]
         self.skippable = [binding is not None and (config.skip_kinds is None or kind in config.skip_kinds)
@@ -148,13 +149,6 @@ class LayerSkipper:
         guarded_forward.block_forward = forward
         return guarded_forward
 
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """Compile each block's own forward (regional compilation); the guards stay eager."""
-        for module in self.modules:
-            guard = module.__dict__.get("forward")
-            if guard is not None and hasattr(guard, "block_forward"):
-                guard.block_forward = torch.compile(guard.block_forward, **compile_kwargs)
-
     def remove(self) -> None:
         """Undo the rewrite: blocks get their own forward back."""
         for module, original in zip(self.modules, self._originals):
@@ -210,7 +204,13 @@ def _binding_of(args, kwargs, output, previous) -> _Binding | None:
     return None
 
 
-@register_pass("skip_layers", SkipLayersConfig)
+def estimate(structure, config: SkipLayersConfig) -> Savings:
+    """Blocks run over the stage, assuming every block of an allowed kind can be guarded."""
+    skippable = [config.skip_kinds is None or block.kind in config.skip_kinds for block in structure.blocks]
+    return Savings(layers_run=1 - mean_skip_fraction(config.skip_schedule(), skippable))
+
+
+@register_pass("skip_layers", SkipLayersConfig, estimate)
 def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs: dict) -> tuple[LayerSkipper, PassInfo]:
     """Guard every decoder block of ``structure`` in ``model``; return the runtime and what was done."""
     modules = dict(model.named_modules())
@@ -224,16 +224,7 @@ def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs:
         "not_skippable": {p: ("its output has other tensors besides the hidden state, or it did not run"
                               if p in unbound else "its kind is not in skip_kinds")
                           for p, s in zip(skipper.paths, skipper.skippable) if not s},
-        "schedule": config.schedule().__dict__,
-        "mean_skip_fraction_over_stage": _mean_fraction(skipper),
+        "schedule": config.skip_schedule().__dict__,
+        "mean_skip_fraction_over_stage": mean_skip_fraction(skipper.schedule, skipper.skippable),
     })
     return skipper, info
-
-
-def _mean_fraction(skipper: LayerSkipper, samples: int = 100) -> float:
-    """Expected fraction of blocks skipped, averaged over the stage (before min_kept capping)."""
-    schedule, total = skipper.schedule, 0.0
-    for k in range(samples):
-        progress = (k + 0.5) / samples * schedule.epochs
-        total += sum(layer_probabilities(schedule, len(skipper.modules), progress, skipper.skippable))
-    return total / samples / max(len(skipper.modules), 1)

@@ -1,14 +1,18 @@
 """stsc: stage-aware sparse training (STS) for multimodal LLMs, as graph transformations.
 
 Pipeline: :mod:`stsc.capture` (model -> graphs) -> :mod:`stsc.match` (graphs -> blocks, boundary)
--> passes -> runtime. :func:`inspect` runs the first two stages and returns a :class:`Report`.
+-> passes -> runtime (:mod:`stsc.sparse`). :func:`inspect` runs the first two stages and returns a :class:`Report`;
+:func:`sparsify` applies a stage policy (:mod:`stsc.policy`) and returns a :class:`SparseModel`.
 """
 
 from .capture import Capture, CaptureError, capture
 from .loader import ModelFileError, load_model_file
 from .match import Block, Boundary, Structure, match
+from .policy import Policy, PolicyError, load_policy
 from .report import Report, inspect
+from .sparse import SparseModel, UnsupportedModelError, sparsify
 
-__all__ = ["Block", "Boundary", "Capture", "CaptureError", "ModelFileError", "Report", "Structure", "capture",
-           "inspect", "load_model_file", "match"]
+__all__ = ["Block", "Boundary", "Capture", "CaptureError", "ModelFileError", "Policy", "PolicyError", "Report",
+           "SparseModel", "Structure", "UnsupportedModelError", "capture", "inspect", "load_model_file", "load_policy",
+           "match", "sparsify"]
 __version__ = "0.1.0"

@@ -90,6 +90,11 @@ class Structure:
     boundary: Boundary | None
     token_input: str | None
     notes: list[str] = field(default_factory=list)  # what was looked for and not found
+    hidden_shape: tuple[int, ...] | None = None  # the hidden state entering the first decoder block
+
+    @property
+    def batch(self) -> int | None:
+        return self.hidden_shape[0] if self.hidden_shape and len(self.hidden_shape) == 3 else None
 
 
 def match(cap: Capture) -> Structure:
@@ -115,7 +120,8 @@ def match(cap: Capture) -> Structure:
                              [b.path for b in blocks], notes)
     elif token_input is not None:
         notes.append("no vision boundary found: the model has no floating-point input (pixels) besides tokens")
-    return Structure(blocks, len({b.kind for b in blocks}), vision, boundary, token_input, notes)
+    hidden_shape = tuple(flow.nodes[blocks[0].hidden_in].get("shape") or ()) if blocks else None
+    return Structure(blocks, len({b.kind for b in blocks}), vision, boundary, token_input, notes, hidden_shape or None)
 
 
 # ------------------------------------------------------------------------------ inputs and taint

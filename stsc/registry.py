@@ -7,10 +7,11 @@ A new pass is one new module in ``passes/`` that decorates its ``apply`` with
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["PassInfo", "PassSpec", "get_pass", "register_pass"]
+__all__ = ["PassInfo", "PassSpec", "available_passes", "get_pass", "register_pass"]
 
 
 @dataclass
@@ -27,18 +28,23 @@ class PassSpec:
     name: str
     config_cls: type
     apply: Callable
+    estimate: Callable | None = None  # (structure, config) -> stsc.savings.Savings
 
 
 _PASSES: dict[str, PassSpec] = {}
 
 
-def register_pass(name: str, config_cls: type):
-    """Decorator registering ``apply(model, structure, config, example_inputs)`` as pass ``name``."""
+def register_pass(name: str, config_cls: type, estimate: Callable | None = None):
+    """Decorator registering ``apply(model, structure, config, example_inputs)`` as pass ``name``.
+
+    ``estimate(structure, config)``, if given, returns the :class:`stsc.savings.Savings` the pass is
+    expected to bring (for reports, before anything runs).
+    """
 
     def decorate(apply: Callable) -> Callable:
         if name in _PASSES and _PASSES[name].apply is not apply:
             raise ValueError(f"a pass named {name!r} is registered already")
-        _PASSES[name] = PassSpec(name, config_cls, apply)
+        _PASSES[name] = PassSpec(name, config_cls, apply, estimate)
         return apply
 
     return decorate
@@ -54,3 +60,10 @@ def get_pass(name: str) -> PassSpec:
     if name not in _PASSES:
         raise KeyError(f"unknown pass {name!r}")
     return _PASSES[name]
+
+
+def available_passes() -> list[str]:
+    """Names of every pass module in ``stsc.passes`` (registered or not yet imported)."""
+    import stsc.passes
+
+    return sorted(info.name for info in pkgutil.iter_modules(stsc.passes.__path__) if not info.name.startswith("_"))

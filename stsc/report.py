@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .capture import capture
-from .match import Boundary, Block, match
+from .match import Block, Boundary, Structure, match
 
-__all__ = ["Report", "inspect"]
+__all__ = ["Report", "capture_and_match", "inspect"]
 
 
 @dataclass
@@ -68,11 +68,17 @@ class Report:
         return "\n".join(lines)
 
 
-def inspect(model: nn.Module, example_inputs: dict) -> Report:
-    """Capture ``model(**example_inputs)`` and report its decoder blocks and vision boundary."""
+def capture_and_match(model: nn.Module, example_inputs: dict) -> tuple[Structure, Report]:
+    """Capture ``model(**example_inputs)``, match it, and report what was found."""
     start = time.perf_counter()
     cap = capture(model, example_inputs)
     structure = match(cap)
-    return Report(cap.method, len(cap.graphs), cap.fallback_reason, [b.path for b in structure.blocks],
-                  structure.blocks, structure.block_kinds, structure.vision_blocks, structure.boundary,
-                  structure.token_input, structure.notes, cap.notes, time.perf_counter() - start)
+    report = Report(cap.method, len(cap.graphs), cap.fallback_reason, [b.path for b in structure.blocks],
+                    structure.blocks, structure.block_kinds, structure.vision_blocks, structure.boundary,
+                    structure.token_input, structure.notes, cap.notes, time.perf_counter() - start)
+    return structure, report
+
+
+def inspect(model: nn.Module, example_inputs: dict) -> Report:
+    """Capture ``model(**example_inputs)`` and report its decoder blocks and vision boundary."""
+    return capture_and_match(model, example_inputs)[1]

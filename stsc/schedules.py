@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SCHEDULES", "SkipSchedule", "StepClock", "depth_factor", "draw_skips", "layer_probabilities", "seeded_generator",
+__all__ = ["SCHEDULES", "SkipSchedule", "StepClock", "depth_factor", "draw_skips", "layer_probabilities", "mean_skip_fraction",
+           "seeded_generator",
            "sts_probability", "time_factor"]
 
 SCHEDULES = ("sts", "linear", "constant")
@@ -37,7 +38,7 @@ SCHEDULES = ("sts", "linear", "constant")
 class SkipSchedule:
     """How likely each decoder block is to be skipped at a point of the stage."""
 
-    kind: str = "sts"  # one of SCHEDULES
+    schedule: str = "sts"  # one of SCHEDULES
     alpha: float = 0.5  # peak mean skip probability (at the start of the stage)
     eps: float = 0.5  # depth spread: first layer alpha * (1 - eps), last alpha * (1 + eps)
     epochs: float = 1.0  # E, epochs of the stage
@@ -47,8 +48,8 @@ class SkipSchedule:
     min_kept: int = 1  # at least this many blocks run in every step
 
     def __post_init__(self):
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.eps <= 1:
             raise ValueError(f"eps must be in [0, 1], got {self.eps}")
         if not 0 <= self.alpha or self.alpha * (1 + self.eps) > 1:
@@ -85,7 +86,7 @@ def layer_probabilities(schedule: SkipSchedule, layers: int, progress: float,
     """
     if schedule.integer_epochs:
         progress = math.floor(progress)
-    factor = time_factor(schedule.kind, progress, schedule.epochs)
+    factor = time_factor(schedule.schedule, progress, schedule.epochs)
     probabilities = []
     for layer in range(layers):
         protected = layer < schedule.never_skip_first or layer >= layers - schedule.never_skip_last
@@ -93,6 +94,15 @@ def layer_probabilities(schedule: SkipSchedule, layers: int, progress: float,
         probability = schedule.alpha * factor * depth_factor(layer, layers, schedule.eps)
         probabilities.append(0.0 if protected or not allowed else probability)
     return probabilities
+
+
+def mean_skip_fraction(schedule: SkipSchedule, skippable: list[bool], samples: int = 100) -> float:
+    """Expected fraction of the blocks skipped, averaged over the stage (before ``min_kept`` capping)."""
+    total = 0.0
+    for k in range(samples):
+        progress = (k + 0.5) / samples * schedule.epochs
+        total += sum(layer_probabilities(schedule, len(skippable), progress, skippable))
+    return total / samples / max(len(skippable), 1)
 
 
 @dataclass

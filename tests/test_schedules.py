@@ -26,7 +26,7 @@ def test_schedule_decays_to_zero_at_end_of_stage():
 
 @pytest.mark.parametrize("kind, expected", [("linear", 0.3 * 0.75), ("constant", 0.3), ("sts", 0.3 * 0.75 ** 2)])
 def test_other_schedules(kind, expected):
-    assert layer_probabilities(SkipSchedule(kind=kind, alpha=0.3, eps=0.0, epochs=4.0), 2, 1.0) == pytest.approx([expected] * 2)
+    assert layer_probabilities(SkipSchedule(schedule=kind, alpha=0.3, eps=0.0, epochs=4.0), 2, 1.0) == pytest.approx([expected] * 2)
 
 
 def test_integer_epochs_move_once_per_epoch():
@@ -45,7 +45,7 @@ def test_protected_and_unskippable_blocks_get_zero():
     (dict(alpha=0.8, eps=0.5), "alpha * (1 + eps) must be in [0, 1] so that every skip probability is valid, "
                                "got alpha=0.8, eps=0.5 (1.2)"),
     (dict(eps=1.5), "eps must be in [0, 1], got 1.5"),
-    (dict(kind="cosine"), "schedule must be one of sts, linear, constant, got 'cosine'"),
+    (dict(schedule="cosine"), "schedule must be one of sts, linear, constant, got 'cosine'"),
     (dict(epochs=0), "epochs must be > 0, got 0"),
     (dict(min_kept=-1), "min_kept must be >= 0, got -1"),
 ])

@@ -1,0 +1,283 @@
+"""``sparsify(model, policy)``: the runtime that applies a stage policy's passes to a model.
+
+A :class:`SparseModel` wraps the caller's model without copying it: its parameters are the
+caller's tensors and ``state_dict()`` has the caller's keys, so a checkpoint loads into the original
+model class. It captures and matches the model once (at construction when ``example_inputs`` are
+given, else at the first forward), checks every stage's passes against the model (each is applied
+once and removed, so a pass that cannot work fails now, not mid-training), and then keeps exactly
+the active stage's passes installed:
+
+* ``stage=None``: the stage follows training progress (:meth:`SparseModel.set_progress`; progress
+  counts from the start of training, in the policy's unit); between or after stages the model is dense.
+* ``stage="name"``: that stage only, as its own run (LLaVA recipes train alignment and instruction
+  tuning as separate jobs); progress counts from the start of the stage.
+
+In ``eval()`` every pass is inactive: the model is the dense original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .policy import Policy, Stage, load_policy
+from .registry import PassInfo, get_pass
+from .report import Report, capture_and_match
+from .savings import Savings
+
+__all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "sparsify"]
+
+
+class UnsupportedModelError(ValueError):
+    """A pass of the policy needs structure the matcher did not find in the model."""
+
+
+@dataclass
+class StageReport:
+    name: str
+    unit: str
+    start: float
+    end: float
+    passes: list[dict]  # name, params (as written), and what the pass did (PassInfo fields)
+    sequence: int | None  # decoder sequence positions per sample, dense (at the example inputs)
+    sequence_after: float | None  # ... with the stage's passes
+    layers_run: float  # expected mean fraction of decoder blocks run over the stage
+    decoder_flops_saved: float | None  # expected fraction of decoder FLOPs saved over the stage
+
+
+@dataclass
+class SparseReport:
+    model: Report  # what capture and match found
+    stages: list[StageReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [self.model.format(), ""]
+        for s in self.stages:
+            span = f"{s.unit} {s.start:g} to {s.end:g}"
+            lines.append(f"stage {s.name!r}  ({span})")
+            if not s.passes:
+                lines.append("  passes       none (dense)")
+            for p in s.passes:
+                params = ", ".join(f"{k}={v}" for k, v in p["params"].items()) or "defaults"
+                lines.append(f"  pass         {p['name']} ({params}): matched {p['matched']}")
+                lines += [f"    {k:<28} {v}" for k, v in p["details"].items()]
+            if s.sequence is not None:
+                lines.append(f"  expected     decoder sequence {s.sequence} -> {s.sequence_after:g} positions per sample, "
+                             f"{100 * s.layers_run:.1f} % of decoder blocks run, "
+                             f"decoder FLOPs -{100 * s.decoder_flops_saved:.1f} %")
+        return "\n".join(lines)
+
+
+class SparseModel(nn.Module):
+    """The caller's model with a stage policy applied; see the module docstring."""
+
+    def __init__(self, model: nn.Module, policy: Policy, example_inputs: dict | None = None, stage: str | None = None,
+                 steps_per_epoch: int | None = None):
+        super().__init__()
+        self.model = model
+        self.policy = policy
+        self.fixed_stage = policy.stage(stage) if stage is not None else None
+        self.steps_per_epoch = steps_per_epoch
+        self.progress = 0.0  # in the policy's unit; from the start of training, or of the fixed stage
+        self.step = 0
+        self.report: SparseReport | None = None
+        self._structure = None
+        self._inputs: dict | None = None
+        self._active: Stage | None = None
+        self._runtimes: dict[str, object] = {}
+        self._compile_kwargs: dict | None = None
+        self._warned_past_end = False
+        if example_inputs is not None:
+            self._prepare(example_inputs)
+
+    # ------------------------------------------------------------------------------- public API
+    @property
+    def stage(self) -> str | None:
+        """Name of the active stage (None: dense, between or after the stages)."""
+        return self._active.name if self._active else None
+
+    @property
+    def runtimes(self) -> dict[str, object]:
+        """The active stage's pass runtimes, by pass name (e.g. ``["skip_layers"].last_skipped``)."""
+        return dict(self._runtimes)
+
+    def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
+        """Move the schedule: ``epoch`` (fractional epochs) and/or ``step`` (optimizer steps).
+
+        ``step`` seeds the random draws (skip decisions, random compression). Progress is ``epoch``
+        for epoch-counted policies (or ``step / steps_per_epoch`` when only ``step`` is given and
+        ``steps_per_epoch`` was), ``step`` for step-counted ones.
+        """
+        if step is not None:
+            self.step = int(step)
+        if self.policy.unit == "steps":
+            if step is not None:
+                self.progress = float(step)
+        elif epoch is not None:
+            self.progress = float(epoch)
+        elif step is not None and self.steps_per_epoch:
+            self.progress = step / self.steps_per_epoch
+        if self._structure is not None:
+            self._sync()
+
+    def schedule_state(self) -> dict:
+        """Everything needed to resume the schedule exactly (save it beside the checkpoint)."""
+        return {"stage": self.stage, "progress": self.progress, "step": self.step,
+                "passes": {name: runtime.state_dict() for name, runtime in self._runtimes.items()}}
+
+    def load_schedule_state(self, state: dict) -> None:
+        self.progress, self.step = float(state["progress"]), int(state["step"])
+        if self._structure is None:
+            self._pending_state = state
+            return
+        self._sync()
+        if self.stage != state["stage"]:
+            raise ValueError(f"the saved schedule state is in stage {state['stage']!r}, but progress "
+                             f"{self.progress:g} selects stage {self.stage!r} under this policy")
+        for name, runtime in self._runtimes.items():
+            runtime.load_state_dict(state["passes"][name])
+
+    def compile(self, **compile_kwargs) -> None:
+        """Regional compilation: ``torch.compile`` each decoder block's own forward, once per block kind.
+
+        Pass guards stay outside compiled code, so skip patterns and stage switches cause no
+        recompilation beyond one per distinct input shape and grad mode.
+        """
+        self._compile_kwargs = compile_kwargs
+        if self._structure is not None:
+            self._compile_blocks()
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped model's ``state_dict``: the same keys as the original model."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def unwrap(self) -> nn.Module:
+        """Remove every pass and return the caller's model (dense, as it was, with trained weights)."""
+        self._deactivate()
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        if self._structure is None:
+            if args:
+                raise TypeError("sparsify() without example_inputs captures the model at its first call, which "
+                                "needs keyword arguments only (e.g. model(input_ids=..., pixel_values=...))")
+            self._prepare(kwargs)
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # --------------------------------------------------------------------------------- internals
+    @torch.compiler.disable
+    def _prepare(self, example_inputs: dict) -> None:
+        self._inputs = dict(example_inputs)
+        self._structure, model_report = capture_and_match(self.model, self._inputs)
+        if self._compile_kwargs is not None:
+            self._compile_blocks()
+        stages = [self.fixed_stage] if self.fixed_stage else list(self.policy.stages)
+        self.report = SparseReport(model_report, [self._check_stage(stage) for stage in stages])
+        pending = self.__dict__.pop("_pending_state", None)
+        if pending is not None:
+            self.load_schedule_state(pending)
+        else:
+            self._sync()
+
+    def _check_stage(self, stage: Stage) -> StageReport:
+        """Apply the stage's passes once (then remove them): fail early, and record what they did."""
+        infos = self._activate(stage)
+        self._deactivate()
+        savings = sum((get_pass(e.name).estimate(self._structure, e.config) for e in stage.passes
+                       if get_pass(e.name).estimate), Savings())
+        shape = self._structure.hidden_shape
+        sequence, hidden = (shape[1], shape[2]) if shape and len(shape) == 3 else (None, None)
+        return StageReport(
+            stage.name, stage.unit, stage.start, stage.end,
+            [{"name": e.name, "params": dict(e.params), "matched": info.matched, "details": info.details}
+             for e, info in zip(stage.passes, infos)],
+            sequence, sequence - savings.tokens_removed if sequence else None, savings.layers_run,
+            1 - savings.flops_fraction(sequence, hidden) if sequence else None)
+
+    def _sync(self) -> None:
+        """Install the passes of the stage that the progress selects, and move their schedules."""
+        stage = self.fixed_stage or self.policy.stage_at(self.progress)
+        if stage is None and self.progress >= self.policy.stages[-1].end and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(f"progress {self.progress:g} {self.policy.unit} is past the end of the last stage "
+                          f"{self.policy.stages[-1].name!r} ({self.policy.stages[-1].end:g}): the model runs dense",
+                          stacklevel=3)
+        if stage is not self._active:
+            self._deactivate()
+            if stage is not None:
+                self._activate(stage)
+        within = self.progress if self.fixed_stage else self.progress - (stage.start if stage else 0.0)
+        for runtime in self._runtimes.values():
+            runtime.set_progress(epoch=within, step=self.step)
+
+    def _activate(self, stage: Stage) -> list[PassInfo]:
+        infos = []
+        with _eval_mode(self.model):  # passes that run the model to bind themselves see it dense
+            for entry in stage.passes:
+                try:
+                    runtime, info = get_pass(entry.name).apply(self.model, self._structure, entry.config, self._inputs)
+                except ValueError as exc:
+                    self._deactivate()
+                    raise UnsupportedModelError(f"stage {stage.name!r}, pass {entry.name}: {exc}") from exc
+                self._runtimes[entry.name] = runtime
+                infos.append(info)
+        self._active = stage
+        return infos
+
+    def _deactivate(self) -> None:
+        for runtime in reversed(list(self._runtimes.values())):
+            runtime.remove()
+        self._runtimes, self._active = {}, None
+
+    def _compile_blocks(self) -> None:
+        active = self._active
+        self._deactivate()  # guards wrap whatever forward a block has: compile underneath them
+        modules = dict(self.model.named_modules())
+        for block in self._structure.blocks:
+            module = modules[block.path]
+            if not getattr(module.forward, "stsc_compiled", False):
+                module.forward = torch.compile(module.forward, **self._compile_kwargs)
+                module.forward.stsc_compiled = True
+        if active is not None:
+            self._activate(active)
+            self._sync()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def sparsify(model: nn.Module, policy: Policy | str, example_inputs: dict | None = None, stage: str | None = None,
+             steps_per_epoch: int | None = None) -> SparseModel:
+    """Apply a stage ``policy`` (a :class:`Policy`, a YAML path or a preset name) to ``model``.
+
+    ``example_inputs``: forward kwargs of one batch, for capture (default: the first batch seen).
+    ``stage``: run only this stage (a separate run); default: the stage follows :meth:`SparseModel.set_progress`.
+    ``steps_per_epoch``: lets ``set_progress(step=...)`` alone move an epoch-counted policy.
+    """
+    return SparseModel(model, load_policy(policy), example_inputs, stage, steps_per_epoch)
