@@ -177,7 +177,10 @@ class VisualTokenCompressor:
             return None
         b = self.boundary
         self._input_ids = kwargs.get(b.token_input)
-        if b.kind != "scatter" or self._input_ids is None:
+        if self._input_ids is None and (b.kind == "scatter" or self.config.method == "text_guided"):
+            raise ValueError(f"compress_visual_tokens needs `{b.token_input}` as a keyword argument of the model "
+                             f"call (positional arguments: {len(args)}, keywords: {', '.join(kwargs) or 'none'})")
+        if b.kind != "scatter":
             return None
         keep = self._placeholder_keep_mask(self._input_ids)
         lengths = keep.sum(dim=1)

@@ -1,7 +1,13 @@
 """The ``stsc`` command line.
 
-Exit codes: 0 ok; 2 usage error or a bad model file; 3 model not supported (no decoder blocks found).
-``stsc inspect model.py`` executes ``model.py`` to build the model: only run it on files you trust.
+    stsc inspect   model.py [--json]                         what capture and match find
+    stsc transform model.py policy.yaml [--stage S] [--out D] apply a policy, verify it, report
+    stsc validate  policy.yaml                               check a policy file
+    stsc plot      policy.yaml -o schedule.png [--layers L]  skip probability per layer over each stage
+
+Exit codes: 0 ok; 2 usage error, bad model file or bad policy; 3 model not supported (the policy's
+passes need structure the matcher did not find, or no decoder blocks for ``inspect``).
+``model.py`` is *executed* to build the model: only run stsc on files you trust.
 """
 
 from __future__ import annotations
@@ -9,9 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+import torch
+
+from .capture import CaptureError, forward_kwargs
 from .loader import ModelFileError, load_model_file
+from .policy import PolicyError, load_policy
 from .report import inspect
+from .schedules import layer_probabilities
+from .sparse import SparseModel, UnsupportedModelError, sparsify
 
 EXIT_OK, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 2, 3
 
@@ -19,26 +32,209 @@ EXIT_OK, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 2, 3
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stsc", description="Stage-aware sparse training for multimodal LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect_cmd = commands.add_parser("inspect", help="capture a model and report its decoder blocks and vision boundary")
-    inspect_cmd.add_argument("model_file", help="Python file defining build_model() and example_inputs() (it is executed)")
-    inspect_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    model_help = "Python file defining build_model() and example_inputs() (it is executed)"
+    policy_help = "stage policy: a YAML file or a preset name (sts, vtc, lds, dense)"
+
+    cmd = commands.add_parser("inspect", help="capture a model and report its decoder blocks and vision boundary")
+    cmd.add_argument("model_file", help=model_help)
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    cmd = commands.add_parser("transform", help="apply a stage policy to a model, verify it and report")
+    cmd.add_argument("model_file", help=model_help)
+    cmd.add_argument("policy", help=policy_help)
+    cmd.add_argument("--stage", help="apply only this stage (default: every stage in turn)")
+    cmd.add_argument("--out", type=Path, help="write report.json, the applied policy and the graphs of each stage here")
+
+    cmd = commands.add_parser("validate", help="check a stage policy and print what it says")
+    cmd.add_argument("policy", help=policy_help)
+
+    cmd = commands.add_parser("plot", help="plot the skip probability of each layer over each stage (matplotlib)")
+    cmd.add_argument("policy", help=policy_help)
+    cmd.add_argument("-o", "--output", type=Path, default=Path("schedule.png"), help="image to write")
+    cmd.add_argument("--layers", type=int, default=32, help="number of decoder layers L (default 32)")
+
     args = parser.parse_args(argv)
-    return _inspect(args)
-
-
-def _inspect(args) -> int:
     try:
-        model, inputs = load_model_file(args.model_file)
-    except ModelFileError as exc:
-        print(f"stsc: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"stsc: capturing {args.model_file} ...", file=sys.stderr)
+        return {"inspect": _inspect, "transform": _transform, "validate": _validate, "plot": _plot}[args.command](args)
+    except (ModelFileError, PolicyError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"stsc: error: {message}", file=sys.stderr)
+    return code
+
+
+def _progress(message: str) -> None:
+    print(f"stsc: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- inspect
+def _inspect(args) -> int:
+    model, inputs = load_model_file(args.model_file)
+    _progress(f"capturing {args.model_file} ...")
     report = inspect(model, inputs)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.format())
     if not report.supported:
         reason = next(note for note in report.notes if note.startswith("no decoder blocks found"))
-        print(f"stsc: error: {args.model_file}: model not supported: {reason}", file=sys.stderr)
-        return EXIT_UNSUPPORTED
+        return _fail(f"{args.model_file}: model not supported: {reason}", EXIT_UNSUPPORTED)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- transform
+def _transform(args) -> int:
+    policy = load_policy(args.policy)
+    if args.stage is not None and args.stage not in [s.name for s in policy.stages]:
+        return _fail(f"{policy.source}: no stage named {args.stage!r}; stages: "
+                     f"{', '.join(s.name for s in policy.stages)}", EXIT_USAGE)
+    model, inputs = load_model_file(args.model_file)
+    kwargs = forward_kwargs(model, inputs)[0]
+    with torch.no_grad():
+        dense = _first_float(model.eval()(**kwargs))
+    model.train()
+    _progress(f"capturing {args.model_file} and applying {policy.source} ...")
+    try:
+        sparse = sparsify(model, policy, inputs, stage=args.stage)
+    except (UnsupportedModelError, CaptureError) as exc:
+        return _fail(f"{args.model_file}: model not supported: {exc}", EXIT_UNSUPPORTED)
+    print(sparse.report.format())
+    checks = []
+    for stage in sparse.report.stages:
+        _progress(f"verifying stage {stage.name!r} ...")
+        checks.append(_verify(sparse, stage.name, kwargs, dense))
+        c = checks[-1]
+        print(f"verified {stage.name!r}: train step ran (loss {c['loss']:.4f}, decoder sequence {c['sequence']}, "
+              f"blocks skipped {c['skipped']}, {c['params_with_grad']}/{c['params']} parameters got gradients); "
+              f"eval equals dense: {'yes' if c['eval_equals_dense'] else 'NO'}")
+    if args.out:
+        _write_out(args.out, sparse, policy, checks, kwargs)
+        print(f"wrote {args.out}/report.json, {args.out}/policy.yaml and the graphs of each stage")
+    failed = [c["stage"] for c in checks if not (c["eval_equals_dense"] and c["loss_finite"])]
+    if failed:
+        return _fail(f"verification failed for stage(s) {', '.join(failed)}", EXIT_UNSUPPORTED)
+    return EXIT_OK
+
+
+def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor) -> dict:
+    """One training forward + backward in ``stage`` (at its start), then eval compared with the dense output."""
+    _enter(sparse, stage)
+    sequence = []
+    hook = sparse.model.register_forward_hook(lambda m, a, out: sequence.append(_first_float(out).shape[1]))
+    sparse.train().zero_grad(set_to_none=True)
+    loss = _loss(sparse(**kwargs))
+    loss.backward()
+    hook.remove()
+    skipper = sparse.runtimes.get("skip_layers")
+    trainable = [p for p in sparse.model.parameters() if p.requires_grad]
+    with_grad = sum(p.grad is not None for p in trainable)
+    with torch.no_grad():
+        eval_out = _first_float(sparse.eval()(**kwargs))
+    sparse.zero_grad(set_to_none=True)
+    sparse.train()
+    return {"stage": stage, "loss": loss.item(), "loss_finite": bool(torch.isfinite(loss)), "sequence": sequence[0],
+            "skipped": skipper.last_skipped if skipper else [], "params": len(trainable), "params_with_grad": with_grad,
+            "eval_equals_dense": bool(torch.equal(eval_out, dense))}
+
+
+def _enter(sparse: SparseModel, stage: str) -> None:
+    if sparse.fixed_stage is None:
+        start = sparse.policy.stage(stage).start
+        sparse.set_progress(**({"step": int(start)} if sparse.policy.unit == "steps" else {"epoch": start}))
+
+
+def _loss(output) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else _first_float(output).float().pow(2).mean()
+
+
+def _first_float(output) -> torch.Tensor:
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+            return value
+    raise TypeError(f"the model returned no floating-point tensor of rank >= 2 ({type(output).__name__})")
+
+
+def _write_out(out: Path, sparse: SparseModel, policy, checks: list[dict], kwargs: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({**sparse.report.to_dict(), "verification": checks},
+                                                indent=2, default=str))
+    import yaml
+
+    (out / "policy.yaml").write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
+    for stage in sparse.report.stages:
+        _progress(f"writing the graphs of stage {stage.name!r} ...")
+        (out / f"graphs_{stage.name}.py").write_text(_stage_graphs(sparse, stage.name, kwargs))
+
+
+def _stage_graphs(sparse: SparseModel, stage: str, kwargs: dict) -> str:
+    """The FX graphs torch.compile runs for one training forward of ``stage``, as readable Python.
+
+    Pass guards and hooks run outside compiled code, so the model comes out in pieces: the graph up to
+    the first decoder block (vision encoder, projector, compression, merge), one graph per decoder
+    block kind (compiled once, reused by every block that runs), and the graph after the blocks.
+    """
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    _enter(sparse, stage)
+    torch._dynamo.reset()
+    sparse.compile(backend=record)
+    torch.compile(sparse, backend=record)(**kwargs)
+    skipper = sparse.runtimes.get("skip_layers")
+    torch._dynamo.reset()
+    header = [f"# stsc: the graphs of one training forward in stage {stage!r}, in the order they were compiled.",
+              f"# blocks skipped in this forward: {skipper.last_skipped if skipper else 'none (no skip pass)'}"]
+    return "\n".join(header + [f"\n# ---- graph {i}\n{gm.print_readable(print_output=False)}"
+                               for i, gm in enumerate(graphs)])
+
+
+# ------------------------------------------------------------------------------ validate, plot
+def _validate(args) -> int:
+    policy = load_policy(args.policy)
+    print(f"{policy.source}: valid, version {policy.version}, seed {policy.seed}, {len(policy.stages)} stage(s)")
+    for stage in policy.stages:
+        print(f"  {stage.name}: {stage.unit} {stage.start:g} to {stage.end:g}")
+        for entry in stage.passes or ():
+            print(f"    {entry.name}: {entry.config}")
+        if not stage.passes:
+            print("    dense (no passes)")
+    return EXIT_OK
+
+
+def _plot(args) -> int:
+    policy = load_policy(args.policy)
+    if args.layers < 1:
+        return _fail(f"--layers must be >= 1, got {args.layers}", EXIT_USAGE)
+    stages = [(stage, stage.pass_config("skip_layers")) for stage in policy.stages]
+    stages = [(stage, config) for stage, config in stages if config is not None]
+    if not stages:
+        return _fail(f"{policy.source}: no stage runs skip_layers; nothing to plot", EXIT_USAGE)
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return _fail("stsc plot needs matplotlib: pip install 'stsc[plot]'", EXIT_USAGE)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, (stage, config) in zip(axes[0], stages):
+        schedule = config.skip_schedule()
+        points = [stage.length * k / 100 for k in range(101)]
+        curves = list(zip(*(layer_probabilities(schedule, args.layers, e) for e in points)))
+        colours = plt.cm.viridis([layer / max(args.layers - 1, 1) for layer in range(args.layers)])
+        for layer, (curve, colour) in enumerate(zip(curves, colours)):
+            ax.plot([stage.start + e for e in points], curve, color=colour, linewidth=1,
+                    label=f"layer {layer}" if layer in (0, args.layers - 1) else None)
+        ax.set(title=f"stage {stage.name!r}: {schedule.schedule}, alpha {schedule.alpha}, eps {schedule.eps}",
+               xlabel=stage.unit, ylabel="skip probability", ylim=(0, 1))
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(args.output, dpi=100)
+    print(f"wrote {args.output} ({len(stages)} stage(s), {args.layers} layers)")
     return EXIT_OK
 
 

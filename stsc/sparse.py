@@ -67,7 +67,8 @@ class SparseReport:
             for p in s.passes:
                 params = ", ".join(f"{k}={v}" for k, v in p["params"].items()) or "defaults"
                 lines.append(f"  pass         {p['name']} ({params}): matched {p['matched']}")
-                lines += [f"    {k:<28} {v}" for k, v in p["details"].items()]
+                lines += [f"    {k:<30} {v:.4g}" if isinstance(v, float) else f"    {k:<30} {v}"
+                          for k, v in p["details"].items()]
             if s.sequence is not None:
                 lines.append(f"  expected     decoder sequence {s.sequence} -> {s.sequence_after:g} positions per sample, "
                              f"{100 * s.layers_run:.1f} % of decoder blocks run, "

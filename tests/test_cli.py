@@ -78,3 +78,81 @@ def test_unsupported_model_exits_3(tmp_path):
     result = stsc("inspect", path)
     assert result.returncode == 3
     assert result.stderr.splitlines()[-1].startswith(f"stsc: error: {path}: model not supported: no decoder blocks found")
+
+
+# ----------------------------------------------------------------------------------- transform
+def test_transform_bundled_example_with_sts_preset(tmp_path):
+    result = stsc("transform", EXAMPLE, ROOT / "policies" / "sts.yaml", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "stage 'alignment'  (epochs 0 to 1)" in result.stdout
+    assert ("expected     decoder sequence 77 -> 45 positions per sample, 100.0 % of decoder blocks run, "
+            "decoder FLOPs -45.6 %") in result.stdout
+    assert "verified 'alignment': train step ran (loss " in result.stdout
+    assert "decoder sequence 45, blocks skipped [], 72/72 parameters got gradients); eval equals dense: yes" \
+        in result.stdout
+    assert "verified 'instruction'" in result.stdout and "eval equals dense: NO" not in result.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["alignment", "instruction"]
+    assert [c["sequence"] for c in report["verification"]] == [45, 77]
+    graphs = (tmp_path / "out" / "graphs_alignment.py").read_text()
+    assert "class GraphModule(torch.nn.Module)" in graphs and '"f32[2, 45, 64]"' in graphs
+    assert (tmp_path / "out" / "policy.yaml").read_text().startswith("version: 1\nseed: 0\nstages:\n")
+
+
+HF_MODEL_FILE = """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import hf_models
+    MODEL, INPUTS = hf_models.{family}()
+    def build_model():
+        return MODEL
+    def example_inputs():
+        return INPUTS
+"""
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_transform_hf_model_files(tmp_path, family):
+    path = write(tmp_path, HF_MODEL_FILE.format(tests=str(ROOT / "tests"), family=family))
+    result = stsc("transform", path, "sts")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("eval equals dense: yes") == 2
+
+
+def test_transform_stage_option_applies_one_stage():
+    result = stsc("transform", EXAMPLE, "sts", "--stage", "instruction")
+    assert result.returncode == 0, result.stderr
+    assert "stage 'alignment'" not in result.stdout and "verified 'instruction'" in result.stdout
+    result = stsc("transform", EXAMPLE, "sts", "--stage", "pretrain")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("sts.yaml: no stage named 'pretrain'; stages: alignment, instruction")
+
+
+def test_transform_model_the_passes_cannot_use_exits_3(tmp_path):
+    path = write(tmp_path, HF_MODEL_FILE.format(tests=str(ROOT / "tests"), family="llama_text_only"))
+    result = stsc("transform", path, "sts")
+    assert result.returncode == 3
+    assert result.stderr.splitlines()[-1] == (
+        f"stsc: error: {path}: model not supported: stage 'alignment', pass compress_visual_tokens: "
+        "compress_visual_tokens needs a vision boundary, and none was found: no vision boundary found: "
+        "the model has no floating-point input (pixels) besides tokens")
+
+
+def test_transform_bad_policy_exits_2(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nstages:\n  - name: a\n    epochs: 1\n    passes: {skip_layers: {alpah: 0.3}}\n")
+    result = stsc("transform", EXAMPLE, policy)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"stsc: error: {policy}:5: stage 'a'.passes.skip_layers: unknown key 'alpah'; "
+                                     "did you mean 'alpha'? allowed: schedule, alpha, eps, integer_epochs, "
+                                     "never_skip_first, never_skip_last, min_kept, skip_kinds, seed")
+
+
+def test_validate_and_plot(tmp_path):
+    result = stsc("validate", "sts")
+    assert result.returncode == 0 and "instruction: epochs 1 to 2" in result.stdout
+    result = stsc("plot", "sts", "-o", tmp_path / "schedule.png", "--layers", "8")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "schedule.png").read_bytes()[:4] == b"\x89PNG"
+    result = stsc("plot", "vtc", "-o", tmp_path / "x.png")
+    assert result.returncode == 2 and result.stderr.strip().endswith("vtc.yaml: no stage runs skip_layers; nothing to plot")
