@@ -18,6 +18,7 @@ In ``eval()`` every pass is inactive: the model is the dense original.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -95,6 +96,8 @@ class SparseModel(nn.Module):
         self._runtimes: dict[str, object] = {}
         self._compile_kwargs: dict | None = None
         self._warned_past_end = False
+        # `forward` carries the wrapped model's signature (trainers read it to pick the batch's columns)
+        self.forward = _Forward(self)
         if example_inputs is not None:
             self._prepare(example_inputs)
 
@@ -167,7 +170,7 @@ class SparseModel(nn.Module):
         self._deactivate()
         return self.model
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         if self._structure is None:
             if args:
                 raise TypeError("sparsify() without example_inputs captures the model at its first call, which "
@@ -260,6 +263,20 @@ class SparseModel(nn.Module):
         if active is not None:
             self._activate(active)
             self._sync()
+
+
+class _Forward:
+    """``SparseModel.forward``: runs :meth:`SparseModel._forward`, shows the wrapped model's signature."""
+
+    def __init__(self, owner: SparseModel):
+        self.owner = owner
+
+    def __call__(self, *args, **kwargs):
+        return self.owner._forward(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.owner.model.forward)
 
 
 @contextlib.contextmanager

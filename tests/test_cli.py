@@ -101,7 +101,7 @@ def test_transform_bundled_example_with_sts_preset(tmp_path):
 
 HF_MODEL_FILE = """
     import sys
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {examples!r})
     import hf_models
     MODEL, INPUTS = hf_models.{family}()
     def build_model():
@@ -113,7 +113,7 @@ HF_MODEL_FILE = """
 
 @pytest.mark.parametrize("family", ["llava", "paligemma"])
 def test_transform_hf_model_files(tmp_path, family):
-    path = write(tmp_path, HF_MODEL_FILE.format(tests=str(ROOT / "tests"), family=family))
+    path = write(tmp_path, HF_MODEL_FILE.format(examples=str(ROOT / "examples"), family=family))
     result = stsc("transform", path, "sts")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("eval equals dense: yes") == 2
@@ -129,7 +129,7 @@ def test_transform_stage_option_applies_one_stage():
 
 
 def test_transform_model_the_passes_cannot_use_exits_3(tmp_path):
-    path = write(tmp_path, HF_MODEL_FILE.format(tests=str(ROOT / "tests"), family="llama_text_only"))
+    path = write(tmp_path, HF_MODEL_FILE.format(examples=str(ROOT / "examples"), family="llama_text_only"))
     result = stsc("transform", path, "sts")
     assert result.returncode == 3
     assert result.stderr.splitlines()[-1] == (

@@ -2,8 +2,8 @@
 
 Each builder returns ``(model, inputs)`` and records what a correct analysis must find in
 ``model.stsc_expected`` (decoder block paths, boundary kind, visual tokens per image), so tests and
-the examples read the truth from one place. transformers is a test-only dependency: import this
-module only from tests and examples.
+the examples read the truth from one place. transformers is a test-only dependency (``pip install
+-e ".[test]"``): import this module only from tests and examples, never from ``stsc``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _finish(model, inputs, expected):
     return model.train(), inputs
 
 
-def llava(layers=3):
+def llava(layers=3, batch=2):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     image_token = 3
@@ -59,8 +59,8 @@ def llava(layers=3):
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
     tokens = (32 // 8) ** 2  # the CLS token is dropped by the default feature selection
-    input_ids, mask, labels = _placeholder_batch(image_token, tokens)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(2, 3, 32, 32), attention_mask=mask, labels=labels)
+    input_ids, mask, labels = _placeholder_batch(image_token, tokens, batch=batch)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(batch, 3, 32, 32), attention_mask=mask, labels=labels)
     blocks = [f"model.language_model.layers.{i}" for i in range(layers)]
     return _finish(model, inputs, Expected(blocks, "scatter", tokens, image_token))
 
