@@ -213,10 +213,19 @@ def estimate(structure, config: SkipLayersConfig) -> Savings:
 @register_pass("skip_layers", SkipLayersConfig, estimate)
 def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs: dict) -> tuple[LayerSkipper, PassInfo]:
     """Guard every decoder block of ``structure`` in ``model``; return the runtime and what was done."""
+    if not structure.blocks:
+        raise ValueError("skip_layers needs decoder blocks, and none were found: " + "; ".join(structure.notes))
+    if config.min_kept > len(structure.blocks):
+        raise ValueError(f"min_kept {config.min_kept} is more than the {len(structure.blocks)} decoder blocks")
     modules = dict(model.named_modules())
     blocks = [(b.path, modules[b.path], b.kind) for b in structure.blocks]
     bindings = _bind(model, [m for _, m, _ in blocks], example_inputs)
     skipper = LayerSkipper(model, blocks, bindings, config)
+    if not any(p > 0 for p in layer_probabilities(skipper.schedule, len(blocks), 0.0, skipper.skippable)):
+        skipper.remove()
+        raise ValueError(f"no decoder block can be skipped: {len(blocks)} blocks, never_skip_first="
+                         f"{config.never_skip_first}, never_skip_last={config.never_skip_last}, skip_kinds="
+                         f"{config.skip_kinds}, {sum(skipper.skippable)} with a skippable output, alpha={config.alpha}")
     unbound = [path for (path, _, _), binding in zip(blocks, bindings) if binding is None]
     info = PassInfo("skip_layers", sum(skipper.skippable), {
         "blocks": len(blocks),
@@ -225,6 +234,7 @@ def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs:
                               if p in unbound else "its kind is not in skip_kinds")
                           for p, s in zip(skipper.paths, skipper.skippable) if not s},
         "schedule": config.skip_schedule().__dict__,
+        "at_most_skipped_per_step": min(sum(skipper.skippable), len(blocks) - config.min_kept),
         "mean_skip_fraction_over_stage": mean_skip_fraction(skipper.schedule, skipper.skippable),
     })
     return skipper, info

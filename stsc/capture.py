@@ -83,7 +83,7 @@ def capture(model: nn.Module, example_inputs: dict) -> Capture:
     if not isinstance(exported, Exception):
         return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs,
                        time.perf_counter() - start, None, notes, exported)
-    reason = f"torch.export failed: {type(exported).__name__}: {_first_line(exported)}"
+    reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
     graphs, flow = _dynamo_capture(model, kwargs)
     return Capture("dynamo", graphs, flow, example_inputs, time.perf_counter() - start, reason, notes)
 
@@ -105,7 +105,7 @@ def _export(model: nn.Module, kwargs: dict) -> torch.export.ExportedProgram | Ex
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else ""
 
@@ -259,7 +259,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
         with torch._dynamo.config.patch(capture_scalar_outputs=True), _quiet("torch._dynamo"):
             torch.compile(model, backend=backend, dynamic=False)(**kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise CaptureError(f"dynamo could not trace the model either: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise CaptureError(f"dynamo could not trace the model either: {type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         torch._dynamo.reset()
     keep_alive.clear()

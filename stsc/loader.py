@@ -11,7 +11,10 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
 from torch import nn
+
+from .capture import first_line, forward_kwargs
 
 __all__ = ["ModelFileError", "load_model_file"]
 
@@ -42,7 +45,23 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
     if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
         raise ModelFileError(f"{path}: example_inputs() returned {type(inputs).__name__}, "
                              f"expected a dict of forward keyword arguments")
+    _check_runs(path, model, inputs)
     return model, inputs
+
+
+def _check_runs(path: Path, model: nn.Module, inputs: dict) -> None:
+    """Run the model once on its example inputs (not for models on the meta device: nothing to run)."""
+    if any(p.is_meta for p in model.parameters()):
+        return
+    try:
+        with torch.no_grad():
+            model(**forward_kwargs(model, inputs)[0])
+    except Exception as exc:  # noqa: BLE001
+        frames = traceback.extract_tb(exc.__traceback__)
+        torch_dir = str(Path(torch.__file__).parent)
+        frame = next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), frames[-1])
+        raise ModelFileError(f"{path}: the model does not run on example_inputs(): {type(exc).__name__}: "
+                             f"{first_line(exc)} (at {frame.filename}:{frame.lineno})") from exc
 
 
 def _import(path: Path):

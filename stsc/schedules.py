@@ -57,9 +57,11 @@ class SkipSchedule:
                              f"got alpha={self.alpha}, eps={self.eps} ({self.alpha * (1 + self.eps):g})")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("never_skip_first", "never_skip_last", "min_kept"):
+        for name in ("never_skip_first", "never_skip_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_kept < 1:
+            raise ValueError(f"min_kept must be >= 1 so that every step runs at least one block, got {self.min_kept}")
 
 
 def time_factor(kind: str, progress: float, epochs: float) -> float:

@@ -133,7 +133,7 @@ PASS_PARAMS = {
     "compress_visual_tokens": {"method": st.sampled_from(["uniform", "random", "text_guided", "pool", "merge"]),
                                "keep_ratio": st.floats(0.05, 1.0), "kernel": st.integers(1, 4)},
     "skip_layers": {"schedule": st.sampled_from(["sts", "linear", "constant"]), "alpha": st.floats(0, 0.5),
-                    "eps": st.floats(0, 1), "never_skip_first": st.integers(0, 2), "min_kept": st.integers(0, 3)},
+                    "eps": st.floats(0, 1), "never_skip_first": st.integers(0, 2), "min_kept": st.integers(1, 3)},
 }
 
 
@@ -192,7 +192,7 @@ def malformed_policies(draw):
         name = draw(st.sampled_from(sorted(PASS_PARAMS)))
         key, value = draw(st.sampled_from([("keep_ratio", 0), ("keep_ratio", 1.5), ("keep_ratio", "x"), ("kernel", 0),
                                            ("method", "best"), ("method", 3), ("alpha", 0.9), ("eps", -1),
-                                           ("schedule", "cosine"), ("min_kept", -1), ("skip_kinds", "0"),
+                                           ("schedule", "cosine"), ("min_kept", 0), ("skip_kinds", "0"),
                                            ("seed", 1.5), ("alpha", True), ("kernel", 2.0)]))
         if key in ("keep_ratio", "kernel", "method") and name != "compress_visual_tokens":
             name = "compress_visual_tokens"

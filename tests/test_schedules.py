@@ -47,7 +47,8 @@ def test_protected_and_unskippable_blocks_get_zero():
     (dict(eps=1.5), "eps must be in [0, 1], got 1.5"),
     (dict(schedule="cosine"), "schedule must be one of sts, linear, constant, got 'cosine'"),
     (dict(epochs=0), "epochs must be > 0, got 0"),
-    (dict(min_kept=-1), "min_kept must be >= 0, got -1"),
+    (dict(min_kept=0), "min_kept must be >= 1 so that every step runs at least one block, got 0"),
+    (dict(never_skip_last=-1), "never_skip_last must be >= 0, got -1"),
 ])
 def test_invalid_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -72,4 +73,3 @@ def test_draw_is_identical_in_another_process():
 def test_min_kept_caps_a_schedule_that_would_skip_everything():
     assert draw_skips([1.0] * 4, 0, 0, 0, min_kept=1) == [1, 2, 3]
     assert draw_skips([1.0, 0.9, 1.0, 1.0], 0, 0, 0, min_kept=2) == [2, 3]
-    assert draw_skips([1.0] * 4, 0, 0, 0, min_kept=0) == [0, 1, 2, 3]

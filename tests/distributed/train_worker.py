@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -35,12 +37,13 @@ stages:
 """
 
 
-def main() -> int:
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--break-seed", action="store_true")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank prints where it hangs, and exits
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -77,20 +80,28 @@ def main() -> int:
             if any(g["decisions"] != gathered[0]["decisions"] for g in gathered):
                 print(f"MISMATCH step {step}: skip decisions differ between ranks: "
                       f"{[g['decisions'] for g in gathered]}", flush=True)
-                return 1
+                leave(1)
             if not args.fsdp and any(g["sums"] != gathered[0]["sums"] for g in gathered):
                 print(f"MISMATCH step {step}: gradients differ between ranks", flush=True)
-                return 1
+                leave(1)
             if not all(math.isfinite(g["loss"]) for g in gathered):
                 print(f"MISMATCH step {step}: loss not finite: {[g['loss'] for g in gathered]}", flush=True)
-                return 1
+                leave(1)
         patterns.add(str(decisions))
     if rank == 0:
         print(f"RESULT ok mode={'fsdp2' if args.fsdp else 'ddp'} steps={args.steps} patterns={len(patterns)}",
               flush=True)
+    dist.barrier()
     dist.destroy_process_group()
-    return 0
+    leave(0)
+
+
+def leave(code: int) -> None:
+    """Exit now, before the DDP objects are freed: freeing them can block on a native gloo thread
+    (seen here in about 1 run in 10), which would hang a finished run."""
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
