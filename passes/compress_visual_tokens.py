@@ -47,8 +47,8 @@ from stsc.registry import PassInfo, register_pass
 from stsc.savings import Savings
 from stsc.schedules import StepClock, seeded_generator
 
-__all__ = ["METHODS", "CompressVisualTokensConfig", "VisualTokenCompressor", "apply", "compress", "estimate", "kept_count",
-           "uniform_indices"]
+__all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "VisualTokenCompressor", "apply", "compress",
+           "estimate", "kept_count", "selection", "uniform_indices"]
 
 METHODS = ("uniform", "random", "text_guided", "pool", "merge")
 IGNORE_INDEX = -100
@@ -118,22 +118,32 @@ def _merge(features: torch.Tensor, kept: int) -> torch.Tensor:
     return x
 
 
+SELECTING = ("uniform", "random", "text_guided")  # methods that keep a subset (the others average)
+
+
+def selection(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tuple[int, int] | None, kept: int,
+              generator: torch.Generator | None = None,
+              text_embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Indices ``[images, kept]`` (ascending) of the tokens a selecting method keeps from ``[images, N, D]``."""
+    images, tokens, _ = features.shape
+    if config.method == "uniform":
+        return torch.tensor(uniform_indices(tokens, kept, grid), device=features.device).expand(images, -1)
+    if config.method == "random":
+        return torch.rand(images, tokens, generator=generator).argsort(dim=-1)[:, :kept].sort(dim=-1).values.to(
+            features.device)
+    scores = torch.stack([(F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T).max(dim=-1).values
+                          for v, t in zip(features, text_embeddings)])
+    return scores.topk(kept, dim=-1).indices.sort(dim=-1).values
+
+
 def compress(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tuple[int, int] | None,
              kept: int, generator: torch.Generator | None = None,
              text_embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``[images, N, D] -> [images, kept, D]`` by ``config.method``."""
-    images, tokens, dim = features.shape
-    if config.method == "uniform":
-        indices = torch.tensor(uniform_indices(tokens, kept, grid), device=features.device).expand(images, -1)
-        return _select(features, indices)
-    if config.method == "random":
-        draws = torch.rand(images, tokens, generator=generator).argsort(dim=-1)[:, :kept].sort(dim=-1).values
-        return _select(features, draws.to(features.device))
-    if config.method == "text_guided":
-        scores = torch.stack([(F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T).max(dim=-1).values
-                              for v, t in zip(features, text_embeddings)])
-        return _select(features, scores.topk(kept, dim=-1).indices.sort(dim=-1).values)
+    if config.method in SELECTING:
+        return _select(features, selection(features, config, grid, kept, generator, text_embeddings))
     if config.method == "pool":
+        images, _, dim = features.shape
         rows, cols = grid
         x = features.transpose(1, 2).reshape(images, dim, rows, cols)
         x = F.avg_pool2d(x, config.kernel, ceil_mode=True)
@@ -142,20 +152,11 @@ def compress(features: torch.Tensor, config: CompressVisualTokensConfig, grid: t
 
 
 # ------------------------------------------------------------------------------------- runtime
-class VisualTokenCompressor:
-    """Runtime of the pass: hooks on the model (sequence shrink) and on the producer (features)."""
+class _Runtime:
+    """What both compressor runtimes share: the step clock seeding their draws, and their hooks."""
 
-    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig):
-        self.config, self.boundary = config, boundary
-        self.tokens = boundary.tokens_per_image
-        self.kept = kept_count(self.tokens, config, boundary.grid)
-        self.clock = StepClock()
-        self._input_ids: torch.Tensor | None = None
-        modules = dict(model.named_modules())
-        self._embedding = modules.get(boundary.token_embedding)
-        self._hooks = [model.register_forward_pre_hook(self._shrink_inputs, with_kwargs=True),
-                       modules[boundary.producer_module].register_forward_hook(self._compress_output)]
-        self._model = model
+    clock: StepClock
+    _hooks: list
 
     def set_progress(self, *, step: int | None = None, epoch: float | None = None) -> None:
         if step is not None:
@@ -170,6 +171,22 @@ class VisualTokenCompressor:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+
+class VisualTokenCompressor(_Runtime):
+    """Runtime of the pass: hooks on the model (sequence shrink) and on the producer (features)."""
+
+    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig):
+        self.config, self.boundary = config, boundary
+        self.tokens = boundary.tokens_per_image
+        self.kept = kept_count(self.tokens, config, boundary.grid)
+        self.clock = StepClock()
+        self._input_ids: torch.Tensor | None = None
+        modules = dict(model.named_modules())
+        self._embedding = modules.get(boundary.token_embedding)
+        self._hooks = [model.register_forward_pre_hook(self._shrink_inputs, with_kwargs=True),
+                       modules[boundary.producer_module].register_forward_hook(self._compress_output)]
+        self._model = model
 
     @torch.compiler.disable
     def _shrink_inputs(self, model, args, kwargs):
@@ -225,6 +242,66 @@ class VisualTokenCompressor:
         return [embedded[i // per_sample][is_text[i // per_sample]] for i in range(images)]
 
 
+class KeyValueCompressor(_Runtime):
+    """Runtime for ``cross_attention`` merges: the visual tokens reach the decoder as keys and values.
+
+    The projector's output is recorded (not changed); where it enters the module that holds the
+    decoder blocks, as an argument ``[..., N, D]``, it is replaced by ``[..., k, D]`` (the kept tokens
+    of each row of N, e.g. each image tile), and every other argument aligned with the keys (a mask
+    whose last dimension is the per-sample key length, like Mllama's expanded cross-attention mask)
+    keeps the same positions. The decoder's own sequence is unchanged.
+    """
+
+    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, blocks: list[str]):
+        self.config, self.boundary = config, boundary
+        self.tokens = boundary.visual_shape[-2]
+        self.kept = kept_count(self.tokens, config, None)
+        self.clock = StepClock()
+        self._source: tuple[int, int] | None = None
+        self._model = model
+        modules = dict(model.named_modules())
+        parts = blocks[0].split(".")
+        holders = [".".join(parts[:i]) for i in range(1, len(parts))]  # the modules around the first block
+        self._hooks = [modules[boundary.producer_module].register_forward_hook(self._record)]
+        self._hooks += [modules[path].register_forward_pre_hook(self._compress_keys, with_kwargs=True)
+                        for path in holders]
+
+    @torch.compiler.disable
+    def _record(self, module, args, output):
+        self._source = (output.data_ptr(), output.numel()) if self._model.training else None
+
+    @torch.compiler.disable
+    def _compress_keys(self, module, args, kwargs):
+        if self._source is None:
+            return None
+        name = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)
+                     and (v.data_ptr(), v.numel()) == self._source), None)
+        if name is None:
+            return None
+        self._source = None  # once per forward: the replacement no longer matches
+        states = kwargs[name]
+        rows = states.reshape(-1, *states.shape[-2:])
+        indices = selection(rows, self.config, None, self.kept, seeded_generator(self.config.seed, *self.clock.tick()))
+        new = dict(kwargs)
+        new[name] = _select(rows, indices).reshape(*states.shape[:-2], self.kept, states.shape[-1])
+        keys_per_batch = rows.shape[0] * self.tokens
+        for key, value in kwargs.items():
+            if key != name and isinstance(value, torch.Tensor) and value.dim() >= 2 \
+                    and value.shape[0] * value.shape[-1] == keys_per_batch:
+                new[key] = _select_keys(value, indices, self.tokens)
+        return args, new
+
+
+def _select_keys(value: torch.Tensor, indices: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Keep, along the last dimension of ``value`` ``[B, ..., rows_per_sample * tokens]``, the key positions
+    ``indices`` ``[B * rows_per_sample, kept]`` (row-major: key ``r * tokens + i``)."""
+    batch = value.shape[0]
+    per_sample = indices.reshape(batch, -1, indices.shape[-1])
+    offsets = torch.arange(per_sample.shape[1], device=value.device)[None, :, None] * tokens
+    flat = (per_sample + offsets).reshape(batch, *[1] * (value.dim() - 2), -1)
+    return value.gather(-1, flat.expand(*value.shape[:-1], flat.shape[-1]))
+
+
 def _pack(value: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Keep the marked positions of each row; rows of unequal length are right-padded.
 
@@ -242,8 +319,9 @@ def _pack(value: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor) -> tor
 def estimate(structure, config: CompressVisualTokensConfig) -> Savings:
     """Decoder positions removed per sample: ``images per sample * (N - k)``, at the example's images."""
     b = structure.boundary
-    if b is None or b.tokens_per_image is None or not b.images or (config.method == "pool" and b.grid is None):
-        return Savings()
+    if b is None or b.kind == "cross_attention" or b.tokens_per_image is None or not b.images \
+            or (config.method == "pool" and b.grid is None):
+        return Savings()  # cross-attention: the keys shrink, the decoder sequence does not
     removed = b.images * (b.tokens_per_image - kept_count(b.tokens_per_image, config, b.grid))
     return Savings(tokens_removed=removed / structure.batch if structure.batch else removed)
 
@@ -255,9 +333,20 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
     if b is None:
         raise ValueError("compress_visual_tokens needs a vision boundary, and none was found: "
                          + "; ".join(structure.notes))
-    if b.kind not in ("scatter", "concat"):
-        raise ValueError(f"compress_visual_tokens supports scatter and concat merges; this model merges by "
-                         f"{b.kind} ({b.merge_op})")
+    if b.kind not in ("scatter", "concat", "cross_attention"):
+        raise ValueError(f"compress_visual_tokens supports scatter, concat and cross_attention merges; this model "
+                         f"merges by {b.kind} ({b.merge_op})")
+    if b.kind == "cross_attention":
+        if config.method not in ("uniform", "random"):
+            raise ValueError(f"method {config.method!r} is not supported for cross_attention merges; use uniform "
+                             f"or random")
+        if b.producer_module is None or not b.visual_shape or not structure.blocks:
+            raise ValueError("compress_visual_tokens needs the module producing the visual keys and the decoder "
+                             "blocks; the matcher could not derive them")
+        compressor = KeyValueCompressor(model, b, config, [block.path for block in structure.blocks])
+        return compressor, PassInfo("compress_visual_tokens", 1, {
+            "boundary": b.kind, "producer_module": b.producer_module, "method": config.method,
+            "keys_per_row": compressor.tokens, "kept_per_row": compressor.kept})
     if b.tokens_per_image is None or b.producer_module is None:
         raise ValueError("compress_visual_tokens needs the visual tokens per image and the module producing them; "
                          "the matcher could not derive them")

@@ -126,12 +126,62 @@ def test_eval_is_the_dense_model(family):
                            dense(**forward_kwargs(dense, inputs)[0])["logits"])
 
 
-def test_cross_attention_models_are_refused_with_reason():
+def cross_attention_inputs(model, inputs, layer):
+    """Keys and their mask as the first cross-attention layer receives them, and the model output."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("keys", kwargs["cross_attention_states"])
+        seen.setdefault("mask", kwargs["cross_attention_mask"])
+
+    handle = model.get_submodule(layer).register_forward_pre_hook(record, with_kwargs=True)
+    out = model(**forward_kwargs(model, inputs)[0])
+    handle.remove()
+    return out, seen["keys"], seen["mask"]
+
+
+@pytest.mark.parametrize("method", ["uniform", "random"])
+def test_cross_attention_keeps_keys_and_their_mask_aligned(method):
+    model, dense, inputs, structure, compressor, info = compressed("mllama", method=method, keep_ratio=0.5)
+    layer = "model.language_model.layers.1"  # the first cross-attention layer of the tiny Mllama
+    _, dense_keys, dense_mask = cross_attention_inputs(dense, inputs, layer)
+    out, keys, mask = cross_attention_inputs(model, inputs, layer)
+    tiles, n, k = 2, compressor.tokens, compressor.kept
+    assert (n, k) == (17, 8) and info.details["kept_per_row"] == 8  # a tile's 16 patches + class token
+    assert keys.shape[-2:] == (k, dense_keys.shape[-1]) and mask.shape[-1] == tiles * k
+    rows = dense_keys.reshape(-1, n, dense_keys.shape[-1])
+    for row, kept_keys in enumerate(keys.reshape(-1, k, keys.shape[-1])):  # kept keys are rows of the dense keys
+        distances = torch.cdist(kept_keys.detach(), rows[row].detach())
+        assert bool((distances.min(dim=-1).values < 1e-6).all())
+    out.loss.backward()
+    projector = model.get_submodule(structure.boundary.producer_module)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+    model.eval(), dense.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**forward_kwargs(model, inputs)[0]).logits,
+                           dense(**forward_kwargs(dense, inputs)[0]).logits)
+
+
+def test_cross_attention_keep_everything_is_the_dense_model():
+    model, dense, inputs, *_ = compressed("mllama", method="uniform", keep_ratio=1.0)
+    torch.testing.assert_close(model(**forward_kwargs(model, inputs)[0]).logits,
+                               dense(**forward_kwargs(dense, inputs)[0]).logits, rtol=0, atol=0)
+
+
+def test_key_mask_selection_hand_computed():
+    from stsc.passes.compress_visual_tokens import _select_keys
+
+    mask = torch.arange(2 * 3 * 6).reshape(2, 1, 3, 6)  # batch 2, 3 queries, 2 rows x 3 keys per sample
+    indices = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0]])  # per (sample, row)
+    expected = torch.stack([mask[0, ..., [0, 2, 4, 5]], mask[1, ..., [0, 1, 5, 3]]])
+    assert torch.equal(_select_keys(mask, indices, 3), expected)
+
+
+def test_cross_attention_refuses_averaging_methods():
     model, inputs = hf_models.mllama()
     with pytest.raises(ValueError) as err:
-        apply(model, match(capture(model, inputs)), CompressVisualTokensConfig(), inputs)
-    assert str(err.value) == ("compress_visual_tokens supports scatter and concat merges; this model merges by "
-                              "cross_attention (scaled_dot_product_attention)")
+        apply(model, match(capture(model, inputs)), CompressVisualTokensConfig(method="pool"), inputs)
+    assert str(err.value) == "method 'pool' is not supported for cross_attention merges; use uniform or random"
 
 
 def test_keep_ratio_below_one_token_is_refused(tiny):
