@@ -98,6 +98,10 @@ def mllama(layers=4, cross_attention_layers=(1, 3)):
     cfg = MllamaConfig(text_config=text, vision_config=vision, image_token_index=image_token)
     torch.manual_seed(0)
     model = MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():  # a fresh Mllama's tanh gates are 0: open them so cross-attention contributes
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(0.5)
     batch, seq = 2, 10
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 128, (batch, seq), generator=gen)
