@@ -85,6 +85,26 @@ def paligemma(layers=3):
     return _finish(model, inputs, Expected(blocks, "scatter", tokens, image_token))
 
 
+def gemma3(layers=3):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    image_token, tokens = 3, 16  # 8 x 8 patches average-pooled to 4 x 4 by the projector
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=4)
+    text = Gemma3TextConfig(**_text(layers=layers), head_dim=16, sliding_window=16)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens, image_token_index=image_token,
+                       boi_token_index=5, eoi_token_index=6)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # a fresh Gemma3 projection weight is all zeros: give it random values
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.1)
+    input_ids, mask, labels = _placeholder_batch(image_token, tokens, first_text_id=7)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(2, 3, 32, 32), attention_mask=mask, labels=labels,
+                  token_type_ids=(input_ids == image_token).long())
+    blocks = [f"model.language_model.layers.{i}" for i in range(layers)]
+    return _finish(model, inputs, Expected(blocks, "scatter", tokens, image_token))
+
+
 def mllama(layers=4, cross_attention_layers=(1, 3)):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -159,4 +179,4 @@ def llama_text_only(layers=3):
     return _finish(model, inputs, Expected([f"model.layers.{i}" for i in range(layers)], "none", 0, None))
 
 
-BUILDERS = {"llava": llava, "paligemma": paligemma, "mllama": mllama, "qwen2_vl": qwen2_vl}
+BUILDERS = {"llava": llava, "paligemma": paligemma, "gemma3": gemma3, "mllama": mllama, "qwen2_vl": qwen2_vl}

@@ -31,6 +31,7 @@ from math import prod
 
 import networkx as nx
 import torch
+from torch import fx
 
 from .capture import Capture
 
@@ -45,6 +46,7 @@ DATA_MOVEMENT_OPS = frozenset({
     "contiguous", "clone", "alias", "detach", "getitem", "select", "slice", "split", "split_with_sizes",
     "chunk", "unbind", "cat", "concat", "stack", "narrow", "view_as", "repeat", "lift_fresh_copy",
 })
+LIKE_OPS = frozenset({"type_as", "expand_as", "view_as", "reshape_as", "to"})  # second operand: a template
 SCATTER_OPS = frozenset({"masked_scatter", "masked_scatter_", "index_put", "index_put_", "scatter", "scatter_",
                          "index_copy", "index_copy_", "where", "setitem", "masked_fill"})
 CONCAT_OPS = frozenset({"cat", "concat", "concatenate"})
@@ -131,12 +133,19 @@ def _is_float(flow: nx.DiGraph, key: str) -> bool:
 
 
 def _walk_back_data_movement(flow: nx.DiGraph, key: str) -> str:
-    """From ``key``, step back over data-movement ops (and graph-break links) to the computing node."""
+    """From ``key``, step back over data-movement ops (and graph-break links) to the computing node.
+
+    The data is the largest tensor operand, except for ``x.type_as(y)``-like ops, whose second
+    operand only lends its dtype or shape: there it is ``x``.
+    """
     while flow.nodes[key]["op"] in DATA_MOVEMENT_OPS | {"graph_input"}:
         preds = [p for p in flow.predecessors(key) if flow.nodes[p]["op"] not in ("param", "buffer", "constant")]
         if not preds:
             break
-        key = max(preds, key=lambda p: prod(_numel_shape(flow.nodes[p]["shape"] or (0,))))
+        node = flow.nodes[key]["fx"]
+        first = (f"{key.split(':', 1)[0]}:{node.args[0].name}"
+                 if flow.nodes[key]["op"] in LIKE_OPS and node.args and isinstance(node.args[0], fx.Node) else None)
+        key = first if first in preds else max(preds, key=lambda p: prod(_numel_shape(flow.nodes[p]["shape"] or (0,))))
     return key
 
 

@@ -25,7 +25,7 @@ def test_bundled_example(merge, kind):
     assert b.aligned_inputs == ["input_ids", "attention_mask", "labels"]
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "mllama", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "mllama", "qwen2_vl"])
 def test_hf_family(family):
     model, inputs = hf_models.BUILDERS[family]()
     expected = model.stsc_expected
@@ -104,3 +104,11 @@ def test_model_without_blocks_says_what_was_looked_for():
     assert report.blocks == [] and not report.supported
     assert any(note.startswith("no decoder blocks found: looked for sibling modules that run one after another")
                for note in report.notes)
+
+
+def test_visual_tokens_walk_back_past_type_as_to_the_projector():
+    """Gemma3's projector ends in ``projected.type_as(vision_outputs)``: the template operand is not the data."""
+    model, inputs = hf_models.gemma3()
+    boundary = inspect(model, inputs).boundary
+    assert boundary.producer_module == "model.multi_modal_projector"
+    assert boundary.visual_shape == (2, 16, 64)

@@ -135,7 +135,7 @@ def test_a_pass_that_cannot_apply_fails_at_sparsify_with_the_reason():
     assert sparsify(model, "lds", inputs, stage="instruction").report.stages[0].passes[0]["matched"] == 3
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "mllama"])
+@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "mllama"])
 def test_hf_families_train_through_both_stages(family):
     model, inputs = hf_models.BUILDERS[family]()
     sparse = sparsify(model, "sts", inputs)
