@@ -105,6 +105,22 @@ def gemma3(layers=3):
     return _finish(model, inputs, Expected(blocks, "scatter", tokens, image_token))
 
 
+def idefics3(layers=3):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
+
+    image_token, tokens = 3, (32 // 4) ** 2 // 4  # 8 x 8 patches, pixel-shuffled by 2 into 16 tokens
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=4)
+    cfg = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**_text(layers=layers)),
+                         image_token_id=image_token, scale_factor=2)
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(cfg)
+    input_ids, mask, labels = _placeholder_batch(image_token, tokens)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(2, 1, 3, 32, 32), attention_mask=mask, labels=labels)
+    blocks = [f"model.text_model.layers.{i}" for i in range(layers)]
+    return _finish(model, inputs, Expected(blocks, "scatter", tokens, image_token))
+
+
 def mllama(layers=4, cross_attention_layers=(1, 3)):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -179,4 +195,4 @@ def llama_text_only(layers=3):
     return _finish(model, inputs, Expected([f"model.layers.{i}" for i in range(layers)], "none", 0, None))
 
 
-BUILDERS = {"llava": llava, "paligemma": paligemma, "gemma3": gemma3, "mllama": mllama, "qwen2_vl": qwen2_vl}
+BUILDERS = {"llava": llava, "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "mllama": mllama, "qwen2_vl": qwen2_vl}

@@ -25,7 +25,7 @@ def test_bundled_example(merge, kind):
     assert b.aligned_inputs == ["input_ids", "attention_mask", "labels"]
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "mllama", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "idefics3", "mllama", "qwen2_vl"])
 def test_hf_family(family):
     model, inputs = hf_models.BUILDERS[family]()
     expected = model.stsc_expected
