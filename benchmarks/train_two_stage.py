@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policy", default="sts", help="the sparse run's policy (default: the sts preset)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))

@@ -96,6 +96,7 @@ class SparseModel(nn.Module):
         self._runtimes: dict[str, object] = {}
         self._compile_kwargs: dict | None = None
         self._warned_past_end = False
+        self._pending_state: dict | None = None  # a schedule state loaded before the first capture
         # `forward` carries the wrapped model's signature (trainers read it to pick the batch's columns)
         self.forward = _Forward(self)
         if example_inputs is not None:
@@ -195,7 +196,7 @@ class SparseModel(nn.Module):
             self._compile_blocks()
         stages = [self.fixed_stage] if self.fixed_stage else list(self.policy.stages)
         self.report = SparseReport(model_report, [self._check_stage(stage) for stage in stages])
-        pending = self.__dict__.pop("_pending_state", None)
+        pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_schedule_state(pending)
         else:

@@ -174,3 +174,15 @@ def test_compiled_sparse_model_recompiles_only_per_stage():
     assert len(patterns) >= 8  # p = 0.5 for every block
     assert counters["stats"]["unique_graphs"] == graphs["b"]  # no recompile after each stage's first step
     torch._dynamo.reset()
+
+
+def test_schedule_state_loaded_before_the_first_call_applies_at_capture():
+    model, inputs = fresh()
+    sparse = sparsify(model, "sts", inputs)
+    sparse.set_progress(epoch=1.5, step=7)
+    state = sparse.schedule_state()
+    lazy = sparsify(tiny_llava.build_model(), "sts")
+    lazy.load_schedule_state(state)
+    lazy(**inputs)
+    assert lazy.stage == "instruction" and lazy.runtimes["skip_layers"].progress == pytest.approx(0.5)
+    assert lazy.step == 7
