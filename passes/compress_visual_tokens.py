@@ -2,8 +2,10 @@
 
 **Matches** the vision boundary that :func:`stsc.match` found: the module producing the visual-token
 tensor (the projector) and the merge kind. Supported merges: ``scatter`` (features written into
-placeholder positions of the token sequence) and ``concat`` (features concatenated with the text
-embeddings). ``cross_attention`` is refused with a clear error (not built yet).
+placeholder positions of the token sequence), ``concat`` (features concatenated with the text
+embeddings) and ``cross_attention`` (features used as keys/values of cross-attention layers; see
+:class:`KeyValueCompressor`: the keys and every mask aligned with them shrink, methods ``uniform``
+and ``random``).
 
 **Rewrites**, during training only (in ``eval()`` the model is the dense original):
 
