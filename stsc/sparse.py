@@ -167,7 +167,10 @@ class SparseModel(nn.Module):
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def unwrap(self) -> nn.Module:
-        """Remove every pass and return the caller's model (dense, as it was, with trained weights)."""
+        """Remove every pass and return the caller's model (dense, as it was, with trained weights).
+
+        Call it when training with the policy is over: a later ``set_progress`` installs the passes again.
+        """
         self._deactivate()
         return self.model
 
