@@ -58,6 +58,9 @@ class SkipLayersConfig(SkipSchedule):
     skip_kinds: tuple[int, ...] | None = None
     seed: int = 0
 
+    def allows_kind(self, kind: int) -> bool:
+        return self.skip_kinds is None or kind in self.skip_kinds
+
     def skip_schedule(self) -> SkipSchedule:
         return SkipSchedule(**{f.name: getattr(self, f.name) for f in fields(SkipSchedule)})
 
@@ -89,7 +92,7 @@ class LayerSkipper:
         self.schedule = config.skip_schedule()
         self.paths = [path for path, _, _ in blocks]
         self.modules = [module for _, module, _ in blocks]
-        self.skippable = [binding is not None and (config.skip_kinds is None or kind in config.skip_kinds)
+        self.skippable = [binding is not None and config.allows_kind(kind)
                           for (_, _, kind), binding in zip(blocks, bindings)]
         self.progress = 0.0  # epochs into the stage
         self.clock = StepClock()
@@ -206,7 +209,7 @@ def _binding_of(args, kwargs, output, previous) -> _Binding | None:
 
 def estimate(structure, config: SkipLayersConfig) -> Savings:
     """Blocks run over the stage, assuming every block of an allowed kind can be guarded."""
-    skippable = [config.skip_kinds is None or block.kind in config.skip_kinds for block in structure.blocks]
+    skippable = [config.allows_kind(block.kind) for block in structure.blocks]
     return Savings(layers_run=1 - mean_skip_fraction(config.skip_schedule(), skippable))
 
 

@@ -84,9 +84,8 @@ def _inspect(args) -> int:
 # ----------------------------------------------------------------------------------- transform
 def _transform(args) -> int:
     policy = load_policy(args.policy)
-    if args.stage is not None and args.stage not in [s.name for s in policy.stages]:
-        return _fail(f"{policy.source}: no stage named {args.stage!r}; stages: "
-                     f"{', '.join(s.name for s in policy.stages)}", EXIT_USAGE)
+    if args.stage is not None:
+        policy.stage(args.stage)  # an unknown name is a PolicyError: exit 2 before the model is built
     model, inputs = load_model_file(args.model_file)
     kwargs = forward_kwargs(model, inputs)[0]
     with torch.no_grad():

@@ -49,7 +49,8 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class PolicyError(ValueError):
-    """A policy that cannot be used; the message starts with ``file:line:``."""
+    """A policy that cannot be used; the message starts with ``file:line:`` (``file:`` when no line is at
+    fault: a missing file, or a stage name asked for that the policy does not have)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Policy:
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise KeyError(f"no stage named {name!r} in {self.source}; stages: {', '.join(s.name for s in self.stages)}")
+        raise PolicyError(f"{self.source}: no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
 
     def stage_at(self, progress: float) -> Stage | None:
         """The stage active at ``progress`` (in the policy's unit), or None between or after stages."""

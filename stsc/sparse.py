@@ -209,8 +209,8 @@ class SparseModel(nn.Module):
         """Apply the stage's passes once (then remove them): fail early, and record what they did."""
         infos = self._activate(stage)
         self._deactivate()
-        savings = sum((get_pass(e.name).estimate(self._structure, e.config) for e in stage.passes
-                       if get_pass(e.name).estimate), Savings())
+        estimates = [(get_pass(e.name).estimate, e.config) for e in stage.passes]
+        savings = sum((estimate(self._structure, config) for estimate, config in estimates if estimate), Savings())
         shape = self._structure.hidden_shape
         sequence, hidden = (shape[1], shape[2]) if shape and len(shape) == 3 else (None, None)
         return StageReport(

@@ -9,7 +9,7 @@ import hf_models
 import tiny_llava
 from stsc import UnsupportedModelError, sparsify
 from stsc.capture import forward_kwargs
-from stsc.policy import parse_policy
+from stsc.policy import PolicyError, parse_policy
 
 
 def fresh():
@@ -63,6 +63,12 @@ def test_explicit_stage_counts_progress_from_its_start():
     sparse.set_progress(epoch=0.5)
     assert sparse.runtimes["skip_layers"].probabilities()[-1] == pytest.approx(0.75 * 0.25)
     assert [s.name for s in sparse.report.stages] == ["instruction"]
+
+
+def test_unknown_stage_name_is_a_policy_error():
+    model, inputs = fresh()
+    with pytest.raises(PolicyError, match=r"sts\.yaml: no stage named 'pretrain'; stages: alignment, instruction$"):
+        sparsify(model, "sts", inputs, stage="pretrain")
 
 
 def test_steps_per_epoch_lets_steps_alone_move_an_epoch_policy():
