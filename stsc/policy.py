@@ -204,9 +204,8 @@ class _Validator:
     def keys(self, mapping: _Map, allowed: tuple[str, ...], where: str, required: tuple[str, ...] = ()):
         for key in mapping:
             if key not in allowed:
-                near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-                hint = f"did you mean {near[0]!r}? " if near else ""
-                self.fail(mapping.lines[key], where, f"unknown key {key!r}; {hint}allowed: {', '.join(allowed)}")
+                self.fail(mapping.lines[key], where,
+                          f"unknown key {key!r}; {_suggestion(key, allowed)}allowed: {', '.join(allowed)}")
         for key in required:
             if key not in mapping:
                 self.fail(mapping.line, where, f"missing key {key!r}")
@@ -280,9 +279,7 @@ class _Validator:
         line, where = passes.lines[name], f"{where}.passes.{name}"
         known = available_passes()
         if name not in known:
-            near = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            self.fail(line, where, f"unknown pass {name!r}; {hint}passes: {', '.join(known)}")
+            self.fail(line, where, f"unknown pass {name!r}; {_suggestion(name, known)}passes: {', '.join(known)}")
         params = passes[name]
         if params is None:
             params = _Map()
@@ -325,6 +322,12 @@ class _Validator:
             if typing.get_origin(option) is tuple and isinstance(value, _Seq) and all(type(v) is int for v in value):
                 return tuple(value)
         self.fail(line, where, f"expected {_type_name(options)}, got {_describe(value)}")
+
+
+def _suggestion(name, allowed) -> str:
+    """``"did you mean 'x'? "`` for the closest allowed name, or nothing."""
+    near = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+    return f"did you mean {near[0]!r}? " if near else ""
 
 
 def _as_written(value):
