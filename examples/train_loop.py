@@ -38,9 +38,10 @@ def main(argv=None) -> list[dict]:
         output = sparse(**batch)
         output["loss"].backward()
         optimizer.step()
-        skipper = sparse.runtimes.get("skip_layers")
+        skipper, compressor = sparse.runtimes.get("skip_layers"), sparse.runtimes.get("compress_visual_tokens")
+        sequence = compressor.last_plan.length if compressor else batch["input_ids"].shape[1]  # what the decoder saw
         log.append({"step": step, "stage": sparse.stage, "loss": output["loss"].item(),
-                    "sequence": output["logits"].shape[1], "skipped": skipper.last_skipped if skipper else []})
+                    "sequence": sequence, "skipped": skipper.last_skipped if skipper else []})
         print(f"step {step:>3}  stage {sparse.stage:<12} sequence {log[-1]['sequence']:>3}  "
               f"skipped {log[-1]['skipped']}  loss {log[-1]['loss']:.4f}")
     checkpoint = {"model": sparse.state_dict(), "schedule": sparse.schedule_state()}  # torch.save(checkpoint, ...)

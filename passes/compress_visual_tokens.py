@@ -1,59 +1,70 @@
-"""Visual Token Compressor: keep fewer visual tokens where they enter the language model.
+"""Visual Token Compressor: the decoder sees fewer visual tokens per image.
 
-**Matches** the vision boundary that :func:`stsc.match` found: the module producing the visual-token
-tensor (the projector) and the merge kind. Supported merges: ``scatter`` (features written into
-placeholder positions of the token sequence), ``concat`` (features concatenated with the text
-embeddings) and ``cross_attention`` (features used as keys/values of cross-attention layers; see
-:class:`KeyValueCompressor`: the keys and every mask aligned with them shrink, methods ``uniform``
-and ``random``).
+**Matches** the vision boundary that :func:`stsc.match` found. For a merge that places visual tokens in
+the token sequence (``scatter``: written into placeholder positions, by one or several token ids or
+a mask input; ``concat``: concatenated with the text) it needs where the visual tokens sit
+(``Boundary.positions``: a program over the model inputs, or fixed slots) and the **decoder entry**,
+the module whose forward receives the merged sequence. For ``cross_attention`` merges (visual tokens
+enter as keys and values) see :class:`KeyValueCompressor`.
 
-**Rewrites**, during training only (in ``eval()`` the model is the dense original):
+**Rewrites**, during training only (in ``eval()`` the model is the dense original): the merged
+sequence is **compacted where it enters the decoder stack**. Everything before that point runs as
+written (vision encoder, projector, merge, position ids, masks), so no model-specific metadata has
+to be recomputed; then
 
-* the projector's output ``[..., N, D]`` per image becomes ``[..., k, D]`` with ``k = round(N * keep_ratio)``
-  (a forward hook on the producer module, so the compression is part of what runs, and of what any
-  later capture sees, rather than a node spliced into a graph specialized to N tokens);
-* for ``scatter`` merges, every input aligned with the token sequence (``input_ids``,
-  ``attention_mask``, ``labels``, ``token_type_ids``... any input shaped like the token ids) loses the
-  last ``N - k`` positions of each image's placeholder run, so the model scatters the ``k`` kept
-  features into the ``k`` remaining placeholders. Placeholders are interchangeable (one token id, and
-  labels of ignore-index), so no text token is dropped, shifted or unmasked. The caller's tensors are
-  never modified; new ones are passed on. For ``concat`` merges the sequence shortens by itself.
+* each image keeps ``k = round(N * keep_ratio)`` of its N visual tokens (:func:`plan`), text tokens
+  all stay, and every argument of the decoder entry aligned with the sequence (hidden states,
+  attention masks of any rank, position ids of any rank such as M-RoPE's ``[3, B, T]``, per-position
+  masks) is gathered at the kept positions, as is every argument aligned with the visual tokens
+  (features added to them later inside the decoder): kept tokens keep their original positions;
+* the decoder's output is expanded back to the full length (each position takes the output of the
+  last kept position at or before it), so logits, labels and the loss outside the decoder line up as
+  before: every text label is predicted from the nearest kept position before it, exactly as in the
+  compacted sequence.
 
-**Methods** (``keep_ratio`` in (0, 1]):
+Rows whose compacted lengths differ are padded at the end with copies of their last position.
+Where the merging module calls the blocks itself (no decoder entry), the same happens at the first
+block's entry, every later block's sequence-aligned arguments are gathered the same way, and the last
+block's output is expanded.
 
-* ``uniform`` (default): evenly spaced tokens, ``floor((i + 0.5) * n / k)``; on the 2-D grid when it
-  is known (rows x cols chosen with the product closest to ``k``, then the most even coverage), so the
-  kept tokens still cover the image.
+**Methods** (``keep_ratio`` in (0, 1]), per image:
+
+* ``uniform`` (default): evenly spaced tokens, ``floor((i + 0.5) * n / k)``; on the image's 2-D grid
+  when it is known (rows x cols chosen with the product closest to ``k``, then the most even coverage);
 * ``random``: a random subset per image and step, from a generator seeded by ``(seed, step,
-  micro_step)`` so every rank draws the same.
-* ``text_guided``: token j of an image is scored ``max_t cos(v_j, e_t)``, the highest cosine
-  similarity between the projected visual token ``v_j`` and the input embedding ``e_t`` of any text
-  token t of the same sample (every non-placeholder token); the ``k`` best are kept, in order.
-* ``pool``: average pooling over ``kernel x kernel`` grid neighbourhoods (needs the grid; the
-  kept count is the pooled grid size, ``keep_ratio`` is ignored).
+  micro_step)`` so every rank draws the same;
+* ``text_guided``: token j scores ``max_t cos(v_j, e_t)`` against every text position t of its sample
+  (the merged sequence's non-visual positions); the ``k`` best are kept, in order;
+* ``pool``: average pooling over ``kernel x kernel`` grid neighbourhoods (needs the grid; the kept
+  count is the pooled grid size, ``keep_ratio`` is ignored); each average sits at its window's first token;
 * ``merge``: ToMe-style bipartite merging: tokens alternate into sets A and B, and the A tokens most
-  similar (cosine) to their best B partner are averaged into it, repeatedly, until ``k`` remain.
+  similar (cosine) to their best B partner are averaged into it, repeatedly, until ``k`` remain; each
+  average sits at its first member's position.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
-from stsc.match import placeholder_runs
+from stsc.capture import forward_kwargs
+from stsc.layout import Image, images_in
+from stsc.positions import Slots
 from stsc.registry import PassInfo, register_pass
 from stsc.savings import Savings
 from stsc.schedules import StepClock, seeded_generator
 
-__all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "VisualTokenCompressor", "apply", "compress",
-           "estimate", "kept_count", "selection", "uniform_indices"]
+__all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "Plan", "SequenceCompactor", "apply",
+           "estimate", "kept_count", "plan", "select", "uniform_indices"]
 
 METHODS = ("uniform", "random", "text_guided", "pool", "merge")
-IGNORE_INDEX = -100
+SELECTING = ("uniform", "random", "text_guided")  # methods that keep a subset (the others average)
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,13 @@ class CompressVisualTokensConfig:
             raise ValueError(f"kernel must be >= 1, got {self.kernel}")
 
 
-# ------------------------------------------------------------------------------ token selection
+# ------------------------------------------------------------------------------ what each image keeps
 def kept_count(tokens: int, config: CompressVisualTokensConfig, grid: tuple[int, int] | None) -> int:
-    """How many of ``tokens`` visual tokens per image the method keeps."""
+    """How many of an image's ``tokens`` visual tokens the method keeps."""
     if config.method == "pool":
+        if grid is None:
+            raise ValueError(f"method 'pool' needs each image's 2-D token grid, and an image of {tokens} tokens "
+                             f"has none the matcher could derive")
         rows, cols = grid
         return math.ceil(rows / config.kernel) * math.ceil(cols / config.kernel)
     kept = round(tokens * config.keep_ratio)
@@ -99,61 +113,179 @@ def uniform_indices(tokens: int, kept: int, grid: tuple[int, int] | None) -> lis
     return [i * cols + j for i in _centered(rows, r) for j in _centered(cols, c)]
 
 
-def _select(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+def _pool_members(grid: tuple[int, int], kernel: int) -> list[list[int]]:
+    rows, cols = grid
+    return [[r * cols + c for r in range(top, min(top + kernel, rows)) for c in range(left, min(left + kernel, cols))]
+            for top in range(0, rows, kernel) for left in range(0, cols, kernel)]
 
 
-def _merge(features: torch.Tensor, kept: int) -> torch.Tensor:
-    x = features
-    while x.shape[1] > kept:
-        a, b = x[:, ::2], x[:, 1::2]
-        remove = min(x.shape[1] - kept, a.shape[1])
-        similarity = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)
+def _merge_members(features: torch.Tensor, kept: int) -> list[list[int]]:
+    """ToMe bipartite merging of ``[N, D]`` down to ``kept`` groups; each group's member indices."""
+    members = [[i] for i in range(features.shape[0])]
+    x = features.detach()
+    while len(members) > kept:
+        a, b = x[::2], x[1::2]
+        remove = min(len(members) - kept, a.shape[0])
+        similarity = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
         best, partner = similarity.max(dim=-1)
-        order = best.argsort(dim=-1, descending=True)
-        merged, kept_a = order[:, :remove], order[:, remove:].sort(dim=-1).values
-        sums = b.clone().scatter_add(1, partner.gather(1, merged).unsqueeze(-1).expand(-1, -1, x.shape[-1]),
-                                     _select(a, merged))
-        counts = torch.ones(b.shape[:2], dtype=x.dtype, device=x.device).scatter_add(
-            1, partner.gather(1, merged), torch.ones(merged.shape, dtype=x.dtype, device=x.device))
-        x = torch.cat([_select(a, kept_a), sums / counts.unsqueeze(-1)], dim=1)
-    return x
+        merged = set(best.argsort(descending=True)[:remove].tolist())
+        groups_a, groups_b = members[::2], [list(g) for g in members[1::2]]
+        for i in sorted(merged):
+            groups_b[int(partner[i])] += groups_a[i]
+        members = [g for i, g in enumerate(groups_a) if i not in merged] + groups_b
+        x = torch.stack([features.detach()[g].mean(dim=0) for g in members])
+    return sorted(sorted(g) for g in members)
 
 
-SELECTING = ("uniform", "random", "text_guided")  # methods that keep a subset (the others average)
+def select(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tuple[int, int] | None, kept: int,
+           generator: torch.Generator | None = None, text: torch.Tensor | None = None) -> list[list[int]]:
+    """What one image keeps: ``kept`` groups of its token indices (``features``: ``[N, D]``), in position order.
 
-
-def selection(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tuple[int, int] | None, kept: int,
-              generator: torch.Generator | None = None,
-              text_embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Indices ``[images, kept]`` (ascending) of the tokens a selecting method keeps from ``[images, N, D]``."""
-    images, tokens, _ = features.shape
+    Selecting methods give one-token groups; ``pool`` and ``merge`` give the tokens each kept token averages.
+    """
+    tokens = features.shape[0]
     if config.method == "uniform":
-        return torch.tensor(uniform_indices(tokens, kept, grid), device=features.device).expand(images, -1)
+        return [[i] for i in uniform_indices(tokens, kept, grid)]
     if config.method == "random":
-        return torch.rand(images, tokens, generator=generator).argsort(dim=-1)[:, :kept].sort(dim=-1).values.to(
-            features.device)
-    scores = torch.stack([(F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T).max(dim=-1).values
-                          for v, t in zip(features, text_embeddings)])
-    return scores.topk(kept, dim=-1).indices.sort(dim=-1).values
-
-
-def compress(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tuple[int, int] | None,
-             kept: int, generator: torch.Generator | None = None,
-             text_embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """``[images, N, D] -> [images, kept, D]`` by ``config.method``."""
-    if config.method in SELECTING:
-        return _select(features, selection(features, config, grid, kept, generator, text_embeddings))
+        return [[i] for i in torch.rand(tokens, generator=generator).argsort()[:kept].sort().values.tolist()]
+    if config.method == "text_guided":
+        scores = (F.normalize(features.detach(), dim=-1) @ F.normalize(text.detach(), dim=-1).T).max(dim=-1).values
+        return [[i] for i in scores.topk(kept).indices.sort().values.tolist()]
     if config.method == "pool":
-        images, _, dim = features.shape
-        rows, cols = grid
-        x = features.transpose(1, 2).reshape(images, dim, rows, cols)
-        x = F.avg_pool2d(x, config.kernel, ceil_mode=True)
-        return x.flatten(2).transpose(1, 2)
-    return _merge(features, kept)
+        return _pool_members(grid, config.kernel)
+    return _merge_members(features, kept)
 
 
-# ------------------------------------------------------------------------------------- runtime
+# ----------------------------------------------------------------------------------- the batch's plan
+@dataclass
+class Plan:
+    """How one batch's merged sequence ``[B, T, D]`` is compacted to ``[B, T', D]`` and expanded back.
+
+    Averaging methods (``pool``, ``merge``) put the mean of a group of visual tokens in the slot of its
+    first member: ``groups`` lists them as flat index tensors.
+    """
+
+    index: torch.Tensor  # [B, T'] source position of each kept slot (pads repeat the row's last position)
+    restore: torch.Tensor  # [B, T] the kept slot each original position takes its output from
+    visual: torch.Tensor  # [B, T] bool: the visual positions
+    kept_visual: torch.Tensor  # ranks (row-major order among the visual positions) of the kept visual tokens
+    groups: tuple[torch.Tensor, ...] | None  # (rows, slots, kept_at, member_ranks, member_group) of averaged slots
+    tokens: int  # visual tokens in the batch
+    kept: int  # visual tokens kept
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+
+def plan(hidden: torch.Tensor, visual: torch.Tensor, images: list[Image], config: CompressVisualTokensConfig,
+         generator: torch.Generator | None = None) -> Plan:
+    """Which positions of ``hidden`` ``[B, T, D]`` to keep, given its visual positions and their images."""
+    batch, length = visual.shape
+    device = visual.device
+    rows, kept_positions, averaged = [], [], []  # averaged: (row, position of the first member, members)
+    for image in images:
+        positions = list(image.positions)
+        count = kept_count(len(positions), config, image.grid)
+        text = hidden[image.row][~visual[image.row]] if config.method == "text_guided" else None
+        for group in select(hidden[image.row, positions], config, image.grid, count, generator, text):
+            rows.append(image.row)
+            kept_positions.append(positions[group[0]])
+            if len(group) > 1:
+                averaged.append((image.row, positions[group[0]], [positions[i] for i in group]))
+    keep = ~visual
+    keep[rows, kept_positions] = True
+    lengths = keep.sum(dim=1)
+    size = int(lengths.max()) if batch else 0
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :size]
+    valid = torch.arange(size, device=device) < lengths[:, None]
+    index = torch.where(valid, order, length - 1)
+    restore = (keep.long().cumsum(dim=1) - 1).clamp(min=0)
+    tokens = int(visual.sum())
+    rank = torch.full((batch, length), -1, dtype=torch.long, device=device)
+    rank[visual] = torch.arange(tokens, device=device)
+    slot_ranks = rank.gather(1, index)[valid]
+    kept_visual = slot_ranks[slot_ranks >= 0]
+    return Plan(index, restore, visual, kept_visual, _groups(averaged, rank, restore, kept_visual), tokens, len(rows))
+
+
+def _groups(averaged, rank: torch.Tensor, restore: torch.Tensor, kept_visual: torch.Tensor):
+    """Flat index tensors of the averaged groups (see :class:`Plan`), or None without any."""
+    if not averaged:
+        return None
+    ranks, slots = rank.tolist(), restore.tolist()
+    position_in_kept = {r: i for i, r in enumerate(kept_visual.tolist())}
+    device = rank.device
+    members = [(group, ranks[row][p]) for group, (row, _, positions) in enumerate(averaged) for p in positions]
+    return (torch.tensor([row for row, _, _ in averaged], device=device),
+            torch.tensor([slots[row][first] for row, first, _ in averaged], device=device),
+            torch.tensor([position_in_kept[ranks[row][first]] for row, first, _ in averaged], device=device),
+            torch.tensor([r for _, r in members], device=device),
+            torch.tensor([g for g, _ in members], device=device))
+
+
+def _means(values: torch.Tensor, groups) -> torch.Tensor:
+    """The mean of each averaged group's members, from ``values`` ``[visual tokens, ...]`` in rank order."""
+    member_ranks, member_group = groups[3], groups[4]
+    count = len(groups[0])
+    sums = values.new_zeros(count, *values.shape[1:]).index_add(0, member_group, values[member_ranks])
+    sizes = torch.bincount(member_group, minlength=count).to(values.dtype)
+    return sums / sizes.reshape(-1, *[1] * (values.dim() - 1))
+
+
+def compact(value, plan_: Plan, batch: int, length: int):
+    """Gather a decoder-entry argument at the kept positions, if it is aligned with the sequence.
+
+    Aligned: a batch dimension (size ``batch``, or 1 to be broadcast) followed by dimensions of size
+    ``length`` (all of them are gathered: a ``[B, 1, T, T]`` mask keeps kept rows and columns); or a
+    first dimension counting the batch's visual tokens (features added to them later), which keeps the
+    kept ones (averaged like the hidden states for averaging methods). Anything else is returned as is.
+    """
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.shape[0] == plan_.tokens and value.shape[0] not in (batch, 1):
+        kept = value[plan_.kept_visual]
+        if plan_.groups is None or not value.is_floating_point():
+            return kept
+        return kept.index_put((plan_.groups[2],), _means(value, plan_.groups))
+    batch_dim = next((d for d in range(min(2, value.dim() - 1)) if value.shape[d] in (batch, 1)
+                      and length in value.shape[d + 1:]), None)
+    if batch_dim is None:
+        return value
+    if value.shape[batch_dim] != batch:
+        value = value.expand(*value.shape[:batch_dim], batch, *value.shape[batch_dim + 1:])
+    for dim in range(batch_dim + 1, value.dim()):
+        if value.shape[dim] == length:
+            value = _gather(value, plan_.index, batch_dim, dim)
+    return value
+
+
+def _gather(value: torch.Tensor, index: torch.Tensor, batch_dim: int, dim: int) -> torch.Tensor:
+    shape = [1] * value.dim()
+    shape[batch_dim], shape[dim] = index.shape
+    target = list(value.shape)
+    target[dim] = index.shape[1]
+    return value.gather(dim, index.reshape(shape).expand(target))
+
+
+def compact_hidden(hidden: torch.Tensor, plan_: Plan) -> torch.Tensor:
+    """The merged sequence at the kept positions; averaged slots hold the mean of their members."""
+    out = _gather(hidden, plan_.index, 0, 1)
+    if plan_.groups is None:
+        return out
+    means = _means(hidden[plan_.visual], plan_.groups)
+    return out.index_put((plan_.groups[0], plan_.groups[1]), means.to(out.dtype))
+
+
+def expand(value, plan_: Plan, batch: int):
+    """A decoder output ``[B, T', ...]`` back to ``[B, T, ...]``: each position takes its kept slot's value."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch \
+            and value.shape[1] == plan_.length:
+        return _gather(value, plan_.restore, 0, 1)
+    return value
+
+
+# ------------------------------------------------------------------------------------- runtimes
 class _Runtime:
     """What both compressor runtimes share: the step clock seeding their draws, and their hooks."""
 
@@ -174,74 +306,117 @@ class _Runtime:
         for hook in self._hooks:
             hook.remove()
 
+    @contextlib.contextmanager
+    def trial(self):
+        """Around sparsify's trial step: fail unless the compression took place."""
+        self.last_plan = None
+        yield
+        if self.last_plan is None:
+            raise ValueError(f"no compression took place in a training forward: {self._trial_expectation}")
 
-class VisualTokenCompressor(_Runtime):
-    """Runtime of the pass: hooks on the model (sequence shrink) and on the producer (features)."""
 
-    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig):
+class SequenceCompactor(_Runtime):
+    """Module lowering of the pass for ``scatter`` / ``concat`` merges: hooks on the model (to read its
+    inputs), on the decoder entry (compact its arguments) and on the decoder exit (expand its output).
+
+    ``hidden_path``: where the merged sequence sits among the entry's arguments (a pytree key path of
+    ``(args, kwargs)``), found by one run of the example inputs.
+    """
+
+    _trial_expectation = "the decoder entry never received the merged sequence"
+
+    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, entries: list[nn.Module],
+                 exit_module: nn.Module, hidden_path):
         self.config, self.boundary = config, boundary
-        self.tokens = boundary.tokens_per_image
-        self.kept = kept_count(self.tokens, config, boundary.grid)
         self.clock = StepClock()
-        self._input_ids: torch.Tensor | None = None
-        modules = dict(model.named_modules())
-        self._embedding = modules.get(boundary.token_embedding)
-        self._hooks = [model.register_forward_pre_hook(self._shrink_inputs, with_kwargs=True),
-                       modules[boundary.producer_module].register_forward_hook(self._compress_output)]
-        self._model = model
+        self.last_plan: Plan | None = None  # the last training forward's plan
+        self._model, self._entries, self._hidden_path = model, entries, hidden_path
+        self._inputs: dict = {}
+        self._plan: Plan | None = None
+        self._memo: dict[int, object] = {}
+        self._hooks = [model.register_forward_pre_hook(self._read_inputs, with_kwargs=True),
+                       model.register_forward_hook(self._forget, always_call=True)]
+        self._hooks += [entry.register_forward_pre_hook(self._compact_arguments, with_kwargs=True) for entry in entries]
+        self._hooks.append(exit_module.register_forward_hook(self._expand_output))
 
     @torch.compiler.disable
-    def _shrink_inputs(self, model, args, kwargs):
-        if not model.training:
-            return None
-        b = self.boundary
-        self._input_ids = kwargs.get(b.token_input)
-        if self._input_ids is None and (b.kind == "scatter" or self.config.method == "text_guided"):
-            raise ValueError(f"compress_visual_tokens needs `{b.token_input}` as a keyword argument of the model "
-                             f"call (positional arguments: {len(args)}, keywords: {', '.join(kwargs) or 'none'})")
-        if b.kind != "scatter":
-            return None
-        keep = self._placeholder_keep_mask(self._input_ids)
-        lengths = keep.sum(dim=1)
-        new = dict(kwargs)
-        for name in b.aligned_inputs:
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.shape == keep.shape:
-                new[name] = _pack(value, keep, lengths)
-        return args, new
-
-    def _placeholder_keep_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """True everywhere except the last ``N - k`` positions of each placeholder run."""
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        for row, start, run in placeholder_runs(input_ids, self.boundary.placeholder_id):
-            if run % self.tokens:
-                raise ValueError(f"a run of {run} image placeholders (token {self.boundary.placeholder_id}) is "
-                                 f"not a whole number of images of {self.tokens} visual tokens")
-            for end in range(start + run, start, -self.tokens):
-                keep[row, end - (self.tokens - self.kept):end] = False
-        return keep
+    def _read_inputs(self, model, args, kwargs):
+        self._inputs = kwargs if model.training else {}
 
     @torch.compiler.disable
-    def _compress_output(self, module, args, output):
-        if not self._model.training:  # the model's mode decides, as in _shrink_inputs: never one without the other
-            return None
-        dim = output.shape[-1]
-        features = output.reshape(-1, self.tokens, dim)
-        generator = seeded_generator(self.config.seed, *self.clock.tick())
-        text = self._text_embeddings(features.shape[0]) if self.config.method == "text_guided" else None
-        compressed = compress(features, self.config, self.boundary.grid, self.kept, generator, text)
-        if output.dim() == 2:
-            return compressed.reshape(-1, dim)
-        return compressed.reshape(*output.shape[:-2], self.kept, dim)
+    def _forget(self, *_):
+        """After each model forward: the decoder entry called on its own is not compacted."""
+        self._inputs, self._plan, self._memo = {}, None, {}
 
-    def _text_embeddings(self, images: int) -> list[torch.Tensor]:
-        """For each image, the input embeddings of its sample's text tokens."""
-        ids = self._input_ids
-        is_text = ids != self.boundary.placeholder_id if self.boundary.placeholder_id is not None else torch.ones_like(ids, dtype=torch.bool)
-        per_sample = images // ids.shape[0]
+    def visual_mask(self, batch: int, length: int, device) -> torch.Tensor:
+        positions = self.boundary.positions
+        if isinstance(positions, Slots):
+            return positions.mask(batch, length, device)
+        mask = positions(self._inputs).to(device)
+        if tuple(mask.shape) != (batch, length):
+            raise ValueError(f"compress_visual_tokens: the visual positions {tuple(mask.shape)} do not match the "
+                             f"merged sequence [{batch}, {length}] entering the decoder")
+        return mask
+
+    @torch.compiler.disable
+    def _compact_arguments(self, module, args, kwargs):
+        if not self._model.training or not self._inputs:
+            return None
+        if self._plan is None:
+            hidden = _leaf(args, kwargs, self._hidden_path)
+            batch, length = hidden.shape[:2]
+            visual = self.visual_mask(batch, length, hidden.device)
+            token_ids = self._inputs.get(self.boundary.token_input)
+            images = images_in(visual, token_ids, self.boundary.rows_layout, self.boundary.image_grids(self._inputs),
+                               self.boundary.grid)
+            generator = seeded_generator(self.config.seed, *self.clock.tick())
+            self._plan = self.last_plan = plan(hidden.detach(), visual, images, self.config, generator)
+            self._shape = (batch, length)
+            args, kwargs = _replace_leaf(args, kwargs, self._hidden_path, compact_hidden(hidden, self._plan))
+        batch, length = self._shape
+
+        def gather(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            if id(value) not in self._memo:
+                self._memo[id(value)] = (value, compact(value, self._plan, batch, length))
+            return self._memo[id(value)][1]
+
+        return pytree.tree_map(gather, (args, kwargs))
+
+    @torch.compiler.disable
+    def _expand_output(self, module, args, output):
+        if self._plan is None or not self._model.training:
+            return None
+        return pytree.tree_map(lambda value: expand(value, self._plan, self._shape[0]), output)
+
+
+def _leaf(args, kwargs, path):
+    leaves = pytree.tree_flatten_with_path((args, kwargs))[0]
+    return next(value for key, value in leaves if key == path)
+
+
+def _replace_leaf(args, kwargs, path, new):
+    leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
+    return pytree.tree_unflatten([new if key == path else value for key, value in leaves], spec)
+
+
+def _hidden_path(model: nn.Module, entry: nn.Module, example_inputs: dict, shape: tuple):
+    """Where a tensor of the merged sequence's ``shape`` sits among ``entry``'s arguments (one example run)."""
+    seen = []
+    handle = entry.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)) if not seen else None,
+                                             with_kwargs=True)
+    try:
         with torch.no_grad():
-            embedded = self._embedding(ids)
-        return [embedded[i // per_sample][is_text[i // per_sample]] for i in range(images)]
+            model(**forward_kwargs(model, example_inputs)[0])
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("the decoder entry did not run on the example inputs")
+    for path, value in pytree.tree_flatten_with_path(seen[0])[0]:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(shape):
+            return path
+    raise ValueError(f"no argument of the decoder entry has the merged sequence's shape {list(shape)}")
 
 
 class KeyValueCompressor(_Runtime):
@@ -254,8 +429,11 @@ class KeyValueCompressor(_Runtime):
     keeps the same positions. The decoder's own sequence is unchanged.
     """
 
+    _trial_expectation = "no module around the decoder blocks received the visual keys"
+
     def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, blocks: list[str]):
         self.config, self.boundary = config, boundary
+        self.last_plan: torch.Tensor | None = None  # the last training forward's kept key indices
         self.tokens = boundary.visual_shape[-2]
         self.kept = kept_count(self.tokens, config, None)
         self.clock = StepClock()
@@ -283,9 +461,13 @@ class KeyValueCompressor(_Runtime):
         self._source = None  # once per forward: the replacement no longer matches
         states = kwargs[name]
         rows = states.reshape(-1, *states.shape[-2:])
-        indices = selection(rows, self.config, None, self.kept, seeded_generator(self.config.seed, *self.clock.tick()))
+        generator = seeded_generator(self.config.seed, *self.clock.tick())
+        indices = torch.tensor([[group[0] for group in select(row, self.config, None, self.kept, generator)]
+                                for row in rows], device=states.device)
+        self.last_plan = indices
         new = dict(kwargs)
-        new[name] = _select(rows, indices).reshape(*states.shape[:-2], self.kept, states.shape[-1])
+        new[name] = rows.gather(1, indices.unsqueeze(-1).expand(-1, -1, rows.shape[-1])).reshape(
+            *states.shape[:-2], self.kept, states.shape[-1])
         keys_per_batch = rows.shape[0] * self.tokens
         for key, value in kwargs.items():
             if key != name and isinstance(value, torch.Tensor) and value.dim() >= 2 \
@@ -304,61 +486,84 @@ def _select_keys(value: torch.Tensor, indices: torch.Tensor, tokens: int) -> tor
     return value.gather(-1, flat.expand(*value.shape[:-1], flat.shape[-1]))
 
 
-def _pack(value: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Keep the marked positions of each row; rows of unequal length are right-padded.
-
-    Padding is 0, or ignore-index (-100) for label-like inputs (those holding -100 anywhere).
-    """
-    if bool((lengths == lengths[0]).all()):
-        return value[keep].reshape(value.shape[0], int(lengths[0]))
-    pad = IGNORE_INDEX if bool((value == IGNORE_INDEX).any()) else 0
-    out = value.new_full((value.shape[0], int(lengths.max())), pad)
-    for row in range(value.shape[0]):
-        out[row, : int(lengths[row])] = value[row][keep[row]]
-    return out
+# ----------------------------------------------------------------------------------- the pass
+def _per_image(boundary) -> list[int]:
+    tokens = boundary.tokens_per_image
+    return list(tokens) if isinstance(tokens, list) else [tokens] * (boundary.images or 0)
 
 
 def estimate(structure, config: CompressVisualTokensConfig) -> Savings:
-    """Decoder positions removed per sample: ``images per sample * (N - k)``, at the example's images."""
+    """Decoder positions removed per sample, at the example's images."""
     b = structure.boundary
-    if b is None or b.kind == "cross_attention" or b.tokens_per_image is None or not b.images \
-            or (config.method == "pool" and b.grid is None):
+    if b is None or b.kind == "cross_attention" or b.tokens_per_image is None or not b.images:
         return Savings()  # cross-attention: the keys shrink, the decoder sequence does not
-    removed = b.images * (b.tokens_per_image - kept_count(b.tokens_per_image, config, b.grid))
+    try:
+        removed = sum(n - kept_count(n, config, b.grid) for n in _per_image(b))
+    except ValueError:
+        return Savings()
     return Savings(tokens_removed=removed / structure.batch if structure.batch else removed)
 
 
-@register_pass("compress_visual_tokens", CompressVisualTokensConfig, estimate)
-def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, example_inputs: dict):
-    """Install the compressor at ``structure.boundary``; return the runtime and what was done."""
+def check(structure) -> str | None:
+    """Why the pass cannot work on ``structure`` (None when it can)."""
     b = structure.boundary
     if b is None:
-        raise ValueError("compress_visual_tokens needs a vision boundary, and none was found: "
-                         + "; ".join(structure.notes))
-    if b.kind not in ("scatter", "concat", "cross_attention"):
-        raise ValueError(f"compress_visual_tokens supports scatter, concat and cross_attention merges; this model "
-                         f"merges by {b.kind} ({b.merge_op})")
+        return "; ".join(n for n in structure.notes if n.startswith(("no vision boundary", "no token input"))) \
+            or "no vision boundary found"
+    if not structure.blocks:
+        return "no decoder blocks found"
     if b.kind == "cross_attention":
-        if config.method not in ("uniform", "random"):
-            raise ValueError(f"method {config.method!r} is not supported for cross_attention merges; use uniform "
-                             f"or random")
-        if b.producer_module is None or not b.visual_shape or not structure.blocks:
-            raise ValueError("compress_visual_tokens needs the module producing the visual keys and the decoder "
-                             "blocks; the matcher could not derive them")
-        compressor = KeyValueCompressor(model, b, config, [block.path for block in structure.blocks])
-        return compressor, PassInfo("compress_visual_tokens", 1, {
-            "boundary": b.kind, "producer_module": b.producer_module, "method": config.method,
-            "keys_per_row": compressor.tokens, "kept_per_row": compressor.kept})
-    if b.tokens_per_image is None or b.producer_module is None:
-        raise ValueError("compress_visual_tokens needs the visual tokens per image and the module producing them; "
-                         "the matcher could not derive them")
-    if b.kind == "scatter" and b.placeholder_id is None:
-        raise ValueError("compress_visual_tokens needs the image placeholder token id of a scatter merge")
-    if config.method == "pool" and b.grid is None:
-        raise ValueError("method 'pool' needs the 2-D token grid, which the matcher could not derive")
-    compressor = VisualTokenCompressor(model, b, config)
+        if b.producer_module is None or not b.visual_shape:
+            return "the module producing the visual keys of the cross-attention merge was not found"
+        return None
+    if b.positions is None:
+        return (f"the visual positions of the merged sequence could not be derived for this {b.kind} merge "
+                f"({b.merge_op}): " + "; ".join(n for n in structure.notes if n.startswith("visual positions")))
+    return None
+
+
+@register_pass("compress_visual_tokens", CompressVisualTokensConfig, estimate, check)
+def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, example_inputs: dict):
+    """Install the compressor at ``structure.boundary``; return the runtime and what was done."""
+    problem = check(structure)
+    if problem:
+        raise ValueError(problem)
+    b = structure.boundary
+    if b.kind == "cross_attention":
+        return _apply_cross_attention(model, structure, config)
+    images = _example_images(b, structure, example_inputs)
+    kept = [kept_count(image.tokens, config, image.grid) for image in images]  # refuses what cannot be compressed
+    modules = dict(model.named_modules())
+    if b.decoder_entry is not None:
+        entries, exit_module, where = [modules[b.decoder_entry]], modules[b.decoder_entry], b.decoder_entry
+    else:
+        entries = [modules[block.path] for block in structure.blocks]
+        exit_module, where = entries[-1], f"each decoder block ({structure.blocks[0].path} ...)"
+    hidden_path = _hidden_path(model, entries[0], example_inputs, structure.hidden_shape)
+    compactor = SequenceCompactor(model, b, config, entries, exit_module, hidden_path)
+    return compactor, PassInfo("compress_visual_tokens", 1, {
+        "boundary": b.kind, "visual_positions": getattr(b.positions, "code", repr(b.positions)),
+        "compacted_at": where, "method": config.method, "tokens_per_image": b.tokens_per_image,
+        "kept_per_image": kept[0] if len(set(kept)) == 1 else kept,
+    })
+
+
+def _example_images(boundary, structure, example_inputs: dict) -> list[Image]:
+    """The images of the example inputs, laid out as the compactor will see them."""
+    if isinstance(boundary.positions, Slots):
+        mask = boundary.positions.mask(*structure.hidden_shape[:2])
+    else:
+        mask = boundary.positions(example_inputs)
+    return images_in(mask, example_inputs.get(boundary.token_input), boundary.rows_layout,
+                     boundary.image_grids(example_inputs), boundary.grid)
+
+
+def _apply_cross_attention(model: nn.Module, structure, config: CompressVisualTokensConfig):
+    b = structure.boundary
+    if config.method not in ("uniform", "random"):
+        raise ValueError(f"method {config.method!r} is not supported for cross_attention merges; use uniform "
+                         f"or random")
+    compressor = KeyValueCompressor(model, b, config, [block.path for block in structure.blocks])
     return compressor, PassInfo("compress_visual_tokens", 1, {
         "boundary": b.kind, "producer_module": b.producer_module, "method": config.method,
-        "tokens_per_image": b.tokens_per_image, "kept_per_image": compressor.kept,
-        "sequence_inputs_shrunk": b.aligned_inputs if b.kind == "scatter" else [],
-    })
+        "keys_per_row": compressor.tokens, "kept_per_row": compressor.kept})

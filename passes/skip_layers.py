@@ -32,6 +32,7 @@ still saves its time when compiled.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -86,14 +87,13 @@ class _Binding:
 class LayerSkipper:
     """Runtime of the pass: schedule state, skip decisions, and the guarded blocks."""
 
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module, int]], bindings: list[_Binding | None],
-                 config: SkipLayersConfig):
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], bindings: list[_Binding | None],
+                 skippable: list[bool], config: SkipLayersConfig):
         self.config = config
         self.schedule = config.skip_schedule()
-        self.paths = [path for path, _, _ in blocks]
-        self.modules = [module for _, module, _ in blocks]
-        self.skippable = [binding is not None and config.allows_kind(kind)
-                          for (_, _, kind), binding in zip(blocks, bindings)]
+        self.paths = [path for path, _ in blocks]
+        self.modules = [module for _, module in blocks]
+        self.skippable = skippable
         self.progress = 0.0  # epochs into the stage
         self.clock = StepClock()
         self.forced: list[int] | None = None
@@ -114,7 +114,11 @@ class LayerSkipper:
             self.clock.set_step(step)
 
     def probabilities(self) -> list[float]:
-        return layer_probabilities(self.schedule, len(self.modules), self.progress, self.skippable)
+        return self.probabilities_at(self.progress)
+
+    def probabilities_at(self, progress: float) -> list[float]:
+        """Each block's skip probability at ``progress`` epochs into the stage."""
+        return layer_probabilities(self.schedule, len(self.modules), progress, self.skippable)
 
     def force(self, skipped: list[int] | None) -> None:
         """Skip exactly these block indices in every training forward (``None``: back to the schedule)."""
@@ -151,6 +155,20 @@ class LayerSkipper:
 
         guarded_forward.block_forward = forward
         return guarded_forward
+
+    @contextlib.contextmanager
+    def trial(self):
+        """Around sparsify's trial step: skip every block the schedule may skip (as many as ``min_kept``
+        allows), and fail unless exactly those were skipped."""
+        may_skip = [i for i, p in enumerate(self.probabilities_at(0.0)) if p > 0]
+        pattern = may_skip[: len(self.modules) - self.schedule.min_kept]
+        forced, self.forced = self.forced, pattern
+        try:
+            yield
+        finally:
+            self.forced = forced
+        if self.last_skipped != pattern:
+            raise ValueError(f"blocks {pattern} were to be skipped, {self.last_skipped} were")
 
     def remove(self) -> None:
         """Undo the rewrite: blocks get their own forward back."""
@@ -207,35 +225,50 @@ def _binding_of(args, kwargs, output, previous) -> _Binding | None:
     return None
 
 
+def _not_skippable(block, binding: _Binding | None, config: SkipLayersConfig) -> str | None:
+    """Why ``block`` cannot be skipped (None when it can)."""
+    if binding is None:
+        return "its output has other tensors besides the hidden state, or it did not run"
+    if block.feeds:
+        return f"blocks {list(block.feeds)} read values it computes besides its output (e.g. shared keys and values)"
+    if not config.allows_kind(block.kind):
+        return "its kind is not in skip_kinds"
+    return None
+
+
 def estimate(structure, config: SkipLayersConfig) -> Savings:
     """Blocks run over the stage, assuming every block of an allowed kind can be guarded."""
-    skippable = [config.allows_kind(block.kind) for block in structure.blocks]
+    skippable = [config.allows_kind(block.kind) and not block.feeds for block in structure.blocks]
     return Savings(layers_run=1 - mean_skip_fraction(config.skip_schedule(), skippable))
 
 
-@register_pass("skip_layers", SkipLayersConfig, estimate)
+def check(structure) -> str | None:
+    """Why the pass cannot work on ``structure`` (None when it can)."""
+    return None if structure.blocks else "; ".join(n for n in structure.notes if n.startswith("no decoder blocks"))
+
+
+@register_pass("skip_layers", SkipLayersConfig, estimate, check)
 def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs: dict) -> tuple[LayerSkipper, PassInfo]:
     """Guard every decoder block of ``structure`` in ``model``; return the runtime and what was done."""
-    if not structure.blocks:
-        raise ValueError("skip_layers needs decoder blocks, and none were found: " + "; ".join(structure.notes))
+    problem = check(structure)
+    if problem:
+        raise ValueError(problem)
     if config.min_kept > len(structure.blocks):
         raise ValueError(f"min_kept {config.min_kept} is more than the {len(structure.blocks)} decoder blocks")
     modules = dict(model.named_modules())
-    blocks = [(b.path, modules[b.path], b.kind) for b in structure.blocks]
-    bindings = _bind(model, [m for _, m, _ in blocks], example_inputs)
-    skipper = LayerSkipper(model, blocks, bindings, config)
-    if not any(p > 0 for p in layer_probabilities(skipper.schedule, len(blocks), 0.0, skipper.skippable)):
+    blocks = [(b.path, modules[b.path]) for b in structure.blocks]
+    bindings = _bind(model, [m for _, m in blocks], example_inputs)
+    reasons = [_not_skippable(block, binding, config) for block, binding in zip(structure.blocks, bindings)]
+    skipper = LayerSkipper(model, blocks, bindings, [reason is None for reason in reasons], config)
+    if not any(p > 0 for p in skipper.probabilities_at(0.0)):
         skipper.remove()
         raise ValueError(f"no decoder block can be skipped: {len(blocks)} blocks, never_skip_first="
                          f"{config.never_skip_first}, never_skip_last={config.never_skip_last}, skip_kinds="
                          f"{config.skip_kinds}, {sum(skipper.skippable)} with a skippable output, alpha={config.alpha}")
-    unbound = [path for (path, _, _), binding in zip(blocks, bindings) if binding is None]
     info = PassInfo("skip_layers", sum(skipper.skippable), {
         "blocks": len(blocks),
         "skippable": [p for p, s in zip(skipper.paths, skipper.skippable) if s],
-        "not_skippable": {p: ("its output has other tensors besides the hidden state, or it did not run"
-                              if p in unbound else "its kind is not in skip_kinds")
-                          for p, s in zip(skipper.paths, skipper.skippable) if not s},
+        "not_skippable": {path: reason for path, reason in zip(skipper.paths, reasons) if reason},
         "schedule": config.skip_schedule().__dict__,
         "at_most_skipped_per_step": min(sum(skipper.skippable), len(blocks) - config.min_kept),
         "mean_skip_fraction_over_stage": mean_skip_fraction(skipper.schedule, skipper.skippable),

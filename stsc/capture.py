@@ -1,11 +1,17 @@
 """Capture: trace a model into torch.fx graph(s) with PyTorch's own machinery.
 
 ``capture(model, example_inputs)`` first tries ``torch.export.export(..., strict=False)``: one aten
-graph with ``nn_module_stack`` on every node. Where export fails (data-dependent shapes, say), it falls
-back to dynamo (``torch.compile`` with a collecting backend), which never fails outright but may split
-the model into several graphs at graph breaks. Either way the result is a :class:`Capture` holding the
-graphs and one :class:`networkx.DiGraph` of the data flow across all of them, which is what the matcher
-reads. Nodes of that data-flow graph are keyed ``"g<graph>:<node name>"`` and carry:
+graph with ``nn_module_stack`` on every node, general in the inputs' values. Where export fails (shapes
+that depend on input values, such as per-image token counts read from ``image_grid_thw`` or
+``image_sizes``), it **traces** the model on the example with real tensors (``make_fx``): one aten graph
+too, with module stacks, specialized to the example's values (fine for matching, which reads one
+example anyway). Where that fails as well, it falls back to dynamo (``torch.compile`` with a
+collecting backend), which may split the model into several graphs at graph breaks. Either way the
+result is a :class:`Capture` holding the graphs and one :class:`networkx.DiGraph` of the data flow
+across all of them, which is what the matcher reads. Capturing leaves the model as it was: its
+buffers (e.g. batch-norm statistics) and the RNG are restored, and lazily cached attributes are
+filled by one eager forward before export traces with fake tensors. Nodes of the data-flow graph are
+keyed ``"g<graph>:<node name>"`` and carry:
 
 ``op``       canonical op name: ``"linear"``, ``"masked_scatter"``, ... (aten overload packet or
              torch function / method name); placeholders are ``"input"``, ``"param"``, ``"buffer"``,
@@ -14,6 +20,7 @@ reads. Nodes of that data-flow graph are keyed ``"g<graph>:<node name>"`` and ca
              from the top-level model even for dynamo graphs of inner frames.
 ``shape``    tuple of ints (symbolic sizes as strings) or None; ``dtype``: torch dtype or None.
 ``source``   for placeholders: the user input name or the parameter / buffer path.
+``value``    for parameter, buffer and constant placeholders: the tensor (None elsewhere).
 ``order``    position in execution order across all graphs.
 
 Graphs are traced on the model as given: parameters on the ``meta`` device are fine for export (no
@@ -44,7 +51,7 @@ class CaptureError(RuntimeError):
 
 @dataclass
 class Capture:
-    method: str  # "export" or "dynamo"
+    method: str  # "export", "trace" or "dynamo"
     graphs: list[fx.GraphModule]
     dataflow: nx.DiGraph
     example_inputs: dict  # as given by the user (real values, never moved)
@@ -69,23 +76,95 @@ def forward_kwargs(model: nn.Module, example_inputs: dict) -> tuple[dict, list[s
 
 
 def capture(model: nn.Module, example_inputs: dict) -> Capture:
-    """Trace ``model(**example_inputs)``: torch.export first, dynamo where export fails."""
+    """Trace ``model(**example_inputs)``: torch.export, else a real-tensor trace, else dynamo."""
     kwargs, notes = forward_kwargs(model, example_inputs)
     kwargs = _to_model_device(model, kwargs)
     start = time.perf_counter()
-    try:
-        exported = _export(model, kwargs)
-    except TypeError as exc:
-        if "use_cache" not in str(exc) or "use_cache" not in kwargs:
-            raise
-        kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
-        exported = _export(model, kwargs)
-    if not isinstance(exported, Exception):
-        return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs,
-                       time.perf_counter() - start, None, notes, exported)
-    reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
-    graphs, flow = _dynamo_capture(model, kwargs)
+    with preserved(model):
+        _warm_up(model, kwargs)
+        try:
+            exported = _export(model, kwargs)
+        except TypeError as exc:
+            if "use_cache" not in str(exc) or "use_cache" not in kwargs:
+                raise
+            kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
+            exported = _export(model, kwargs)
+        if not isinstance(exported, Exception):
+            return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs,
+                           time.perf_counter() - start, None, notes, exported)
+        reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
+        traced = _trace(model, kwargs)
+        if not isinstance(traced, Exception):
+            return Capture("trace", [traced[0]], traced[1], example_inputs, time.perf_counter() - start, reason, notes)
+        reason += f"; the real-tensor trace failed: {type(traced).__name__}: {first_line(traced)}"
+        graphs, flow = _dynamo_capture(model, kwargs)
     return Capture("dynamo", graphs, flow, example_inputs, time.perf_counter() - start, reason, notes)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module):
+    """Run something that may run ``model`` for real, then put back its buffers and the RNG state."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+
+
+def _warm_up(model: nn.Module, kwargs: dict) -> None:
+    """One eager forward, so attributes a model caches lazily hold real tensors, not export's fake ones."""
+    if any(p.is_meta for p in model.parameters()):
+        return
+    with torch.no_grad(), contextlib.suppress(Exception):  # a model that cannot run fails in capture, with the reason
+        model(**kwargs)
+
+
+def _trace(model: nn.Module, kwargs: dict) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
+    """A real-tensor ``make_fx`` trace of ``model(**kwargs)`` with module stacks; the exception if it fails."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    others = {name: value for name, value in kwargs.items() if name not in names}
+
+    class Call(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *values):
+            return self.inner(**dict(zip(names, values)), **others)
+
+    call = Call()
+    call._orig_mod = model  # make_fx records module paths relative to `_orig_mod`
+    try:
+        with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"):
+            gm = make_fx(call, tracing_mode="real", record_module_stack=True,
+                         _error_on_data_dependent_ops=False)(*(kwargs[name] for name in names))
+    except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
+        return exc
+    return gm, _trace_dataflow(gm, model, names)
+
+
+def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> nx.DiGraph:
+    """The data flow of a ``make_fx`` graph: placeholders are the inputs in order; constants are matched to
+    the model's parameters and buffers by identity."""
+    named = {id(t): ("param", name) for name, t in model.named_parameters()}
+    named.update({id(t): ("buffer", name) for name, t in model.named_buffers()})
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    sources = {node.name: ("input", name) for node, name in zip(placeholders, names)}
+    values = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target)
+            sources[node.name] = named.get(id(value), ("constant", str(node.target)))
+            values[node.name] = value
+    flow = nx.DiGraph()
+    _add_graph(flow, gm, 0, 0, sources, values)
+    return flow
 
 
 def _export(model: nn.Module, kwargs: dict) -> torch.export.ExportedProgram | Exception:
@@ -173,15 +252,19 @@ def _module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tupl
 
 
 def _add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
-               prefix: str = "", frame_root: str = "") -> dict[str, str]:
-    """Add one graph's nodes and edges to ``flow``; return fx node name -> data-flow key."""
+               values: dict, prefix: str = "", frame_root: str = "") -> dict[str, str]:
+    """Add one graph's nodes and edges to ``flow``; return fx node name -> data-flow key.
+
+    ``sources``: placeholder name -> (kind, source); ``values``: placeholder name -> tensor (parameters,
+    buffers and constants).
+    """
     keys = {}
     for position, node in enumerate(gm.graph.nodes):
         key = f"g{index}:{node.name}"
         keys[node.name] = key
         shape, dtype = _shape_dtype(node)
-        kind, source = sources.get(node.name, (None, None)) if node.op == "placeholder" else (None, None)
-        flow.add_node(key, fx=node, graph=index, op=kind or op_name(node), source=source,
+        kind, source = sources.get(node.name, (None, None)) if node.op in ("placeholder", "get_attr") else (None, None)
+        flow.add_node(key, fx=node, graph=index, op=kind or op_name(node), source=source, value=values.get(node.name),
                       module=_module_paths(node, prefix, frame_root), shape=shape, dtype=dtype,
                       order=order_base + position)
         for arg in node.all_input_nodes:
@@ -195,8 +278,10 @@ def _export_dataflow(exported: torch.export.ExportedProgram) -> nx.DiGraph:
     sources.update({name: ("buffer", fqn) for name, fqn in sig.inputs_to_buffers.items()})
     sources.update({name: ("constant", fqn) for name, fqn in sig.inputs_to_lifted_tensor_constants.items()})
     sources.update({name: ("input", name) for name in sig.user_inputs if isinstance(name, str)})
+    tensors = {**exported.state_dict, **exported.constants}
+    values = {name: tensors.get(fqn) for name, (kind, fqn) in sources.items() if kind != "input"}
     flow = nx.DiGraph()
-    _add_graph(flow, exported.graph_module, 0, 0, sources)
+    _add_graph(flow, exported.graph_module, 0, 0, sources, values)
     return flow
 
 
@@ -224,11 +309,12 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
         index = len(graphs)
         graphs.append(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        sources, links, prefix = {}, {}, ""
+        sources, values, links, prefix = {}, {}, {}, ""
         for node, value in zip(placeholders, example_inputs):
             vid = id(value)
             if vid in named:
                 sources[node.name] = named[vid]
+                values[node.name] = value
                 prefix = prefix or _frame_prefix(node.name, named[vid][1])
             elif vid in inputs:
                 sources[node.name] = ("input", inputs[vid])
@@ -237,7 +323,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
                 links[node.name] = produced[vid]
             else:
                 sources[node.name] = ("graph_input", None)
-        keys = _add_graph(flow, gm, index, index * 1_000_000, sources, prefix, _DYNAMO_SELF)
+        keys = _add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
         for name, producer in links.items():
             flow.add_edge(producer, keys[name])
         output = next(n for n in gm.graph.nodes if n.op == "output")

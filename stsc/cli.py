@@ -24,7 +24,7 @@ from .loader import ModelFileError, load_model_file
 from .policy import PolicyError, load_policy
 from .report import inspect
 from .schedules import layer_probabilities
-from .sparse import SparseModel, UnsupportedModelError, sparsify
+from .sparse import SparseModel, UnsupportedModelError, model_loss, sparsify
 
 EXIT_OK, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 2, 3
 
@@ -118,9 +118,12 @@ def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor) 
     """One training forward + backward in ``stage`` (at its start), then eval compared with the dense output."""
     _enter(sparse, stage)
     sequence = []
-    hook = sparse.model.register_forward_hook(lambda m, a, out: sequence.append(_first_float(out).shape[1]))
+    first_block = sparse.model.get_submodule(sparse.report.model.blocks[0])
+    hook = first_block.register_forward_pre_hook(
+        lambda module, args, kwargs: sequence.append(_first_float((*args, *kwargs.values())).shape[1]),
+        with_kwargs=True)
     sparse.train().zero_grad(set_to_none=True)
-    loss = _loss(sparse(**kwargs))
+    loss = model_loss(sparse(**kwargs))
     loss.backward()
     hook.remove()
     skipper = sparse.runtimes.get("skip_layers")
@@ -130,7 +133,8 @@ def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor) 
         eval_out = _first_float(sparse.eval()(**kwargs))
     sparse.zero_grad(set_to_none=True)
     sparse.train()
-    return {"stage": stage, "loss": loss.item(), "loss_finite": bool(torch.isfinite(loss)), "sequence": sequence[0],
+    return {"stage": stage, "loss": loss.item(), "loss_finite": bool(torch.isfinite(loss)),
+            "sequence": sequence[0] if sequence else None,
             "skipped": skipper.last_skipped if skipper else [], "params": len(trainable), "params_with_grad": with_grad,
             "eval_equals_dense": bool(torch.equal(eval_out, dense))}
 
@@ -141,12 +145,8 @@ def _enter(sparse: SparseModel, stage: str) -> None:
         sparse.set_progress(**({"step": int(start)} if sparse.policy.unit == "steps" else {"epoch": start}))
 
 
-def _loss(output) -> torch.Tensor:
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) else _first_float(output).float().pow(2).mean()
-
-
 def _first_float(output) -> torch.Tensor:
+    """The first floating-point tensor of rank >= 2 in ``output`` (a dict, a sequence or a tensor)."""
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
     for value in values:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:

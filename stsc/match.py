@@ -12,11 +12,18 @@ node that depends on both is where visual features meet the token stream. Its op
 (``scatter``); ``cat`` concatenates them with text embeddings (``concat``); attention ops take them
 as keys/values (``cross_attention``). Walking back from the pixel-only operand through pure data
 movement (views, casts, concatenation) gives the visual-token tensor and the module producing it.
+Where the visual tokens sit in the merged sequence is sliced out of the graph as a small program over
+the model inputs (:mod:`stsc.positions`); on the example inputs it gives the images and their token
+counts (:mod:`stsc.layout`). The **decoder entry** is the outermost module that runs every decoder
+block but not the merge: its forward receives the merged sequence.
 
 **Blocks.** Sibling modules (children of one module in the call hierarchy) that run one after the
-other, each consuming the previous one's output, and whose op graphs hash alike (networkx
-Weisfeiler-Lehman) form a stack. Runs may mix kinds (self- and cross-attention layers in one list):
-members of a kind seen once are kept when they sit inside the run. The decoder stack is the stack on
+other, each consuming the previous one's output, form a stack. A block's **kind** is the shapes of
+the parameters it reads (its op graph's Weisfeiler-Lehman hash when it reads none): robust to values
+a model computes lazily in whichever layer first needs them. Runs may mix kinds (self- and
+cross-attention layers, dense and mixture-of-experts layers, attention and convolution layers): a
+member of a kind seen once is kept when it sits inside the run, or at its end when it is numbered in
+the same list as the others. The decoder stack is the stack on
 the token stream covering the most nodes; stacks fed only by pixels are vision stacks. A block is a
 residual block (it reads its hidden input at least twice), which rules out chains of plain layers
 (two projector linears) and stacks nested inside another stack's blocks are not reported.
@@ -25,7 +32,7 @@ residual block (it reads its hidden input at least twice), which rules out chain
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from math import prod
 
@@ -34,8 +41,10 @@ import torch
 from torch import fx
 
 from .capture import Capture
+from .layout import images_in, metadata_grids, metadata_scale
+from .positions import PositionProgram, Slots, position_program, slots
 
-__all__ = ["Block", "Boundary", "Structure", "match", "placeholder_runs"]
+__all__ = ["Block", "Boundary", "Structure", "match"]
 
 PIXELS, TOKENS = 1, 2
 
@@ -54,6 +63,9 @@ ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "bad
                            "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                            "flex_attention"})
 CONV_OPS = frozenset({"conv2d", "convolution", "_convolution"})
+POOL_OPS = frozenset({"avg_pool2d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "max_pool2d",
+                      "max_pool2d_with_indices", "interpolate", "upsample_bilinear2d", "upsample_nearest2d"})
+RESHAPE_OPS = frozenset({"view", "reshape", "_unsafe_view", "permute", "pixel_shuffle", "pixel_unshuffle"})
 PLACEHOLDER_OPS = frozenset({"input", "param", "buffer", "constant", "graph_input"})
 
 
@@ -64,6 +76,7 @@ class Block:
     hidden_in: str  # data-flow key of the hidden state entering the block
     hidden_out: str  # data-flow key of the hidden state leaving it
     nodes: int
+    feeds: tuple[int, ...] = ()  # later blocks reading a value it computes besides its hidden output
 
 
 @dataclass
@@ -74,14 +87,23 @@ class Boundary:
     visual_tokens: str  # data-flow key of the visual-token tensor
     visual_shape: tuple | None
     producer_module: str | None  # the module whose output is the visual-token tensor
-    tokens_per_image: int | None
+    tokens_per_image: int | list[int] | None  # a list when the example's images differ
     images: int | None
-    grid: tuple[int, int] | None
+    grid: tuple[int, int] | None  # of every single-run image, from a patch convolution
     placeholder_id: int | None
     token_input: str
     token_embedding: str | None  # module path of the embedding lookup the token input indexes
     vision_inputs: list[str]
-    aligned_inputs: list[str]
+    positions: PositionProgram | Slots | None = None  # where the visual tokens sit in the merged sequence
+    rows_layout: bool = False  # an image is a chain of rows separated by break tokens (stsc.layout)
+    decoder_entry: str | None = None  # the module whose forward receives the merged sequence
+    grid_input: str | None = None  # a model input holding each image's [.., height, width], e.g. in patches
+    grid_scale: int | None = None  # ... divided by which each row gives the image's token grid
+
+    def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
+        """The grid of each image of a batch, in order, from the per-image metadata input (if found)."""
+        values = inputs.get(self.grid_input) if self.grid_input else None
+        return metadata_grids(values, self.grid_scale) if isinstance(values, torch.Tensor) else []
 
 
 @dataclass
@@ -111,15 +133,17 @@ def match(cap: Capture) -> Structure:
         notes.append("no token input: looked for an integer model input that indexes an embedding lookup")
     stacks = _stacks(flow, order)
     decoder = [s for s in stacks if any(taint[b.hidden_out] & TOKENS for b in s)]
-    vision = [b.path for s in stacks if all(taint[b.hidden_out] == PIXELS for b in s) for b in s]
+    vision_stacks = [s for s in stacks if all(taint[b.hidden_out] == PIXELS for b in s)]
+    vision = [b.path for s in vision_stacks for b in s]
+    vision_end = max((flow.nodes[s[-1].hidden_out]["order"] for s in vision_stacks), default=-1)
     blocks = max(decoder, key=lambda s: sum(b.nodes for b in s), default=[])
     if not blocks:
         notes.append("no decoder blocks found: looked for sibling modules that run one after another on the "
                      "token stream, each consuming the previous one's output, with alike op graphs")
     boundary = None
     if token_input is not None and vision_inputs:
-        boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs,
-                             [b.path for b in blocks], notes)
+        boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks, vision_end,
+                             notes)
     elif token_input is not None:
         notes.append("no vision boundary found: the model has no floating-point input (pixels) besides tokens")
     hidden_shape = tuple(flow.nodes[blocks[0].hidden_in].get("shape") or ()) if blocks else None
@@ -191,8 +215,8 @@ def _taint(flow, order, token_input, vision_inputs) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------- boundary
-def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, block_paths,
-              notes) -> Boundary | None:
+def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks: list[Block],
+              vision_end: int, notes) -> Boundary | None:
     merge = next((k for k in order if taint[k] == PIXELS | TOKENS and _is_float(flow, k)
                   and flow.nodes[k]["op"] not in PLACEHOLDER_OPS and len(flow.nodes[k]["shape"] or ()) >= 2), None)
     if merge is None:
@@ -202,19 +226,77 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
     op = flow.nodes[merge]["op"]
     kind = ("concat" if op in CONCAT_OPS else "scatter" if op in SCATTER_OPS
             else "cross_attention" if op in ATTENTION_OPS else "other")
+    block_paths = [b.path for b in blocks]
     pixel_operands = [p for p in flow.predecessors(merge) if taint[p] == PIXELS and flow.nodes[p]["shape"]]
     operand = max(pixel_operands, key=lambda p: prod(_numel_shape(flow.nodes[p]["shape"])))
     visual = _visual_tokens(flow, operand, _enclosing(flow.nodes[merge]["module"], block_paths))
     shape = flow.nodes[visual]["shape"]
     placeholder = _placeholder_id(flow, merge, token_input) if kind == "scatter" else None
-    tokens_per_image, images = _tokens_per_image(cap, token_input, placeholder, shape, notes)
-    grid = _grid(flow, order, taint, tokens_per_image)
-    token_shape = tuple(cap.example_inputs[token_input].shape)
-    aligned = [name for name, value in cap.example_inputs.items()
-               if isinstance(value, torch.Tensor) and tuple(value.shape) == token_shape]
+    positions = _positions(cap, flow, merge, kind, operand, token_input, notes)
+    tokens_per_image, images, rows_layout, grid_input, scale = _images(cap, flow, merge, positions, token_input,
+                                                                       shape, notes)
+    grid = _grid(flow, taint, visual, tokens_per_image, vision_end)
     return Boundary(kind, merge, op, visual, shape, _producer_module(flow, visual, merge), tokens_per_image,
-                    images, grid, placeholder, token_input, token_embedding,
-                    vision_inputs, aligned)
+                    images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
+                    _decoder_entry(flow, merge, blocks), grid_input, scale)
+
+
+def _positions(cap, flow, merge, kind, operand, token_input, notes) -> PositionProgram | Slots | None:
+    """How to find the visual positions of the merged sequence for any batch (see :mod:`stsc.positions`)."""
+    if kind == "concat":
+        found = slots(flow, merge, operand)
+        if found is None:
+            notes.append("visual positions: the concatenated visual tokens do not have a static size")
+        return found
+    if kind not in ("scatter", "other"):
+        return None
+    program, why = position_program(flow, merge, tuple(cap.example_inputs[token_input].shape))
+    if program is None:
+        notes.append(f"visual positions: {why}")
+    return program
+
+
+def _images(cap, flow, merge, positions, token_input, shape, notes):
+    """Visual tokens per image (a list when they differ), images in the example, whether images are laid out
+    as rows separated by break tokens (:mod:`stsc.layout`), and the per-image grid metadata input and scale."""
+    token_values = cap.example_inputs[token_input]
+    static = shape and len(shape) >= 3 and all(isinstance(s, int) for s in shape)
+    if positions is None or token_values.device.type == "meta":
+        if static:
+            return prod(shape[1:-1]), shape[0], False, None, None
+        notes.append(f"visual tokens per image not derivable from the visual-token tensor of shape {shape}")
+        return None, None, False, None, None
+    if isinstance(positions, Slots):
+        merged = flow.nodes[merge]["shape"]
+        mask = positions.mask(merged[0], merged[1])
+    else:
+        mask = positions(cap.example_inputs)
+    single_runs = images_in(mask)
+    rows = images_in(mask, token_values, rows_layout=True)
+    rows_layout = len(rows) < len(single_runs) and not (static and shape[0] == len(single_runs))  # unless the
+    # vision side itself counts one image per run
+    counts = [image.tokens for image in (rows if rows_layout else single_runs)]
+    if not counts:
+        notes.append("visual positions: the example inputs hold no visual token")
+        return None, 0, rows_layout, None, None
+    grid_input, scale = next(((name, scale) for name, value in cap.example_inputs.items()
+                              if isinstance(value, torch.Tensor) and name != token_input
+                              and (scale := metadata_scale(value, counts)) is not None), (None, None))
+    return (counts[0] if len(set(counts)) == 1 else counts), len(counts), rows_layout, grid_input, scale
+
+
+def _decoder_entry(flow, merge, blocks: list[Block]) -> str | None:
+    """The outermost module that runs every decoder block but not the merge: its forward receives the
+    merged sequence (None when the merging module calls the blocks itself)."""
+    if not blocks:
+        return None
+    merging = set(flow.nodes[merge]["module"])
+    for path in flow.nodes[blocks[0].hidden_out]["module"]:
+        if path == blocks[0].path:
+            return None
+        if path not in merging and all(b.path.startswith(path + ".") for b in blocks):
+            return path
+    return None
 
 
 def _enclosing(modules: tuple[str, ...], block_paths: list[str]) -> str | None:
@@ -267,45 +349,30 @@ def _placeholder_id(flow: nx.DiGraph, merge: str, token_input: str) -> int | Non
     return None
 
 
-def placeholder_runs(values: torch.Tensor, token: int) -> list[tuple[int, int, int]]:
-    """``(row, start, length)`` of every run of ``token`` in the rows of a ``[batch, seq]`` tensor."""
-    runs = []
-    for row, items in enumerate(values.tolist()):
-        start = None
-        for position, value in enumerate(items + [None]):
-            if value == token and start is None:
-                start = position
-            elif value != token and start is not None:
-                runs.append((row, start, position - start))
-                start = None
-    return runs
-
-
-def _tokens_per_image(cap, token_input, placeholder, shape, notes) -> tuple[int | None, int | None]:
-    token_values = cap.example_inputs[token_input]
-    if placeholder is not None and token_values.device.type != "meta":
-        runs = [length for _, _, length in placeholder_runs(token_values, placeholder)]
-        if runs and len(set(runs)) == 1:
-            return runs[0], len(runs)
-        notes.append(f"placeholder token {placeholder} appears in runs of unequal lengths {runs}: "
-                     f"visual tokens per image differ between images")
-        return None, len(runs)
-    if shape and len(shape) >= 3 and all(isinstance(s, int) for s in shape):
-        return prod(shape[1:-1]), shape[0]
-    notes.append(f"visual tokens per image not derivable from the visual-token tensor of shape {shape}")
-    return None, None
-
-
-def _grid(flow, order, taint, tokens_per_image) -> tuple[int, int] | None:
-    """The 2-D token grid, when a pixel-side convolution produces exactly that many positions."""
-    if tokens_per_image is None:
+def _grid(flow, taint, visual: str, tokens_per_image, vision_end: int) -> tuple[int, int] | None:
+    """The 2-D token grid of every image: the visual-token tensor's own ``[images, rows, cols, D]`` shape,
+    else the last pixel-side layout before it with exactly that many positions: a convolution or pooling
+    output ``[n, C, rows, cols]``, or, after the vision blocks (``vision_end``: order of the last one's
+    output), a reshape to ``[n, rows, cols, C]`` (a pixel shuffle in the connector, say)."""
+    if not isinstance(tokens_per_image, int):
         return None
-    for key in order:
+
+    def spatial(rows, cols):
+        return isinstance(rows, int) and isinstance(cols, int) and rows > 1 and cols > 1 \
+            and rows * cols == tokens_per_image
+
+    shape = flow.nodes[visual]["shape"] or ()
+    if len(shape) == 4 and spatial(shape[1], shape[2]):
+        return shape[1], shape[2]
+    for key in sorted(nx.ancestors(flow, visual) | {visual}, key=lambda k: flow.nodes[k]["order"], reverse=True):
         node = flow.nodes[key]
-        if node["op"] in CONV_OPS and taint[key] == PIXELS and node["shape"] and len(node["shape"]) == 4:
-            height, width = node["shape"][-2:]
-            if isinstance(height, int) and isinstance(width, int) and height * width == tokens_per_image:
-                return height, width
+        shape = node["shape"] or ()
+        if taint[key] != PIXELS or len(shape) != 4:
+            continue
+        if node["op"] in CONV_OPS | POOL_OPS and spatial(shape[2], shape[3]):
+            return shape[2], shape[3]
+        if node["op"] in RESHAPE_OPS and node["order"] > vision_end and spatial(shape[1], shape[2]):
+            return shape[1], shape[2]
     return None
 
 
@@ -340,18 +407,25 @@ def _runs_of_blocks(flow, kids, members) -> list[list[Block]]:
     runs.append(current)
     stacks = []
     for run in runs:
-        hashes = {kid: _shape_hash(flow, members[kid]) for kid in run}
+        hashes = {kid: _kind_key(flow, members[kid]) for kid in run}
         counts = defaultdict(int)
         for h in hashes.values():
             counts[h] += 1
-        while run and counts[hashes[run[0]]] < 2:
+        items = {_container(kid) for kid in run if counts[hashes[kid]] >= 2} - {None}
+        while run and counts[hashes[run[0]]] < 2 and _container(run[0]) not in items:
             run = run[1:]
-        while run and counts[hashes[run[-1]]] < 2:
+        while run and counts[hashes[run[-1]]] < 2 and _container(run[-1]) not in items:
             run = run[:-1]
         blocks = _blocks(flow, run, members, hashes) if len(run) >= 2 else []
         if blocks and all(_is_residual(flow, b, members[b.path]) for b in blocks):
             stacks.append(blocks)
     return stacks
+
+
+def _container(path: str) -> str | None:
+    """``a.b.layers`` for ``a.b.layers.3``: the list a numbered module is an item of (None when not numbered)."""
+    parent, _, name = path.rpartition(".")
+    return parent if name.isdigit() else None
 
 
 def _is_residual(flow: nx.DiGraph, block: Block, nodes: list[str]) -> bool:
@@ -360,13 +434,15 @@ def _is_residual(flow: nx.DiGraph, block: Block, nodes: list[str]) -> bool:
     return sum(1 for s in flow.successors(block.hidden_in) if s in inside) >= 2
 
 
-def _fed_siblings(flow, kid, nodes, owner, limit=64) -> set[str]:
-    """Siblings reached from ``kid``'s outputs through nodes of no sibling (glue), within ``limit``."""
+def _fed_siblings(flow, kid, nodes, owner, limit=256) -> set[str]:
+    """Siblings reached from ``kid``'s outputs through nodes of no sibling (glue), breadth first, within
+    ``limit`` glue nodes (so a side branch, e.g. a hidden state kept for a later projector, cannot hide the
+    next block)."""
     inside = set(nodes)
-    frontier = [s for n in nodes for s in flow.successors(n) if s not in inside]
+    frontier = deque(s for n in nodes for s in flow.successors(n) if s not in inside)
     reached, seen = set(), set()
     while frontier and len(seen) < limit:
-        key = frontier.pop()
+        key = frontier.popleft()
         if key in seen:
             continue
         seen.add(key)
@@ -378,7 +454,16 @@ def _fed_siblings(flow, kid, nodes, owner, limit=64) -> set[str]:
     return reached
 
 
-def _shape_hash(flow: nx.DiGraph, nodes: list[str]) -> str:
+def _kind_key(flow: nx.DiGraph, nodes: list[str]) -> str:
+    """What makes two blocks the same kind: the shapes of the parameters they read, in order of first use
+    (the op graph's hash for blocks without parameters)."""
+    shapes = []
+    for key in nodes:
+        for pred in flow.predecessors(key):
+            if flow.nodes[pred]["op"] == "param" and pred not in shapes:
+                shapes.append(pred)
+    if shapes:
+        return repr([flow.nodes[p]["shape"] for p in shapes])
     sub = nx.DiGraph()
     for key in nodes:
         sub.add_node(key, op=flow.nodes[key]["op"])
@@ -405,4 +490,28 @@ def _blocks(flow, run, members, hashes) -> list[Block]:
         kind = kinds.setdefault(hashes[kid], len(kinds))
         blocks.append(Block(kid, kind, hidden_in, hidden_out, len(nodes)))
         hidden_in = hidden_out
+    for block in blocks:
+        block.feeds = _side_channels(flow, block, members, [b.path for b in blocks])
     return blocks
+
+
+def _side_channels(flow, block: Block, members, paths: list[str], limit: int = 64) -> tuple[int, ...]:
+    """Indices of the other blocks that read a value ``block`` computes from its hidden input, other than its
+    hidden output (keys and values shared across layers, say), directly or through glue outside every block."""
+    owner = {key: index for index, path in enumerate(paths) for key in members[path]}
+    me = paths.index(block.path)
+    inside = set(members[block.path])
+    computed = inside & nx.descendants(flow, block.hidden_in)  # not values merely passed through (position tables)
+    frontier = deque(s for n in computed if n != block.hidden_out for s in flow.successors(n) if s not in inside)
+    readers, seen = set(), set()
+    while frontier and len(seen) < limit:
+        key = frontier.popleft()
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in owner:
+            if owner[key] != me:
+                readers.add(owner[key])
+            continue
+        frontier.extend(flow.successors(key))
+    return tuple(sorted(readers))

@@ -29,22 +29,24 @@ class PassSpec:
     config_cls: type
     apply: Callable
     estimate: Callable | None = None  # (structure, config) -> stsc.savings.Savings
+    check: Callable | None = None  # (structure) -> None, or why the pass cannot work on that structure
 
 
 _PASSES: dict[str, PassSpec] = {}
 
 
-def register_pass(name: str, config_cls: type, estimate: Callable | None = None):
+def register_pass(name: str, config_cls: type, estimate: Callable | None = None, check: Callable | None = None):
     """Decorator registering ``apply(model, structure, config, example_inputs)`` as pass ``name``.
 
     ``estimate(structure, config)``, if given, returns the :class:`stsc.savings.Savings` the pass is
-    expected to bring (for reports, before anything runs).
+    expected to bring (for reports, before anything runs). ``check(structure)``, if given, returns why
+    the pass cannot work on a matched structure (None when it can), for reports before any pass runs.
     """
 
     def decorate(apply: Callable) -> Callable:
         if name in _PASSES and _PASSES[name].apply is not apply:
             raise ValueError(f"a pass named {name!r} is registered already")
-        _PASSES[name] = PassSpec(name, config_cls, apply, estimate)
+        _PASSES[name] = PassSpec(name, config_cls, apply, estimate, check)
         return apply
 
     return decorate

@@ -9,6 +9,7 @@ from torch import nn
 
 from .capture import capture
 from .match import Block, Boundary, Structure, match
+from .registry import available_passes, get_pass
 
 __all__ = ["Report", "capture_and_match", "inspect"]
 
@@ -27,6 +28,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     capture_notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    support: dict[str, str] = field(default_factory=dict)  # pass name -> "ok" or why it cannot work here
 
     @property
     def supported(self) -> bool:
@@ -47,16 +49,20 @@ class Report:
         if b is None:
             lines.append("boundary     no vision boundary found")
         else:
-            grid = f"{b.grid[0]}x{b.grid[1]}" if b.grid else "-"
+            grid = (f"{b.grid[0]}x{b.grid[1]}" if b.grid
+                    else f"per image from {b.grid_input} / {b.grid_scale}" if b.grid_input else "-")
+            layout = ", rows separated by break tokens" if b.rows_layout else ""
+            positions = getattr(b.positions, "code", None) or (repr(b.positions) if b.positions else "-")
             lines += [
                 f"boundary     {b.kind} ({b.merge_op} at {b.merge_node})",
                 f"  visual tokens   {b.visual_tokens} shape {list(b.visual_shape or ())}, "
                 f"from module '{b.producer_module or '-'}'",
                 f"  per image       {b.tokens_per_image if b.tokens_per_image is not None else '-'} tokens, "
-                f"grid {grid}, {b.images if b.images is not None else '-'} images in the example",
+                f"grid {grid}, {b.images if b.images is not None else '-'} images in the example{layout}",
+                f"  positions       {positions}",
                 f"  placeholder id  {b.placeholder_id if b.placeholder_id is not None else '-'}",
                 f"  pixel inputs    {', '.join(b.vision_inputs)}",
-                f"  aligned inputs  {', '.join(b.aligned_inputs)}",
+                f"  decoder entry   {b.decoder_entry or '-'}",
             ]
         kinds = f", {self.block_kinds} kinds" if self.block_kinds > 1 else ""
         lines.append(f"decoder      {len(self.blocks)} blocks{kinds}")
@@ -65,6 +71,7 @@ class Report:
         if self.vision_blocks:
             lines.append(f"vision       {len(self.vision_blocks)} blocks: {self.vision_blocks[0]} .. {self.vision_blocks[-1]}")
         lines += [f"not found    {note}" for note in self.notes]
+        lines += [f"support      {name}: {verdict}" for name, verdict in self.support.items()]
         return "\n".join(lines)
 
 
@@ -73,9 +80,13 @@ def capture_and_match(model: nn.Module, example_inputs: dict) -> tuple[Structure
     start = time.perf_counter()
     cap = capture(model, example_inputs)
     structure = match(cap)
+    support = {}
+    for name in available_passes():
+        problem = get_pass(name).check(structure) if get_pass(name).check else None
+        support[name] = f"not supported: {problem}" if problem else "ok"
     report = Report(cap.method, len(cap.graphs), cap.fallback_reason, [b.path for b in structure.blocks],
                     structure.blocks, structure.block_kinds, structure.vision_blocks, structure.boundary,
-                    structure.token_input, structure.notes, cap.notes, time.perf_counter() - start)
+                    structure.token_input, structure.notes, cap.notes, time.perf_counter() - start, support)
     return structure, report
 
 

@@ -23,14 +23,16 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
+from .capture import first_line, forward_kwargs
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
 from .report import Report, capture_and_match
 from .savings import Savings
 
-__all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "sparsify"]
+__all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "model_loss", "sparsify"]
 
 
 class UnsupportedModelError(ValueError):
@@ -81,9 +83,10 @@ class SparseModel(nn.Module):
     """The caller's model with a stage policy applied; see the module docstring."""
 
     def __init__(self, model: nn.Module, policy: Policy, example_inputs: dict | None = None, stage: str | None = None,
-                 steps_per_epoch: int | None = None):
+                 steps_per_epoch: int | None = None, verify: bool = True):
         super().__init__()
         self.model = model
+        self.verify = verify
         self.policy = policy
         self.fixed_stage = policy.stage(stage) if stage is not None else None
         self.steps_per_epoch = steps_per_epoch
@@ -206,9 +209,14 @@ class SparseModel(nn.Module):
             self._sync()
 
     def _check_stage(self, stage: Stage) -> StageReport:
-        """Apply the stage's passes once (then remove them): fail early, and record what they did."""
+        """Apply the stage's passes once, run one training step on the example inputs with them, then remove
+        them: a pass that cannot work on this model fails now, not at training step N."""
         infos = self._activate(stage)
-        self._deactivate()
+        try:
+            if self.verify:
+                self._trial_step(stage, infos)
+        finally:
+            self._deactivate()
         estimates = [(get_pass(e.name).estimate, e.config) for e in stage.passes]
         savings = sum((estimate(self._structure, config) for estimate, config in estimates if estimate), Savings())
         shape = self._structure.hidden_shape
@@ -219,6 +227,24 @@ class SparseModel(nn.Module):
              for e, info in zip(stage.passes, infos)],
             sequence, sequence - savings.tokens_removed if sequence else None, savings.layers_run,
             1 - savings.flops_fraction(sequence, hidden) if sequence else None)
+
+    def _trial_step(self, stage: Stage, infos: list[PassInfo]) -> None:
+        """One training forward and backward of ``stage`` on the example inputs (each pass in its most
+        demanding setting, e.g. every skippable block skipped); the model is left exactly as it was."""
+        try:
+            with _untouched(self.model), contextlib.ExitStack() as trials:
+                for runtime in self._runtimes.values():
+                    if hasattr(runtime, "trial"):
+                        trials.enter_context(runtime.trial())
+                output = self.model(**forward_kwargs(self.model, self._inputs)[0])
+                loss = model_loss(output)
+                if loss.requires_grad:
+                    loss.backward()
+        except Exception as exc:  # noqa: BLE001 - whatever breaks, the user gets it now, with what was found
+            found = "; ".join(f"{info.name}: {_summary(info)}" for info in infos)
+            raise UnsupportedModelError(
+                f"stage {stage.name!r} ({', '.join(e.name for e in stage.passes)}): a training step on the example "
+                f"inputs failed: {type(exc).__name__}: {first_line(exc)} (found: {found})") from exc
 
     def _sync(self) -> None:
         """Install the passes of the stage that the progress selects, and move their schedules."""
@@ -284,6 +310,42 @@ class _Forward:
 
 
 @contextlib.contextmanager
+def _untouched(model: nn.Module):
+    """Run something that trains ``model`` for one step, then put back its modes, gradients, buffers and the RNG."""
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    model.train()
+    for p, _ in grads:
+        p.grad = None
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, grad in grads:
+            p.grad = grad
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+
+
+def model_loss(output) -> torch.Tensor:
+    """The model's loss, or a stand-in (the mean square of its first floating-point output) without one."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return leaves[0].float().pow(2).mean()
+
+
+def _summary(info: PassInfo) -> str:
+    return ", ".join(f"{k}={v}" for k, v in info.details.items() if not isinstance(v, (dict, list)) or len(str(v)) < 80)
+
+
+@contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -295,11 +357,14 @@ def _eval_mode(model: nn.Module):
 
 
 def sparsify(model: nn.Module, policy: Policy | str, example_inputs: dict | None = None, stage: str | None = None,
-             steps_per_epoch: int | None = None) -> SparseModel:
+             steps_per_epoch: int | None = None, verify: bool = True) -> SparseModel:
     """Apply a stage ``policy`` (a :class:`Policy`, a YAML path or a preset name) to ``model``.
 
     ``example_inputs``: forward kwargs of one batch, for capture (default: the first batch seen).
     ``stage``: run only this stage (a separate run); default: the stage follows :meth:`SparseModel.set_progress`.
     ``steps_per_epoch``: lets ``set_progress(step=...)`` alone move an epoch-counted policy.
+    ``verify``: run one training forward and backward of every stage on the example inputs before returning
+    (the model is left as it was), so a pass that does not fit the model fails now with
+    :class:`UnsupportedModelError`, not at training step N.
     """
-    return SparseModel(model, load_policy(policy), example_inputs, stage, steps_per_epoch)
+    return SparseModel(model, load_policy(policy), example_inputs, stage, steps_per_epoch, verify)

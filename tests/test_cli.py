@@ -134,8 +134,7 @@ def test_transform_model_the_passes_cannot_use_exits_3(tmp_path):
     assert result.returncode == 3
     assert result.stderr.splitlines()[-1] == (
         f"stsc: error: {path}: model not supported: stage 'alignment', pass compress_visual_tokens: "
-        "compress_visual_tokens needs a vision boundary, and none was found: no vision boundary found: "
-        "the model has no floating-point input (pixels) besides tokens")
+        "no vision boundary found: the model has no floating-point input (pixels) besides tokens")
 
 
 def test_transform_bad_policy_exits_2(tmp_path):

@@ -1,4 +1,4 @@
-"""The Visual Token Compressor pass: selection methods, sequence consistency, training, eval."""
+"""The Visual Token Compressor pass: what each method keeps, compaction at the decoder entry, training, eval."""
 
 import copy
 import subprocess
@@ -6,12 +6,15 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hf_models
 import tiny_llava
 from stsc import capture, match
 from stsc.capture import forward_kwargs
-from stsc.passes.compress_visual_tokens import (CompressVisualTokensConfig, apply, compress, uniform_indices)
+from stsc.layout import Image
+from stsc.passes.compress_visual_tokens import (CompressVisualTokensConfig, apply, compact, compact_hidden, expand,
+                                                plan, select, uniform_indices)
 from stsc.schedules import seeded_generator
 
 
@@ -23,38 +26,70 @@ def test_uniform_on_grid_hand_computed():
 
 def test_random_draws_the_same_subset_in_another_process():
     code = ("import torch; from stsc.schedules import seeded_generator; "
-            "print(torch.rand(2, 64, generator=seeded_generator(5, 9, 0)).argsort(-1)[:, :16].sort(-1).values.tolist())")
+            "print(torch.rand(64, generator=seeded_generator(5, 9, 0)).argsort()[:16].sort().values.tolist())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    features = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 64, 1)
-    kept = compress(features, CompressVisualTokensConfig(method="random", keep_ratio=0.25), None, 16,
+    groups = select(torch.randn(64, 8), CompressVisualTokensConfig(method="random", keep_ratio=0.25), None, 16,
                     seeded_generator(5, 9, 0))
-    assert str(kept.squeeze(-1).long().sub(torch.tensor([[0], [64]])).tolist()) == other
+    assert str([g[0] for g in groups]) == other
 
 
-def test_pool_takes_neighbourhood_means():
-    features = torch.randn(3, 16, 5)
-    pooled = compress(features, CompressVisualTokensConfig(method="pool", kernel=2), (4, 4), 4)
-    grid = features.reshape(3, 4, 4, 5)
-    expected = torch.stack([grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)], dim=1)
-    torch.testing.assert_close(pooled, expected)
+def test_pool_groups_are_grid_neighbourhoods():
+    groups = select(torch.randn(16, 4), CompressVisualTokensConfig(method="pool", kernel=2), (4, 4), 4)
+    assert groups == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 
 
-def test_merge_averages_the_most_similar_tokens():
-    base = torch.randn(1, 1, 8)
-    features = torch.cat([base, base, -base, -base], dim=1)  # two pairs of identical tokens
-    merged = compress(features, CompressVisualTokensConfig(method="merge", keep_ratio=0.5), None, 2)
-    assert merged.shape == (1, 2, 8)
-    torch.testing.assert_close(torch.sort(merged[0, :, 0]).values, torch.sort(torch.stack([base[0, 0, 0], -base[0, 0, 0]])).values)
+def test_merge_groups_the_most_similar_tokens():
+    base = torch.randn(8)
+    features = torch.stack([base, base, -base, -base])  # two pairs of identical tokens
+    groups = select(features, CompressVisualTokensConfig(method="merge", keep_ratio=0.5), None, 2)
+    assert groups == [[0, 1], [2, 3]]
 
 
 def test_text_guided_keeps_tokens_most_similar_to_the_text():
     text = torch.eye(4)[:2]  # text embeddings along axes 0 and 1
-    features = torch.eye(4).flip(0).unsqueeze(0)  # tokens along axes 3, 2, 1, 0
-    kept = compress(features, CompressVisualTokensConfig(method="text_guided", keep_ratio=0.5), None, 2,
-                    text_embeddings=[text])
-    assert torch.equal(kept[0], torch.eye(4)[[1, 0]])  # tokens 2 and 3 of the image, in order
+    features = torch.eye(4).flip(0)  # tokens along axes 3, 2, 1, 0
+    groups = select(features, CompressVisualTokensConfig(method="text_guided", keep_ratio=0.5), None, 2, text=text)
+    assert groups == [[2], [3]]
 
 
+def test_plan_compacts_masks_positions_and_expands_back_hand_computed():
+    """Row 0: text, a 4-token image, text; row 1: text and a 2-token image, text. Keep half of each image."""
+    visual = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    images = [Image(0, (1, 2, 3, 4), None), Image(1, (3, 4), None)]
+    hidden = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1)
+    p = plan(hidden, visual, images, CompressVisualTokensConfig(keep_ratio=0.5))
+    # uniform keeps floor((i + 0.5) * n / k) of each image: tokens 1, 3 of row 0's image, token 1 of row 1's;
+    # row 0 is one position shorter and repeats its last position
+    assert p.index.tolist() == [[0, 2, 4, 5, 5], [0, 1, 2, 4, 5]]
+    assert (p.tokens, p.kept) == (6, 3)
+    assert compact_hidden(hidden, p).squeeze(-1).tolist() == [[0, 2, 4, 5, 5], [6, 7, 8, 10, 11]]
+    mask4d = torch.arange(2 * 36).reshape(2, 1, 6, 6)  # rows and columns both follow
+    assert torch.equal(compact(mask4d, p, 2, 6), torch.stack([mask4d[b][:, p.index[b]][:, :, p.index[b]]
+                                                              for b in range(2)]))
+    mrope = torch.arange(3 * 2 * 6).reshape(3, 2, 6)  # [3, B, T] positions keep their original values
+    assert compact(mrope, p, 2, 6).tolist() == [[[r[b][i] for i in p.index[b].tolist()] for b in range(2)]
+                                                for r in mrope.tolist()]
+    rows = torch.arange(6).unsqueeze(-1)  # one row per visual token of the batch: the kept ones stay
+    assert compact(rows, p, 2, 6).squeeze(-1).tolist() == [1, 3, 5]
+    assert expand(compact_hidden(hidden, p), p, 2).squeeze(-1).tolist() == [[0, 0, 2, 2, 4, 5], [6, 7, 8, 8, 10, 11]]
+
+
+def test_a_text_only_row_keeps_its_length_and_shorter_rows_repeat_their_last_position():
+    visual = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    p = plan(torch.zeros(2, 5, 1), visual, [Image(0, (1, 2, 3, 4), None)], CompressVisualTokensConfig(keep_ratio=0.5))
+    assert p.index.tolist() == [[0, 2, 4, 4, 4], [0, 1, 2, 3, 4]]
+
+
+def test_averaging_methods_put_the_mean_in_the_first_members_slot():
+    visual = torch.tensor([[0, 1, 1, 1, 1]], dtype=torch.bool)
+    hidden = torch.tensor([[[9.], [1.], [2.], [3.], [4.]]])
+    p = plan(hidden, visual, [Image(0, (1, 2, 3, 4), (2, 2))], CompressVisualTokensConfig(method="pool", kernel=2))
+    assert p.index.tolist() == [[0, 1]]
+    assert compact_hidden(hidden, p).squeeze(-1).tolist() == [[9.0, 2.5]]
+    assert compact(hidden.reshape(5, 1)[1:], p, 1, 5).tolist() == [[2.5]]  # visual-aligned rows are averaged alike
+
+
+# ------------------------------------------------------------------------------- on real models
 def build(family):
     if family in ("tiny", "tiny_concat"):
         model = tiny_llava.build_model(merge="concat" if family == "tiny_concat" else "scatter")
@@ -86,49 +121,52 @@ def first_block_input(model, structure, inputs):
 @pytest.mark.parametrize("method", ["uniform", "random", "text_guided", "pool", "merge"])
 def test_train_step_sequence_length_and_projector_gradient(family, method):
     if family == "gemma3" and method == "pool":  # its projector pools internally: no patch grid at the boundary
-        with pytest.raises(ValueError, match="^method 'pool' needs the 2-D token grid, which the matcher could not "
-                                             "derive$"):
+        with pytest.raises(ValueError, match="^method 'pool' needs each image's 2-D token grid, and an image of 16 "
+                                             "tokens has none the matcher could derive$"):
             compressed(family, method=method)
         return
     model, dense, inputs, structure, compressor, info = compressed(family, method=method, keep_ratio=0.25)
     b = structure.boundary
     before = {k: v.clone() for k, v in inputs.items()}
     out, hidden = first_block_input(model, structure, inputs)
-    n, k = b.tokens_per_image, compressor.kept
+    n, k = b.tokens_per_image, info.details["kept_per_image"]
     assert k == n // 4
-    text_len = inputs["input_ids"].shape[1]
-    expected = text_len - (n - k) if b.kind == "scatter" else text_len + k  # one image per sample
-    assert hidden.shape[1] == expected
+    dense_length = structure.hidden_shape[1]
+    assert hidden.shape[1] == dense_length - (n - k)  # one image per sample
+    assert out["logits"].shape[1] == dense(**forward_kwargs(dense, inputs)[0])["logits"].shape[1]  # expanded back
     out["loss"].backward()
     projector = model.get_submodule(b.producer_module)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
     assert all(torch.equal(inputs[key], before[key]) for key in inputs)  # caller's tensors untouched
 
 
-def test_text_tokens_labels_and_masks_stay_aligned(tiny):
-    model, _, inputs, structure, compressor, _ = compressed("tiny", keep_ratio=0.25)
-    captured = {}
-    model.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
-    model(**inputs)
-    ids, labels, mask = captured["input_ids"], captured["labels"], captured["attention_mask"]
-    placeholder = structure.boundary.placeholder_id
-    assert ids.shape == (2, inputs["input_ids"].shape[1] - (64 - 16))
-    assert int((ids == placeholder).sum(dim=1)[0]) == 16
-    for row in range(2):
-        text = inputs["input_ids"][row] != placeholder
-        assert torch.equal(ids[row][ids[row] != placeholder], inputs["input_ids"][row][text])
-        assert torch.equal(labels[row][ids[row] != placeholder], inputs["labels"][row][text])
-        assert torch.equal(mask[row][ids[row] != placeholder], inputs["attention_mask"][row][text])
-        assert bool((labels[row][ids[row] == placeholder] == -100).all())
+def test_loss_equals_the_model_run_on_a_hand_shortened_sequence():
+    """The tiny model with the dropped placeholders removed from its inputs and its projector output cut to
+    the kept tokens computes the very sequence stsc compacts: the losses agree."""
+    model, dense, inputs, structure, compressor, info = compressed("tiny", keep_ratio=0.25)
+    kept = uniform_indices(64, 16, (8, 8))
+    placeholders = (inputs["input_ids"] == tiny_llava.IMAGE_TOKEN_ID).nonzero()[:, 1].reshape(2, 64)
+    dropped = placeholders[:, [i for i in range(64) if i not in kept]]
+    keep = torch.ones_like(inputs["input_ids"], dtype=torch.bool).scatter(1, dropped, False)
+    shortened = {k: v[keep].reshape(2, -1) if k != "pixel_values" else v for k, v in inputs.items()}
+    dense.projector.register_forward_hook(lambda module, args, output: output[:, kept])
+    reference = dense(**shortened)["loss"]
+    torch.testing.assert_close(model(**inputs)["loss"], reference, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["tiny", "llava", "paligemma", "gemma3"])
+@pytest.mark.parametrize("family", ["tiny", "llava", "paligemma", "gemma3", "qwen2_vl"])
 def test_eval_is_the_dense_model(family):
     model, dense, inputs, *_ = compressed(family, method="random", keep_ratio=0.25)
     model.eval(), dense.eval()
     with torch.no_grad():
         assert torch.equal(model(**forward_kwargs(model, inputs)[0])["logits"],
                            dense(**forward_kwargs(dense, inputs)[0])["logits"])
+
+
+def test_keep_everything_is_the_dense_model():
+    model, dense, inputs, *_ = compressed("llava", keep_ratio=1.0)
+    torch.testing.assert_close(model(**forward_kwargs(model, inputs)[0]).logits,
+                               dense(**forward_kwargs(dense, inputs)[0]).logits, rtol=0, atol=0)
 
 
 def cross_attention_inputs(model, inputs, layer):
@@ -208,35 +246,24 @@ def test_invalid_config(kwargs, message):
     assert str(err.value) == message
 
 
-def test_projector_in_eval_mode_still_compresses_when_the_model_trains():
-    """A frozen projector put in eval() must not desynchronize features from the shrunk sequence."""
-    model, _, inputs, structure, compressor, _ = compressed("tiny", keep_ratio=0.25)
-    projector = model.get_submodule(structure.boundary.producer_module)
-    projector.eval()
-    seen = []
-    projector.register_forward_hook(lambda module, args, output: seen.append(output.shape))  # runs after ours
-    model(**inputs)
-    assert seen == [(2, 16, 64)]
-
-
-def test_placeholder_run_that_is_not_whole_images_is_refused():
+def test_a_call_without_the_inputs_the_positions_need_is_refused_clearly():
     model, _, inputs, *_ = compressed("tiny", keep_ratio=0.25)
-    broken = dict(inputs, input_ids=inputs["input_ids"].clone())
-    broken["input_ids"][:, 1:5] = 7  # 60 placeholders left where an image needs 64
     with pytest.raises(ValueError) as err:
-        model(**broken)
-    assert str(err.value) == "a run of 60 image placeholders (token 3) is not a whole number of images of 64 visual tokens"
+        model(inputs["input_ids"], **{k: v for k, v in inputs.items() if k != "input_ids"})
+    assert str(err.value) == ("the visual positions are computed from the model inputs input_ids; this call lacks "
+                              "input_ids as keyword tensor arguments")
 
 
 def test_random_compression_resumes_with_the_same_draws():
     model, _, inputs, structure, compressor, _ = compressed("tiny", method="random", keep_ratio=0.25)
-    outputs = []
-    projector = model.get_submodule(structure.boundary.producer_module)
-    projector.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    kept = []
     compressor.set_progress(step=4)
-    model(**inputs)
+    for _ in range(2):
+        model(**inputs)
+        kept.append(compressor.last_plan.index)
     state = compressor.state_dict()
     model(**inputs)
+    kept.append(compressor.last_plan.index)
     compressor.load_state_dict(state)
     model(**inputs)
-    assert torch.equal(outputs[1], outputs[2]) and not torch.equal(outputs[0], outputs[1])
+    assert torch.equal(kept[2], compressor.last_plan.index) and not torch.equal(kept[0], kept[1])

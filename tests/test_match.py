@@ -1,5 +1,7 @@
 """Capture + match on the bundled example and on tiny builds of Hugging Face MLLM families."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -22,7 +24,11 @@ def test_bundled_example(merge, kind):
     assert b.producer_module == "projector"
     assert b.placeholder_id == (tiny_llava.IMAGE_TOKEN_ID if merge == "scatter" else None)
     assert b.token_input == "input_ids" and b.vision_inputs == ["pixel_values"]
-    assert b.aligned_inputs == ["input_ids", "attention_mask", "labels"]
+    assert b.decoder_entry == "decoder"
+    if merge == "scatter":
+        assert b.positions.code == f"eq(input_ids, {tiny_llava.IMAGE_TOKEN_ID})"
+    else:
+        assert (b.positions.offset, b.positions.count) == (0, 64)
 
 
 @pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "idefics3", "mllama", "qwen2_vl"])
@@ -34,7 +40,7 @@ def test_hf_family(family):
     assert report.boundary.kind == expected.boundary_kind
     assert report.boundary.tokens_per_image == expected.tokens_per_image
     assert report.boundary.placeholder_id == expected.placeholder_id
-    assert "input_ids" in report.boundary.aligned_inputs and "labels" in report.boundary.aligned_inputs
+    assert report.support == {"compress_visual_tokens": "ok", "skip_layers": "ok"}
 
 
 def test_grid_from_patch_convolution():
@@ -52,12 +58,23 @@ def test_mixed_stack_reports_two_block_kinds():
     assert report.boundary.producer_module == "model.multi_modal_projector"
 
 
-def test_dynamo_fallback_is_reported():
+def test_export_failure_falls_back_to_a_real_tensor_trace_and_is_reported():
+    model, inputs = hf_models.qwen2_vl()
+    report = inspect(model, inputs)
+    assert report.capture_method == "trace" and report.graphs == 1
+    assert report.fallback_reason.startswith("torch.export failed: ")
+    assert report.boundary.merge_op == "masked_scatter"
+    assert report.vision_blocks == ["model.visual.blocks.0", "model.visual.blocks.1"]
+
+
+def test_dynamo_is_the_last_resort(monkeypatch):
+    capture_module = importlib.import_module("stsc.capture")  # `stsc.capture` is also the function
+    monkeypatch.setattr(capture_module, "_trace", lambda model, kwargs: RuntimeError("no trace"))
     model, inputs = hf_models.qwen2_vl()
     report = inspect(model, inputs)
     assert report.capture_method == "dynamo" and report.graphs > 1
-    assert report.fallback_reason.startswith("torch.export failed: ")
-    assert report.boundary.merge_op == "masked_scatter"
+    assert report.fallback_reason.endswith("; the real-tensor trace failed: RuntimeError: no trace")
+    assert report.boundary.merge_op == "masked_scatter" and report.blocks == model.stsc_expected.blocks
 
 
 def test_use_cache_is_disabled_for_capture_and_said():

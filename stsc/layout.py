@@ -1,0 +1,107 @@
+"""Layout: where each image's visual tokens sit in the sequence that enters the decoder.
+
+The matcher finds *which* positions of the merged sequence are visual (a ``[batch, seq]`` mask);
+this module groups them into images, the unit every compression method works on:
+
+* a **run** is a maximal stretch of consecutive visual positions in one row;
+* an image is one run (the usual layout: ``[text] <image> x N [text]``), or, in the **rows** layout,
+  a chain of equal-length runs each followed by one separator token of the same id (a break token
+  after each row of patches, as Pixtral-style models lay images out); the image's grid is then
+  (runs, run length) and the separators stay in the sequence as text;
+* an image's **grid** (rows, cols), where known, lets ``uniform`` keep an even spread in 2-D.
+
+Everything here is a pure function of tensors; it runs on the example at match time (to report tokens
+per image) and on every training batch in the compressor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+__all__ = ["Image", "images_in", "metadata_grids", "metadata_scale", "runs_in"]
+
+
+@dataclass(frozen=True)
+class Image:
+    row: int  # batch row
+    positions: tuple[int, ...]  # sequence positions of its visual tokens, in raster order
+    grid: tuple[int, int] | None  # (rows, cols) with rows * cols == len(positions), when known
+
+    @property
+    def tokens(self) -> int:
+        return len(self.positions)
+
+
+def runs_in(mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every run of True in the rows of a ``[batch, seq]`` bool mask."""
+    padded = torch.nn.functional.pad(mask.to(torch.int8), (1, 1))
+    edges = padded.diff(dim=1)
+    starts, ends = (edges == 1).nonzero().tolist(), (edges == -1).nonzero().tolist()
+    return [(row, start, end - start) for (row, start), (_, end) in zip(starts, ends)]
+
+
+def images_in(mask: torch.Tensor, token_ids: torch.Tensor | None = None, rows_layout: bool = False,
+              grids: Sequence[tuple[int, int] | None] = (), default_grid: tuple[int, int] | None = None) -> list[Image]:
+    """Group the visual positions of ``mask`` into images, in sequence order (row by row).
+
+    ``rows_layout``: chain runs into images as described in the module docstring (needs ``token_ids``
+    to compare separators). The grid of an image that is a single run is ``grids[i]`` (per-image
+    metadata, in image order), else ``default_grid`` (e.g. a patch convolution's), where its size
+    matches the image's.
+    """
+    runs = runs_in(mask)
+    groups: list[list[tuple[int, int, int]]] = []
+    for run in runs:
+        if rows_layout and groups and _continues(groups[-1], run, token_ids):
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    images = []
+    for index, group in enumerate(groups):
+        row = group[0][0]
+        positions = tuple(p for _, start, length in group for p in range(start, start + length))
+        if len(group) > 1:
+            image_grid = (len(group), group[0][2])
+        else:
+            candidates = (grids[index] if index < len(grids) else None, default_grid)
+            image_grid = next((g for g in candidates if g is not None and prod(g) == len(positions)), None)
+        images.append(Image(row, positions, image_grid))
+    return images
+
+
+def _continues(group: list[tuple[int, int, int]], run: tuple[int, int, int], token_ids: torch.Tensor) -> bool:
+    """``run`` is the next row of the image ``group``: same batch row and length, one separator token
+    between them, and that separator has the id of the group's earlier separators."""
+    row, start, length = run
+    last_row, last_start, last_length = group[-1]
+    if row != last_row or length != last_length or start != last_start + last_length + 1:
+        return False
+    separator = int(token_ids[row, start - 1])
+    if len(group) > 1:
+        first_row, first_start, first_length = group[0]
+        return separator == int(token_ids[first_row, first_start + first_length])
+    return True
+
+
+def metadata_grids(values: torch.Tensor, scale: int) -> list[tuple[int, int]]:
+    """Per-image grids from metadata rows ``[..., height, width]`` (patches or pixels) divided by ``scale``."""
+    return [(int(h) // scale, int(w) // scale) for h, w in values[:, -2:].tolist()]
+
+
+def metadata_scale(values: torch.Tensor, tokens: list[int]) -> int | None:
+    """The ``scale`` for which every row of ``values`` ``[images, >= 2]`` gives its image's token count as
+    ``(height / scale) * (width / scale)`` (e.g. a grid in patches merged 2 x 2, or an image size in pixels
+    with 16-pixel tokens); None when there is no such scale."""
+    if values.dim() != 2 or values.shape[1] < 2 or values.shape[0] != len(tokens) or values.is_floating_point():
+        return None
+    scales = set()
+    for (h, w), n in zip(values[:, -2:].tolist(), tokens):
+        scale = round((h * w / n) ** 0.5) if n and h * w % n == 0 else 0
+        if scale < 1 or h % scale or w % scale or (h // scale) * (w // scale) != n:
+            return None
+        scales.add(scale)
+    return scales.pop() if len(scales) == 1 else None
