@@ -531,7 +531,7 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
     b = structure.boundary
     if b.kind == "cross_attention":
         return _apply_cross_attention(model, structure, config)
-    images = _example_images(b, structure, example_inputs)
+    images = _example_images(b, example_inputs)
     kept = [kept_count(image.tokens, config, image.grid) for image in images]  # refuses what cannot be compressed
     modules = dict(model.named_modules())
     if b.decoder_entry is not None:
@@ -539,7 +539,7 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
     else:
         entries = [modules[block.path] for block in structure.blocks]
         exit_module, where = entries[-1], f"each decoder block ({structure.blocks[0].path} ...)"
-    hidden_path = _hidden_path(model, entries[0], example_inputs, structure.hidden_shape)
+    hidden_path = _hidden_path(model, entries[0], example_inputs, b.merged_shape)
     compactor = SequenceCompactor(model, b, config, entries, exit_module, hidden_path)
     return compactor, PassInfo("compress_visual_tokens", 1, {
         "boundary": b.kind, "visual_positions": getattr(b.positions, "code", repr(b.positions)),
@@ -548,10 +548,10 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
     })
 
 
-def _example_images(boundary, structure, example_inputs: dict) -> list[Image]:
+def _example_images(boundary, example_inputs: dict) -> list[Image]:
     """The images of the example inputs, laid out as the compactor will see them."""
     if isinstance(boundary.positions, Slots):
-        mask = boundary.positions.mask(*structure.hidden_shape[:2])
+        mask = boundary.positions.mask(*boundary.merged_shape[:2])
     else:
         mask = boundary.positions(example_inputs)
     return images_in(mask, example_inputs.get(boundary.token_input), boundary.rows_layout,

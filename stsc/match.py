@@ -84,6 +84,7 @@ class Boundary:
     kind: str  # "scatter" | "concat" | "cross_attention" | "other"
     merge_node: str  # data-flow key where pixel-derived values meet the token stream
     merge_op: str
+    merged_shape: tuple  # the merged sequence [batch, seq, hidden] the merge produces
     visual_tokens: str  # data-flow key of the visual-token tensor
     visual_shape: tuple | None
     producer_module: str | None  # the module whose output is the visual-token tensor
@@ -236,7 +237,8 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
     tokens_per_image, images, rows_layout, grid_input, scale = _images(cap, flow, merge, positions, token_input,
                                                                        shape, notes)
     grid = _grid(flow, taint, visual, tokens_per_image, vision_end)
-    return Boundary(kind, merge, op, visual, shape, _producer_module(flow, visual, merge), tokens_per_image,
+    return Boundary(kind, merge, op, tuple(flow.nodes[merge]["shape"]), visual, shape,
+                    _producer_module(flow, visual, merge), tokens_per_image,
                     images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
                     _decoder_entry(flow, merge, blocks), grid_input, scale)
 
@@ -476,20 +478,19 @@ def _kind_key(flow: nx.DiGraph, nodes: list[str]) -> str:
 def _blocks(flow, run, members, hashes) -> list[Block]:
     kinds: dict[str, int] = {}
     blocks = []
-    hidden_in = None
     for kid in run:
         nodes = members[kid]
         inside = set(nodes)
         outs = [n for n in nodes if _is_float(flow, n) and any(s not in inside for s in flow.successors(n))]
         hidden_out = max(outs, key=lambda n: flow.nodes[n]["order"]) if outs else nodes[-1]
-        if hidden_in is None:
-            shape = flow.nodes[hidden_out]["shape"]
-            entering = [p for n in nodes for p in flow.predecessors(n)
-                        if p not in inside and flow.nodes[p]["shape"] == shape and _is_float(flow, p)]
-            hidden_in = max(entering, key=lambda n: flow.nodes[n]["order"]) if entering else nodes[0]
+        shape = flow.nodes[hidden_out]["shape"]
+        entering = [p for n in nodes for p in flow.predecessors(n)
+                    if p not in inside and flow.nodes[p]["shape"] == shape and _is_float(flow, p)]
+        # the latest value of the hidden state's shape entering the block: the previous block's output, or
+        # what glue between the blocks made of it (visual features added after a layer, say)
+        hidden_in = max(entering, key=lambda n: flow.nodes[n]["order"]) if entering else nodes[0]
         kind = kinds.setdefault(hashes[kid], len(kinds))
         blocks.append(Block(kid, kind, hidden_in, hidden_out, len(nodes)))
-        hidden_in = hidden_out
     for block in blocks:
         block.feeds = _side_channels(flow, block, members, [b.path for b in blocks])
     return blocks
