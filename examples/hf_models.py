@@ -11,7 +11,8 @@ The sections, by how images enter the token sequence:
 
 (a) One run of placeholders per image: llava, vipllava, paligemma, gemma3, gemma3_mixed, idefics3, smolvlm, idefics2,
     internvl, aya_vision, cohere2_vision, janus, deepseek_vl, got_ocr2, perception_lm, aria, fast_vlm, video_llava,
-    blip2, instructblip, ovis2, chameleon, emu3.
+    blip2, instructblip, ovis2, chameleon, emu3. smolvlm and idefics2 tile an image: one run per tile, and
+    ``tokens_per_image`` counts one tile (stsc treats each tile as its own image).
 (b) Positions given by a mask input, over several distinct ids: kosmos2.
 (c) Dynamic resolution, tokens per image from size or grid metadata: llava_next, llava_next_mixed, llava_onevision,
     llava_next_video, qwen2_vl, qwen2_vl_mixed, qwen2_5_vl, qwen2_5_vl_mixed, qwen3_vl, qwen3_vl_moe, glm4v,
@@ -36,11 +37,14 @@ from torch import nn
 IGNORE_INDEX = -100
 BATCH = 2
 BOS = 1
+VOCAB = 128
 TEXT_IDS = (20, 100)  # random text ids: clear of every special id below (< 20) and of image-code ids at 100 and up
 
 
 @dataclass(frozen=True)
 class Expected:
+    """What a correct analysis finds: decoder block paths, boundary kind, visual tokens per image, placeholder id."""
+
     blocks: list[str]
     boundary_kind: str
     tokens_per_image: int | list[int]
@@ -48,7 +52,7 @@ class Expected:
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
-def _text(hidden=64, layers=3, vocab=128, **extra):
+def _text(hidden=64, layers=3, vocab=VOCAB, **extra):
     """A small decoder config (as kwargs); ``extra`` adds or overrides keys."""
     return {**dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512), **extra}
@@ -107,6 +111,63 @@ def _finish(model, inputs, expected):
     return model.train(), inputs
 
 
+def _same_rows(model, prompt, pixels, blocks, tokens, placeholder, batch=BATCH, **extra):
+    """Finish a build whose rows all hold ``prompt``: ``pixel_values`` of shape ``[batch, *pixels]``, then the ``extra``
+    inputs; a scatter boundary of ``tokens`` per image at ``placeholder``."""
+    input_ids, mask, labels = _batch([prompt] * batch)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(batch, *pixels), attention_mask=mask, labels=labels,
+                  **extra)
+    return _finish(model, inputs, Expected(blocks, "scatter", tokens, placeholder))
+
+
+# timm is not installed: fast_vlm and gemma3n get this stand-in conv tower (the projector, merge and decoder are theirs)
+class _ResConv(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+class _TinyConvTower(nn.Module):
+    """Stand-in for a timm conv backbone: patchify stem + 2 residual conv blocks -> ``[B, C, h, w]``."""
+
+    def __init__(self, width=32, patch=8, layers=2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, patch, stride=patch)
+        self.blocks = nn.ModuleList([_ResConv(width) for _ in range(layers)])
+
+    def forward(self, pixel_values, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        x = self.stem(pixel_values)
+        for block in self.blocks:
+            x = block(x)
+        return BaseModelOutputWithPooling(last_hidden_state=x)
+
+
+@contextlib.contextmanager
+def _stand_in_tower(module, config_type_name):
+    """While building, make ``module.AutoModel.from_config`` return a ``_TinyConvTower`` for that config type."""
+    original = module.AutoModel
+
+    class _Auto:
+        @staticmethod
+        def from_config(config, *args, **kwargs):
+            if type(config).__name__ == config_type_name:
+                return _TinyConvTower(32, patch=8)
+            return original.from_config(config, *args, **kwargs)
+
+    module.AutoModel = _Auto
+    try:
+        yield
+    finally:
+        module.AutoModel = original
+
+
 # -------------------------------------------------------------------------------------- (a) one run per image
 def llava(layers=3, batch=2):
     """LlavaForConditionalGeneration: CLIP tower (CLS dropped), ``[bos, image x 16, text]``."""
@@ -117,9 +178,8 @@ def llava(layers=3, batch=2):
                       image_token_id=image_token, vision_feature_layer=-1)
     model = _seeded(LlavaForConditionalGeneration, cfg)
     tokens = (32 // 8) ** 2  # the CLS token is dropped by the default feature selection
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * batch)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(batch, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token,
+                      batch=batch)
 
 
 def vipllava(layers=3):
@@ -132,9 +192,7 @@ def vipllava(layers=3):
     cfg = VipLlavaConfig(vision_config=_clip(32, 8), text_config=text, image_token_index=image_token,
                          vision_feature_layer=[-2, -1], image_seq_length=tokens)
     model = _seeded(VipLlavaForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token)
 
 
 def paligemma(layers=3):
@@ -198,9 +256,8 @@ def idefics3(layers=3):
     cfg = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**_text(layers=layers)),
                          image_token_id=image_token, scale_factor=2)
     model = _seeded(Idefics3ForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 1, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers, "model.text_model.layers"), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (1, 3, 32, 32), _blocks(layers, "model.text_model.layers"),
+                      tokens, image_token)
 
 
 def smolvlm(layers=3):
@@ -221,11 +278,8 @@ def smolvlm(layers=3):
     for rc in row_col:
         prompt += [fake, rc] + [image_token] * per_tile
     prompt += [newline, newline, fake, glob] + [image_token] * per_tile + [fake]
-    input_ids, mask, labels = _batch([prompt] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 3, size, size), attention_mask=mask,
-                  labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers, "model.text_model.layers"), "scatter", per_tile,
-                                           image_token))
+    return _same_rows(model, prompt, (3, 3, size, size), _blocks(layers, "model.text_model.layers"), per_tile,
+                      image_token)
 
 
 def idefics2(layers=3):
@@ -243,15 +297,12 @@ def idefics2(layers=3):
                          text_config=text, image_token_id=image_token)
     model = _seeded(Idefics2ForConditionalGeneration, cfg)
     prompt = [BOS] + ([fake] + [image_token] * latents + [fake]) * subs  # the processor's image_str * 5
-    input_ids, mask, labels = _batch([prompt] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, subs, 3, size, size), attention_mask=mask,
-                  labels=labels, pixel_attention_mask=torch.ones(BATCH, subs, size, size, dtype=torch.bool))
-    return _finish(model, inputs, Expected(_blocks(layers, "model.text_model.layers"), "scatter", latents,
-                                           image_token))
+    return _same_rows(model, prompt, (subs, 3, size, size), _blocks(layers, "model.text_model.layers"), latents,
+                      image_token, pixel_attention_mask=torch.ones(BATCH, subs, size, size, dtype=torch.bool))
 
 
 def internvl(layers=3):
-    """InternVLForConditionalGeneration: 8 x 8 patches (CLS dropped) pixel-shuffled to 16, ``<img> image x 16 </img>``."""
+    """InternVLForConditionalGeneration: 8 x 8 patches (CLS dropped) pixel-shuffled to 16, between ``<img> </img>``."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
     image_token, img_start, img_end, tokens = 3, 4, 5, 16
@@ -260,9 +311,8 @@ def internvl(layers=3):
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token, image_seq_length=tokens,
                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
     model = _seeded(InternVLForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS, img_start] + [image_token] * tokens + [img_end]] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS, img_start] + [image_token] * tokens + [img_end], (3, 32, 32), _blocks(layers),
+                      tokens, image_token)
 
 
 def _cohere2_vision_family(config_cls, model_cls, layers, **extra):
@@ -275,9 +325,8 @@ def _cohere2_vision_family(config_cls, model_cls, layers, **extra):
     cfg = config_cls(vision_config=_vit(SiglipVisionConfig, image_size=32, patch_size=4), text_config=text,
                      downsample_factor=2, **extra)
     model = _seeded(model_cls, cfg)
-    input_ids, mask, labels = _batch([[BOS, start] + [image_token] * tokens + [end]] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS, start] + [image_token] * tokens + [end], (3, 32, 32), _blocks(layers), tokens,
+                      image_token)
 
 
 def aya_vision(layers=3):
@@ -309,9 +358,8 @@ def janus(layers=3):
     text = LlamaConfig(**_text(layers=layers), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token)
     model = _seeded(JanusForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS, boi] + [image_token] * tokens + [eoi], (3, 32, 32), _blocks(layers), tokens,
+                      image_token)
 
 
 def deepseek_vl(layers=3):
@@ -323,9 +371,7 @@ def deepseek_vl(layers=3):
     cfg = DeepseekVLConfig(text_config=text, vision_config=_vit(SiglipVisionConfig, image_size=32, patch_size=8),
                            image_token_id=image_token)
     model = _seeded(DeepseekVLForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token)
 
 
 def got_ocr2(layers=3):
@@ -342,9 +388,7 @@ def got_ocr2(layers=3):
         for param in model.model.vision_tower.parameters():
             if param.dim() >= 2:
                 param.normal_(std=0.05)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 64, 64), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 64, 64), _blocks(layers), tokens, image_token)
 
 
 def perception_lm(layers=3):
@@ -359,9 +403,7 @@ def perception_lm(layers=3):
                              vision_use_cls_token=False, projector_pooling_ratio=2, image_token_id=image_token,
                              video_token_id=4)
     model = _seeded(PerceptionLMForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 1, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (1, 3, 32, 32), _blocks(layers), tokens, image_token)
 
 
 def aria(layers=3):
@@ -374,57 +416,7 @@ def aria(layers=3):
     cfg = AriaConfig(vision_config=_vit(Idefics3VisionConfig, image_size=32, patch_size=4), text_config=text,
                      image_token_index=image_token, projector_patch_to_query_dict={64: tokens})
     model = _seeded(AriaForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
-
-
-# timm is not installed: fast_vlm and gemma3n get this stand-in conv tower (the projector, merge and decoder are theirs)
-class _ResConv(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(self.act(self.conv1(x)))
-
-
-class _TinyConvTower(nn.Module):
-    """Stand-in for a timm conv backbone: patchify stem + 2 residual conv blocks -> ``[B, C, h, w]``."""
-
-    def __init__(self, width=32, patch=8, layers=2):
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, patch, stride=patch)
-        self.blocks = nn.ModuleList([_ResConv(width) for _ in range(layers)])
-
-    def forward(self, pixel_values, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        x = self.stem(pixel_values)
-        for block in self.blocks:
-            x = block(x)
-        return BaseModelOutputWithPooling(last_hidden_state=x)
-
-
-@contextlib.contextmanager
-def _stand_in_tower(module, config_type_name):
-    """While building, make ``module.AutoModel.from_config`` return a ``_TinyConvTower`` for that config type."""
-    original = module.AutoModel
-
-    class _Auto:
-        @staticmethod
-        def from_config(config, *args, **kwargs):
-            if type(config).__name__ == config_type_name:
-                return _TinyConvTower(32, patch=8)
-            return original.from_config(config, *args, **kwargs)
-
-    module.AutoModel = _Auto
-    try:
-        yield
-    finally:
-        module.AutoModel = original
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token)
 
 
 def fast_vlm(layers=3):
@@ -438,9 +430,7 @@ def fast_vlm(layers=3):
                         image_token_id=image_token)
     with _stand_in_tower(modeling_fast_vlm, "TimmWrapperConfig"):  # timm is not installed
         model = _seeded(FastVlmForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token)
 
 
 def video_llava(layers=3):
@@ -454,9 +444,7 @@ def video_llava(layers=3):
                            vision_feature_select_strategy="default")
     model = _seeded(VideoLlavaForConditionalGeneration, cfg)
     tokens = (32 // 8) ** 2  # CLS dropped by the "default" strategy
-    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token)
 
 
 def _qformer(config_cls, **extra):
@@ -473,7 +461,546 @@ def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, **extra
     model = _seeded(model_cls, cfg)
     with torch.no_grad():  # a fresh BLIP-2's query tokens are all zeros: give them random values
         model.query_tokens.normal_(std=0.5)
-    input_ids, mask, labels = _batch([[image_token] * queries + [bos]] * BATCH)
+    return _same_rows(model, [image_token] * queries + [bos], (3, 32, 32), blocks, queries, image_token, **extra_inputs)
+
+
+def blip2(layers=3):
+    """Blip2ForConditionalGeneration: Q-Former queries before the prompt, OPT decoder."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
+                              OPTConfig)
+
+    text = OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, ffn_dim=128, num_attention_heads=4,
+                     word_embed_proj_dim=64, max_position_embeddings=512, dropout=0.0, pad_token_id=1,
+                     bos_token_id=2, eos_token_id=2)
+    return _blip(Blip2Config, Blip2ForConditionalGeneration, Blip2VisionConfig,
+                 _qformer(Blip2QFormerConfig, vocab_size=100), text, bos=2,
+                 blocks=_blocks(layers, "language_model.model.decoder.layers"))
+
+
+def instructblip(layers=3, qformer_len=6, qformer_vocab=100):
+    """InstructBlipForConditionalGeneration: the Q-Former also reads the instruction, tokenized with its own (smaller)
+    vocabulary and a different length than ``input_ids``. ``qformer_len`` / ``qformer_vocab`` give survey variants."""
+    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
+                              InstructBlipVisionConfig, LlamaConfig)
+
+    text = LlamaConfig(**_text(layers=layers), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    qformer_ids = torch.randint(5, qformer_vocab, (BATCH, qformer_len), generator=torch.Generator().manual_seed(2))
+    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipVisionConfig,
+                 _qformer(InstructBlipQFormerConfig, vocab_size=qformer_vocab, pad_token_id=0), text, bos=BOS,
+                 blocks=_blocks(layers, "language_model.model.layers"), qformer_input_ids=qformer_ids,
+                 qformer_attention_mask=torch.ones_like(qformer_ids))
+
+
+def ovis2(layers=3):
+    """Ovis2ForConditionalGeneration: each visual token a softmax over a visual vocabulary, looked up in a table;
+    ``[bos, IMG_START, image x 16, IMG_GRID, IMG_END, text]`` (one tile)."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration, Qwen2Config
+    from transformers.models.ovis2.configuration_ovis2 import Ovis2VisionConfig
+
+    image_token, tokens = 3, 16
+    indicators = [4, 5, 6, 7, 120]  # IMG_START, IMG_GRID, IMG_COL, IMG_ROW, IMG_END
+    img_start, img_grid, _, _, img_end = indicators
+    # 8 x 8 patches, hidden_stride 2 -> 4 x 4 = 16 visual tokens, each a soft distribution over a visual
+    # vocabulary of 64 (+ 5 indicator entries) looked up in a 69 x 64 table
+    vision = _vit(Ovis2VisionConfig, image_size=32, patch_size=4, hidden_stride=2, vocab_size=69,
+                  num_visual_indicator_tokens=5, tokenize_function="softmax")
+    text = Qwen2Config(**_text(layers=layers), bos_token_id=1, eos_token_id=2)
+    cfg = Ovis2Config(vision_config=vision, text_config=text, image_token_id=image_token,
+                      visual_indicator_token_ids=indicators, vocab_size=128, hidden_size=64)
+    model = _seeded(Ovis2ForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS, img_start] + [image_token] * tokens + [img_grid, img_end], (3, 32, 32),
+                      _blocks(layers), tokens, image_token)
+
+
+def _vocabulary_map(special):
+    """A ``vocabulary_map`` of ``VOCAB`` ids: ``t<id>`` for every id not named in ``special`` ({name: id})."""
+    used = set(special.values())
+    return {**{f"t{i}": i for i in range(VOCAB) if i not in used}, **special}
+
+
+def chameleon(layers=3):
+    """ChameleonForConditionalGeneration: a VQ-VAE turns the image into 64 discrete code tokens, embedded by
+    ``embed_tokens`` (called twice: text, then the codes); ``[bos, image x 64, text]``."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    image_token, vq_codes, first_code_id, tokens = 4, 16, 100, 64
+    # ids 100..115 are the VQ code tokens "IMGIMG<code in letters>Z"; id 4 is "<image>"
+    codes = {"IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z": first_code_id + code
+             for code in range(vq_codes)}
+    # 16 px, one downsampling (channel_multiplier [1, 2]) -> 8 x 8 = 64 discrete tokens per image
+    vq = dict(embed_dim=8, num_embeddings=vq_codes, latent_channels=8, in_channels=3, base_channels=32,
+              channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[])
+    cfg = ChameleonConfig(**_text(layers=layers), vocabulary_map=_vocabulary_map({"<image>": image_token, **codes}),
+                          vq_config=vq, pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    model = _seeded(ChameleonForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 16, 16), _blocks(layers, "model.layers"), tokens,
+                      image_token)
+
+
+def emu3(layers=3):
+    """Emu3ForConditionalGeneration: VQ-VAE codes (BatchNorm3d inside) plus one end-of-row token per row: 4 x (4 + 1)
+    = 20 placeholders per image."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3TextConfig
+
+    image_token, eol, codes, first_visual_id = 3, 4, 16, 100
+    special = {"<image>": image_token, "<|extra_200|>": eol}  # the end-of-row token appended to each row of codes
+    special.update({f"<|visual token{code:06d}|>": first_visual_id + code for code in range(codes)})
+    text = Emu3TextConfig(**_text(layers=layers), attention_dropout=0.0, pad_token_id=0, bos_token_id=BOS,
+                          eos_token_id=2)
+    # 16 px, spatial factor 4 (channel_multiplier [1, 2, 1]) -> 4 x 4 codes, + 1 EOL per row -> 20 tokens
+    vq = dict(codebook_size=codes, temporal_downsample_factor=1, base_channels=32, channel_multiplier=[1, 2, 1],
+              num_res_blocks=1, hidden_size=32, attn_resolutions=[], embed_dim=8, latent_channels=8)
+    cfg = Emu3Config(text_config=text, vq_config=vq, vocabulary_map=_vocabulary_map(special))
+    model = _seeded(Emu3ForConditionalGeneration, cfg)
+    tokens = 4 * (4 + 1)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 16, 16), _blocks(layers, "model.text_model.layers"),
+                      tokens, image_token, image_sizes=torch.tensor([[16, 16]] * BATCH))
+
+
+# ----------------------------------------------------------------------------- (b) positions given by a mask input
+def kosmos2(layers=3):
+    """Kosmos2ForConditionalGeneration: the 8 image positions hold distinct ids, ``image_embeds_position_mask`` marks
+    them (no placeholder id)."""
+    from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    latents, boi, eoi, first_image_id = 8, 5, 6, 8
+    text = dict(vocab_size=128, embed_dim=64, layers=layers, ffn_dim=128, attention_heads=4, dropout=0.0,
+                attention_dropout=0.0, max_position_embeddings=512, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    cfg = Kosmos2Config(text_config=text, vision_config=_vit(dict, image_size=32, patch_size=8),
+                        latent_query_num=latents)
+    model = _seeded(Kosmos2ForConditionalGeneration, cfg)
+    # Kosmos2Processor: <s> <image> [first_image_id ...] </image> text
+    image_ids = list(range(first_image_id, first_image_id + latents))
+    input_ids, mask, labels = _batch([[0, boi] + image_ids + [eoi]] * BATCH)
+    position_mask = torch.zeros_like(input_ids)
+    position_mask[:, 2: 2 + latents] = 1
     inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels,
-                  **extra_inputs)
-    return _finish(model, inputs, Expected(blocks, "scatter", queries, image_token))
+                  image_embeds_position_mask=position_mask)
+    return _finish(model, inputs, Expected(_blocks(layers, "text_model.model.layers"), "scatter", latents, None))
+
+
+# ------------------------------------------------------------------------------------- (c) dynamic resolution
+# LLaVA-NeXT anyres: a base 16 px tile plus a grid of tiles chosen from the pinpoints; the grid features get an
+# image_newline feature (a parameter, not a token) after each row. 16 x 16 px: 16 + 4 x (4 + 1) = 36 tokens;
+# 16 x 32 px (H x W): 16 + 4 x (8 + 1) = 52.
+PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+SAME_SIZES = ((16, 16), (16, 16))
+
+
+def _anyres(model, image_token, sizes, tiles, layers, **extra):
+    """Finish an anyres build: one image per row of ``sizes`` ([H, W] px), pixels of ``tiles`` 16 px tiles (the base
+    tile included, padded to the largest image's count). The token counts come from the model itself; ``extra``
+    is given to the model with the pixels."""
+    pixel_values = _pixels(BATCH, tiles, 3, 16, 16)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True,
+                                                  **extra)
+    counts = [int(f.shape[0]) for f in features.pooler_output]
+    input_ids, mask, labels = _batch([[BOS] + [image_token] * n for n in counts])
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=mask,
+                  labels=labels, **extra)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", _per_image(counts), image_token))
+
+
+def llava_next(layers=3, sizes=SAME_SIZES, tiles=2):
+    """LlavaNextForConditionalGeneration: anyres tiles, newline features per row; both images 16 x 16 (36 tokens)."""
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    cfg = LlavaNextConfig(vision_config=_clip(16, 4), text_config=LlamaConfig(**_text(layers=layers)),
+                          image_token_index=3, vision_feature_layer=-1, image_grid_pinpoints=PINPOINTS,
+                          image_seq_length=16)
+    return _anyres(_seeded(LlavaNextForConditionalGeneration, cfg), 3, sizes, tiles, layers)
+
+
+def llava_next_mixed(layers=3):
+    """LlavaNextForConditionalGeneration with images of 16 x 16 and 16 x 32 px: 36 and 52 tokens."""
+    return llava_next(layers, sizes=((16, 16), (16, 32)), tiles=3)
+
+
+def llava_onevision(layers=3):
+    """LlavaOnevisionForConditionalGeneration: anyres with SigLIP and Qwen2, ``batch_num_images`` given."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    cfg = LlavaOnevisionConfig(vision_config=_vit(SiglipVisionConfig, image_size=16, patch_size=4),
+                               text_config=Qwen2Config(**_text(layers=layers)), image_token_index=3,
+                               video_token_index=4, vision_feature_layer=-1, image_grid_pinpoints=PINPOINTS)
+    return _anyres(_seeded(LlavaOnevisionForConditionalGeneration, cfg), 3, SAME_SIZES, 2, layers,
+                   batch_num_images=torch.tensor([1, 1]))
+
+
+def llava_next_video(layers=3):
+    """LlavaNextVideoForConditionalGeneration, images only (no ``pixel_values_videos``): as llava_next."""
+    from transformers import LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    cfg = LlavaNextVideoConfig(vision_config=_clip(16, 4), text_config=LlamaConfig(**_text(layers=layers)),
+                               image_token_index=3, video_token_index=4, vision_feature_layer=-1,
+                               image_grid_pinpoints=PINPOINTS, image_seq_length=16, video_seq_length=4)
+    return _anyres(_seeded(LlavaNextVideoForConditionalGeneration, cfg), 3, SAME_SIZES, 2, layers)
+
+
+# Qwen-VL and the like: patches of 4 x 4 px over 2 frames, 2 x 2 patches merged into one token, so a grid of
+# (t, h, w) patches gives t * h * w / 4 tokens; M-RoPE positions follow the grid.
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+SAME_GRIDS = ((1, 4, 4), (1, 4, 4))  # 4 tokens per image
+MIXED_GRIDS = ((1, 4, 4), (1, 4, 8))  # 4 and 8 tokens
+
+
+def _grid_inputs(grids, image, start, end, bos=False, patch_shape=(3 * TEMPORAL * PATCH * PATCH,)):
+    """Inputs for one image per row of ``grids``: ``[start, image x N, end, text]`` (after a bos if ``bos``), flat
+    pixel patches, ``image_grid_thw`` and ``mm_token_type_ids`` (M-RoPE groups positions by it). Also returns
+    ``tokens_per_image``."""
+    counts = [t * h * w // MERGE ** 2 for t, h, w in grids]
+    input_ids, mask, labels = _batch([[BOS] * bos + [start] + [image] * n + [end] for n in counts])
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(sum(t * h * w for t, h, w in grids), *patch_shape),
+                  attention_mask=mask, labels=labels, image_grid_thw=torch.tensor(grids),
+                  mm_token_type_ids=(input_ids == image).long())
+    return inputs, _per_image(counts)
+
+
+def _qwen_vision(widths=None, **extra):
+    """A Qwen-VL vision dict: 2 blocks of width 32, merged to the text width 64 (Qwen2-VL names the widths
+    differently: give them as ``widths``)."""
+    widths = widths or dict(hidden_size=32, intermediate_size=64, out_hidden_size=64)
+    return dict(depth=2, **widths, num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE,
+                temporal_patch_size=TEMPORAL, in_channels=3, **extra)
+
+
+def _qwen_vl(config_cls, model_cls, text, vision, grids):
+    """A Qwen-VL build: ``[vision_start 3, image 5 x N, vision_end 4, text]`` per row (video id 6, unused)."""
+    image, start, end = 5, 3, 4
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=image, vision_start_token_id=start,
+                     vision_end_token_id=end, video_token_id=6)
+    model = _seeded(model_cls, cfg)
+    inputs, tokens = _grid_inputs(grids, image, start, end)
+    return _finish(model, inputs, Expected(_blocks(text["num_hidden_layers"]), "scatter", tokens, image))
+
+
+def qwen2_vl(layers=3, grids=SAME_GRIDS):
+    """Qwen2VLForConditionalGeneration: M-RoPE positions ``[3, B, T]`` from the grid; flat pixel patches."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = _text(layers=layers, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, model_type="qwen2_vl",
+                 bos_token_id=1, eos_token_id=2)
+    vision = _qwen_vision(widths=dict(embed_dim=32, hidden_size=64))
+    return _qwen_vl(Qwen2VLConfig, Qwen2VLForConditionalGeneration, text, vision, grids)
+
+
+def qwen2_vl_mixed(layers=3):
+    """Qwen2VLForConditionalGeneration with grids (1, 4, 4) and (1, 4, 8): 4 and 8 tokens."""
+    return qwen2_vl(layers, MIXED_GRIDS)
+
+
+def qwen2_5_vl(layers=3, grids=SAME_GRIDS):
+    """Qwen2_5_VLForConditionalGeneration: window attention in vision block 0 (patches permuted, then restored)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = _text(layers=layers, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 2, 4]}, bos_token_id=1, eos_token_id=2)
+    # window 16 px = 2 x 2 merged tokens per window; block 1 is full attention, block 0 windowed
+    vision = _qwen_vision(window_size=16, fullatt_block_indexes=[1])
+    return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision, grids)
+
+
+def qwen2_5_vl_mixed(layers=3):
+    """Qwen2_5_VLForConditionalGeneration with grids (1, 4, 4) and (1, 4, 8): 4 and 8 tokens."""
+    return qwen2_5_vl(layers, MIXED_GRIDS)
+
+
+def _qwen3_vl(config_cls, model_cls, layers, grids, **text_extra):
+    """Qwen3-VL: interleaved M-RoPE, an 8 x 8 learned position grid, DeepStack taps after vision block 0."""
+    text = _text(layers=layers, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                 **text_extra)
+    vision = _qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return _qwen_vl(config_cls, model_cls, text, vision, grids)
+
+
+def qwen3_vl(layers=3, grids=SAME_GRIDS):
+    """Qwen3VLForConditionalGeneration: DeepStack features added to the visual positions inside the decoder loop."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    return _qwen3_vl(Qwen3VLConfig, Qwen3VLForConditionalGeneration, layers, grids)
+
+
+def qwen3_vl_moe(layers=3, grids=SAME_GRIDS):
+    """Qwen3VLMoeForConditionalGeneration: as qwen3_vl, with MoE decoder blocks (4 experts, top 2)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    return _qwen3_vl(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, layers, grids, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+
+
+def glm4v(layers=3, grids=SAME_GRIDS):
+    """Glm4vForConditionalGeneration: resampled learned positions, a 2 x 2 conv downsample, then the merger MLP."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    image_token, image_start, image_end = 7, 5, 6
+    text = _text(layers=layers, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 3, 3]})
+    cfg = Glm4vConfig(text_config=text, vision_config=_qwen_vision(image_size=16), image_token_id=image_token,
+                      video_token_id=8, image_start_token_id=image_start, image_end_token_id=image_end,
+                      video_start_token_id=3, video_end_token_id=4)
+    model = _seeded(Glm4vForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(grids, image_token, image_start, image_end)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def paddleocr_vl(layers=3):
+    """PaddleOCRVLForConditionalGeneration: NaViT-style tower, per-image 2 x 2 merge in the projector, M-RoPE;
+    ``[bos, vision_start, image x 4, vision_end, text]``, pixel patches ``[patches, 3, 4, 4]``."""
+    from transformers import PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration
+
+    image_token, vision_start, vision_end = 5, 3, 4
+    text = _text(layers=layers, head_dim=16, pad_token_id=0, bos_token_id=BOS, eos_token_id=2,
+                 rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"})
+    vision = _vit(dict, num_channels=3, patch_size=PATCH, spatial_merge_size=MERGE)
+    cfg = PaddleOCRVLConfig(text_config=text, vision_config=vision, image_token_id=image_token,
+                            vision_start_token_id=vision_start, vision_end_token_id=vision_end)
+    model = _seeded(PaddleOCRVLForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image_token, vision_start, vision_end, bos=True,
+                                  patch_shape=(3, PATCH, PATCH))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def lighton_ocr(layers=3):
+    """LightOnOcrForConditionalGeneration: Pixtral tower, 2 x 2 patch merger, features split by ``image_sizes``."""
+    from transformers import LightOnOcrConfig, LightOnOcrForConditionalGeneration
+
+    image_token, patch, merge = 3, 4, 2
+    vision = _vit(dict, model_type="pixtral", head_dim=8, image_size=32, patch_size=patch)
+    cfg = LightOnOcrConfig(vision_config=vision, text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
+                           image_token_id=image_token, spatial_merge_size=merge)
+    model = _seeded(LightOnOcrForConditionalGeneration, cfg)
+    tokens = (32 // patch // merge) ** 2  # 8 x 8 patches merged 2 x 2 -> 16
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token,
+                      image_sizes=torch.tensor([[32, 32]] * BATCH))
+
+
+# ------------------------------------------------------------------------- (d) image rows separated by break tokens
+def _image_rows(rows, cols, image, brk, end=None):
+    """``rows`` rows of ``cols`` placeholders, each followed by ``brk``; the last ``brk`` becomes ``end`` if given."""
+    ids = ([image] * cols + [brk]) * rows
+    if end is not None:
+        ids[-1] = end
+    return ids
+
+
+def mistral3(layers=3):
+    """Mistral3ForConditionalGeneration: Pixtral tower, 2 x 2 patch merger; rows ``[IMG] x 4 [IMG_BREAK]``, the last
+    break ``[IMG_END]``."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    image_token, brk, end = 10, 12, 13
+    patch, merge, size = 4, 2, 32
+    side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
+    text = MistralConfig(**_text(layers=layers), head_dim=16, sliding_window=None)
+    cfg = Mistral3Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
+                         text_config=text, image_token_index=image_token, spatial_merge_size=merge,
+                         vision_feature_layer=-1)
+    model = _seeded(Mistral3ForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
+                      side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
+
+
+def llava_pixtral(layers=3):
+    """LlavaForConditionalGeneration over a Pixtral tower: two images of different sizes (4 x 4 and 4 x 2 patches),
+    Pixtral rows; the second image is padded to 32 x 32 px and cropped by the model using ``image_sizes``."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    image_token, brk, end = 10, 12, 13
+    patch, size = 8, 32
+    sizes = [(32, 32), (32, 16)]  # (height, width)
+    grids = [(h // patch, w // patch) for h, w in sizes]
+    text = MistralConfig(**_text(layers=layers), head_dim=16, sliding_window=None)
+    cfg = LlavaConfig(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
+                      text_config=text, image_token_id=image_token, vision_feature_layer=-1,
+                      vision_feature_select_strategy="full", multimodal_projector_bias=True)
+    model = _seeded(LlavaForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS] + _image_rows(r, c, image_token, brk, end) for r, c in grids])
+    pixels = _pixels(BATCH, 3, size, size)
+    pixels[1, :, :, 16:] = 0  # the second image is 32 x 16, padded to 32 x 32
+    inputs = dict(input_ids=input_ids, pixel_values=pixels, attention_mask=mask, labels=labels,
+                  image_sizes=torch.tensor(sizes))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", [r * c for r, c in grids], image_token))
+
+
+def fuyu(layers=3):
+    """FuyuForCausalLM: raw patches linearly embedded, no vision tower; rows of ``|SPEAKER|`` each followed by
+    ``|NEWLINE|``."""
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    image_token, newline = 10, 11
+    patch, rows, cols = 4, 4, 4
+    dims = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = dict(model_type="persimmon", **dims, max_position_embeddings=512, **ids)
+    cfg = FuyuConfig(text_config=text, **dims, image_size=rows * patch, patch_size=patch, num_channels=3,
+                     image_token_id=image_token, **ids)
+    model = _seeded(FuyuForCausalLM, cfg)
+    return _same_rows(model, [BOS] + _image_rows(rows, cols, image_token, newline), (rows * cols, 3 * patch * patch),
+                      _blocks(layers), rows * cols, image_token)
+
+
+# ------------------------------------------------------------------------------------ (e) mixed decoder stacks
+@functools.cache
+def _llama4_text_output():
+    """The language model's output type with an ``image_outputs`` field: a real dataclass field, so the output survives
+    pytree flatten/unflatten (ModelOutput subclasses are pytree nodes)."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    @dataclass
+    class Llama4TextOutputWithImageOutputs(MoeCausalLMOutputWithPast):
+        image_outputs: object = None
+
+    return Llama4TextOutputWithImageOutputs
+
+
+def _give_image_outputs(language_model):
+    """Swap in a subclass (same name, parameters and state_dict keys) whose forward returns ``_llama4_text_output``."""
+    base = type(language_model)
+
+    def forward(self, *args, **kwargs):
+        return _llama4_text_output()(**super(cls, self).forward(*args, **kwargs))
+
+    cls = type(base.__name__, (base,), {"forward": forward})
+    language_model.__class__ = cls
+
+
+def llama4(layers=4):
+    """Llama4ForConditionalGeneration, the Maverick pattern at 4 layers: MoE every 2nd layer, no RoPE every 4th
+    (kinds: dense+rope, moe+rope, dense+rope, moe+no-rope); ``[bos, start, <|image|>, patch x 16, end, text]``."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    image_token, start, end, image_marker = 10, 11, 12, 13  # <|patch|>, <|image_start|>, <|image_end|>, <|image|>
+    size, patch = 32, 4
+    tokens = (size // patch) ** 2 // 4  # 8 x 8 patches, pixel-shuffled by 0.5 -> 16 tokens
+    vision = _vit(dict, intermediate_size=128, image_size=size, patch_size=patch, vision_output_dim=32,
+                  projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    text = _text(layers=layers, intermediate_size=64, intermediate_size_mlp=128, head_dim=16, num_local_experts=4,
+                 num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layer_interval=4, attention_chunk_size=16,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = Llama4Config(vision_config=vision, text_config=text, image_token_index=image_token, boi_token_index=start,
+                       eoi_token_index=end)
+    model = _seeded(Llama4ForConditionalGeneration, cfg)
+    # transformers 5.24 bug: the top forward reads `outputs.image_outputs`, which the language model's output lacks
+    _give_image_outputs(model.language_model)
+    return _same_rows(model, [BOS, start, image_marker] + [image_token] * tokens + [end], (3, size, size),
+                      _blocks(layers, "language_model.model.layers"), tokens, image_token)
+
+
+def lfm2_vl(layers=4):
+    """Lfm2VlForConditionalGeneration: short-conv blocks x 3, then attention (the attention kind once, at the end);
+    SigLIP2 patches unshuffled by 2 into 16 tokens."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    image_token, start, end = 10, 11, 12  # <image>, <|image_start|>, <|image_end|>
+    patch, side, factor = 4, 8, 2  # 8 x 8 patches per image, unshuffled by 2 -> 16 tokens
+    tokens = (side // factor) ** 2
+    vision = _vit(dict, model_type="siglip2_vision_model", num_channels=3, num_patches=side * side, patch_size=patch,
+                  vision_use_head=False)  # as in the released LFM2-VL configs: no pooling head
+    text = _text(layers=layers, model_type="lfm2", conv_L_cache=3, block_multiple_of=16,
+                 layer_types=["conv"] * (layers - 1) + ["full_attention"], pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2)
+    cfg = Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=image_token, downsample_factor=factor,
+                       projector_hidden_size=64)
+    model = _seeded(Lfm2VlForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS, start] + [image_token] * tokens + [end], (side * side, 3 * patch * patch),
+                      _blocks(layers), tokens, image_token, spatial_shapes=torch.tensor([[side, side]] * BATCH),
+                      pixel_attention_mask=torch.ones(BATCH, side * side, dtype=torch.long))
+
+
+def gemma3n(layers=4):
+    """Gemma3nForConditionalGeneration: AltUp, per-layer inputs, KV sharing (layers 2, 3 reuse the K/V of 0, 1: two
+    kinds); conv tower (a stand-in); image ids in a vision vocabulary after the text one."""
+    from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    # text ids 0..127, vision soft/hard tokens 128..135, audio 136..143 (as 262144 / +128 / +128 in the real model)
+    text_vocab, boi, image_token, eoi, audio_token = 128, 5, 129, 6, 137
+    tokens = 16  # vision_soft_tokens_per_image: the 4 x 4 grid of the (stand-in) tower
+    text = _text(layers=layers, vocab=144, vocab_size_per_layer_input=text_vocab, head_dim=16,
+                 hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2, num_kv_shared_layers=2,
+                 sliding_window=16, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                 pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = dict(hidden_size=32, vocab_size=8, vocab_offset=text_vocab)
+    audio = dict(hidden_size=32, vocab_size=8, vocab_offset=text_vocab + 8, input_feat_size=16,
+                 conf_num_attention_heads=4, conf_num_hidden_layers=1, sscp_conv_channel_size=[8, 8],
+                 conf_attention_chunk_size=4, conf_attention_context_left=5)
+    cfg = Gemma3nConfig(text_config=text, vision_config=vision, audio_config=audio, vision_soft_tokens_per_image=tokens,
+                        boi_token_id=boi, eoi_token_id=eoi, image_token_id=image_token, boa_token_id=7,
+                        eoa_token_id=8, audio_token_id=audio_token)
+    with _stand_in_tower(modeling_gemma3n, "Gemma3nVisionConfig"):  # the real tower is timm's, not installed
+        model = _seeded(Gemma3nForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, 32, 32), attention_mask=mask, labels=labels,
+                  token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+# ----------------------------------------------------------------------------------------- (f) cross-attention
+def mllama(layers=4, cross_attention_layers=(1, 3)):
+    """MllamaForConditionalGeneration: cross-attention layers among self-attention ones (two kinds); one ``<|image|>``
+    token, the image (2 tiles) enters through cross-attention."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    image_token, tiles, image_size, patch = 4, 2, 16, 4
+    text = _text(layers=layers, cross_attention_layers=list(cross_attention_layers),
+                 rope_scaling={"rope_type": "default"}, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 model_type="mllama")
+    vision = dict(image_size=image_size, patch_size=patch, num_channels=3, hidden_size=32,
+                  intermediate_layers_indices=[0], vision_output_dim=64, num_hidden_layers=2, num_global_layers=1,
+                  attention_heads=4, intermediate_size=64, max_num_tiles=tiles,
+                  supported_aspect_ratios=[[1, 1], [1, 2]])
+    cfg = MllamaConfig(text_config=text, vision_config=vision, image_token_index=image_token)
+    model = _seeded(MllamaForConditionalGeneration, cfg)
+    with torch.no_grad():  # a fresh Mllama's tanh gates are 0: open them so cross-attention contributes
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(0.5)
+    input_ids, mask, labels = _batch([[BOS, image_token]] * BATCH)
+    seq = input_ids.shape[1]
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 1, tiles, 3, image_size, image_size),
+                  aspect_ratio_ids=torch.full((BATCH, 1), 2),
+                  aspect_ratio_mask=torch.ones(BATCH, 1, tiles, dtype=torch.long),
+                  cross_attention_mask=torch.ones(BATCH, seq, 1, tiles, dtype=torch.long),
+                  attention_mask=mask, labels=labels)
+    # one image = all its tiles; each tile gives its patches plus a class token
+    tokens = tiles * ((image_size // patch) ** 2 + 1)
+    return _finish(model, inputs, Expected(_blocks(layers), "cross_attention", tokens, None))
+
+
+# ------------------------------------------------------------------------------------------------ (g) text only
+def llama_text_only(layers=3):
+    """LlamaForCausalLM, no image: 12 text tokens, every one a label."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _seeded(LlamaForCausalLM, LlamaConfig(**_text(layers=layers)))
+    input_ids, mask, labels = _batch([[]] * BATCH, text_tokens=12)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers, "model.layers"), "none", 0, None))
+
+
+BUILDERS = {
+    # (a) one run of placeholders per image
+    "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
+    "idefics3": idefics3, "smolvlm": smolvlm, "idefics2": idefics2, "internvl": internvl, "aya_vision": aya_vision,
+    "cohere2_vision": cohere2_vision, "janus": janus, "deepseek_vl": deepseek_vl, "got_ocr2": got_ocr2,
+    "perception_lm": perception_lm, "aria": aria, "fast_vlm": fast_vlm, "video_llava": video_llava, "blip2": blip2,
+    "instructblip": instructblip, "ovis2": ovis2, "chameleon": chameleon, "emu3": emu3,
+    # (b) positions given by a mask input
+    "kosmos2": kosmos2,
+    # (c) dynamic resolution
+    "llava_next": llava_next, "llava_next_mixed": llava_next_mixed, "llava_onevision": llava_onevision,
+    "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl, "qwen2_vl_mixed": qwen2_vl_mixed,
+    "qwen2_5_vl": qwen2_5_vl, "qwen2_5_vl_mixed": qwen2_5_vl_mixed, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
+    "glm4v": glm4v, "paddleocr_vl": paddleocr_vl, "lighton_ocr": lighton_ocr,
+    # (d) image rows separated by break tokens
+    "mistral3": mistral3, "llava_pixtral": llava_pixtral, "fuyu": fuyu,
+    # (e) mixed decoder stacks
+    "llama4": llama4, "lfm2_vl": lfm2_vl, "gemma3n": gemma3n,
+    # (f) cross-attention
+    "mllama": mllama,
+}

@@ -2,8 +2,8 @@
 
 ``capture(model, example_inputs)`` first tries ``torch.export.export(..., strict=False)``: one aten
 graph with ``nn_module_stack`` on every node, general in the inputs' values. Where export fails (shapes
-that depend on input values, such as per-image token counts read from ``image_grid_thw`` or
-``image_sizes``), it **traces** the model on the example with real tensors (``make_fx``): one aten graph
+that depend on input values, such as per-image token counts read from per-image size or grid
+metadata), it **traces** the model on the example with real tensors (``make_fx``): one aten graph
 too, with module stacks, specialized to the example's values (fine for matching, which reads one
 example anyway). Where that fails as well, it falls back to dynamo (``torch.compile`` with a
 collecting backend), which may split the model into several graphs at graph breaks. Either way the

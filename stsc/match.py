@@ -71,7 +71,7 @@ PLACEHOLDER_OPS = frozenset({"input", "param", "buffer", "constant", "graph_inpu
 
 @dataclass
 class Block:
-    path: str  # module path, e.g. "model.language_model.layers.3"
+    path: str  # module path, e.g. "decoder.layers.3"
     kind: int  # index of this block's shape among the stack's distinct shapes (0 = first seen)
     hidden_in: str  # data-flow key of the hidden state entering the block
     hidden_out: str  # data-flow key of the hidden state leaving it

@@ -1,8 +1,8 @@
 """Visual positions: which positions of the merged sequence hold visual tokens, for any batch.
 
 A merge that writes visual features into the token sequence (``masked_scatter``, ``index_put``,
-``where``...) selects the positions with a boolean mask the model computes from its inputs: ``input_ids
-== <image token>``, several token ids or'ed together, a mask input of its own. The matcher slices that
+``where``...) selects the positions with a boolean mask the model computes from its inputs: the token
+ids equal to an image token, several token ids or'ed together, a mask input of its own. The matcher slices that
 computation out of the captured graph(s): from the merge's mask operand back to the last node shaped
 like the token ids (``[batch, seq]``), and from there back to the model inputs. The slice becomes a
 small :class:`fx.GraphModule` (a :class:`PositionProgram`) that runs on any batch's inputs, so no
@@ -35,7 +35,7 @@ class PositionProgram:
 
     @property
     def code(self) -> str:
-        """The program as one readable line, e.g. ``eq(input_ids, 3)``."""
+        """The program as one readable line, e.g. ``eq(<token input>, 3)``."""
         return _expression(self.module.graph)
 
     def __repr__(self) -> str:
@@ -144,7 +144,7 @@ def _attribute(node: fx.Node):
 
 
 def _expression(graph: fx.Graph) -> str:
-    """A graph of one output as a nested call expression: ``eq(input_ids, 3)``."""
+    """A graph of one output as a nested call expression: ``eq(<token input>, 3)``."""
     text: dict[fx.Node, str] = {}
     for node in graph.nodes:
         if node.op == "placeholder":

@@ -181,7 +181,7 @@ class SparseModel(nn.Module):
         if self._structure is None:
             if args:
                 raise TypeError("sparsify() without example_inputs captures the model at its first call, which "
-                                "needs keyword arguments only (e.g. model(input_ids=..., pixel_values=...))")
+                                "needs keyword arguments only (e.g. model(**batch))")
             self._prepare(kwargs)
         return self.model(*args, **kwargs)
 

@@ -1,0 +1,203 @@
+"""Any MLLM: dynamic resolution, image rows between text, mixed decoder stacks, grid-shaped and multi-point
+visual features, second embedding tables, mask-positioned placeholders; failures at sparsify, not at step N."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_models
+from stsc import UnsupportedModelError, inspect, sparsify
+from stsc.capture import forward_kwargs
+from stsc.policy import parse_policy
+
+ACCEPTANCE = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "mistral3"]
+
+
+def decoder_lengths(sparse, kwargs, steps, optimizer):
+    """Train ``steps`` steps; the sequence length the first decoder block saw in each."""
+    lengths = []
+    block = sparse.model.get_submodule(sparse.report.model.blocks[0])
+    handle = block.register_forward_pre_hook(
+        lambda module, args, kw: lengths.append((args[0] if args else kw["hidden_states"]).shape[-2]), with_kwargs=True)
+    for _ in range(steps):
+        sparse.set_progress(epoch=sparse.progress, step=sparse.step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss = sparse(**kwargs).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+    handle.remove()
+    return lengths
+
+
+def removed_per_row(model, inputs, keep_ratio=0.5):
+    """Positions a row loses: each image keeps round(N * keep_ratio) of its N tokens (the builders put one
+    image in each row)."""
+    tokens = model.stsc_expected.tokens_per_image
+    tokens = tokens if isinstance(tokens, list) else [tokens] * inputs["input_ids"].shape[0]
+    return [n - round(n * keep_ratio) for n in tokens]
+
+
+@pytest.mark.parametrize("policy", ["sts", "vtc"])
+@pytest.mark.parametrize("family", ACCEPTANCE)
+def test_trains_through_both_stages_and_eval_is_dense(family, policy):
+    model, inputs = hf_models.BUILDERS[family]()
+    kwargs = forward_kwargs(model, inputs)[0]
+    dense = copy.deepcopy(model)
+    sparse = sparsify(model, policy, inputs, steps_per_epoch=3)
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=1e-2)
+    length = inputs["input_ids"].shape[1]
+    assert decoder_lengths(sparse, kwargs, 2, optimizer) == [length - max(removed_per_row(model, inputs))] * 2
+    sparse.set_progress(epoch=1.0, step=3)
+    assert decoder_lengths(sparse, kwargs, 3, optimizer) == [length] * 3
+    dense.load_state_dict(sparse.state_dict())
+    sparse.eval(), dense.eval()
+    with torch.no_grad():
+        assert torch.equal(sparse(**kwargs).logits, dense(**kwargs).logits)
+
+
+# Kept tokens of each image under uniform keep 0.5, by hand: floor((i + 0.5) * n / k) on the image's grid.
+KEPT = {
+    "qwen2_vl": [1, 3],  # a 2 x 2 grid (image_grid_thw 4 x 4 patches, merged 2 x 2): 2 rows x 1 column
+    "qwen2_5_vl": [1, 3],
+    "llava_onevision": list(range(1, 36, 2)),  # 36 tokens (base tile + rows with newlines), no grid: 18 of 36
+    "mistral3": list(range(1, 16, 2)),  # a 4 x 4 grid laid out as rows between break tokens: 4 rows x 2 columns
+}
+
+
+@pytest.mark.parametrize("family", ACCEPTANCE)
+def test_loss_equals_a_hand_built_reference_with_known_kept_positions(family):
+    """The dense model run on the sequence compacted by hand (inputs_embeds, mask and position ids gathered at the
+    kept positions where they enter the language model), scored against the labels gathered the same way: every
+    text token and its label stay, in order."""
+    model, inputs = hf_models.BUILDERS[family]()
+    kwargs = forward_kwargs(model, inputs)[0]
+    reference_model = copy.deepcopy(model)
+    policy = parse_policy("version: 1\nstages:\n  - {name: a, steps: 1, passes: {compress_visual_tokens: "
+                          "{method: uniform, keep_ratio: 0.5}}}\n")
+    loss = sparsify(model, policy, inputs)(**kwargs).loss
+
+    visual = inputs["input_ids"] == model.stsc_expected.placeholder_id
+    keep = ~visual
+    for row in range(visual.shape[0]):
+        positions = visual[row].nonzero().squeeze(-1)
+        keep[row, positions[KEPT[family]]] = True
+    index = torch.stack([row.nonzero().squeeze(-1) for row in keep])  # equal lengths: one image per row
+
+    def compact(module, args, kw):
+        kw = dict(kw)
+        kw["inputs_embeds"] = kw["inputs_embeds"].gather(1, index[..., None].expand(-1, -1, kw["inputs_embeds"].shape[-1]))
+        kw["attention_mask"] = kw["attention_mask"].gather(1, index)
+        if kw.get("position_ids") is not None:  # M-RoPE [3, B, T]
+            kw["position_ids"] = kw["position_ids"].gather(2, index.expand(kw["position_ids"].shape[0], -1, -1))
+        return args, kw
+
+    reference_model.model.language_model.register_forward_pre_hook(compact, with_kwargs=True)
+    logits = reference_model(**{**kwargs, "labels": None}).logits
+    labels = inputs["labels"].gather(1, index)
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- the structures
+def test_dynamic_resolution_images_of_different_sizes():
+    """Per-image token counts set by image_grid_thw: a list, grids from the metadata, each image compressed alone."""
+    model, inputs = hf_models.BUILDERS["qwen2_vl_mixed"]()
+    sparse = sparsify(model, "vtc", inputs)
+    b = sparse.report.model.boundary
+    assert b.tokens_per_image == [4, 8] and b.image_grids(inputs) == [(2, 2), (2, 4)]
+    sparse(**forward_kwargs(model, inputs)[0]).loss.backward()
+    plan = sparse.runtimes["compress_visual_tokens"].last_plan
+    assert (plan.tokens, plan.kept) == (12, 6)
+    assert plan.length == inputs["input_ids"].shape[1] - 2  # the row with 8 tokens loses 4, the other 2 (padded)
+
+
+def test_image_rows_between_break_tokens_are_one_image_on_its_grid():
+    model, inputs = hf_models.BUILDERS["mistral3"]()
+    b = inspect(model, inputs).boundary
+    assert b.rows_layout and b.tokens_per_image == 16 and b.images == 2
+
+
+def test_a_block_kind_seen_once_at_the_end_of_the_stack_is_kept():
+    model, inputs = hf_models.BUILDERS["lfm2_vl"]()  # short-convolution layers, then one attention layer
+    report = inspect(model, inputs)
+    assert report.blocks == model.stsc_expected.blocks and [b.kind for b in report.block_details] == [0, 0, 0, 1]
+
+
+def test_mixture_of_experts_and_no_rope_layers_in_one_stack():
+    model, inputs = hf_models.BUILDERS["llama4"]()
+    report = inspect(model, inputs)
+    assert report.blocks == model.stsc_expected.blocks and report.block_kinds == 2
+
+
+def test_grid_shaped_projector_output():
+    model, inputs = hf_models.BUILDERS["aya_vision"]()  # the projector returns [images, 4, 4, D]
+    sparse = sparsify(model, "vtc", inputs)
+    assert sparse.report.model.boundary.grid == (4, 4)
+    sparse(**forward_kwargs(model, inputs)[0]).loss.backward()
+    assert sparse.runtimes["compress_visual_tokens"].last_plan.kept == 16
+
+
+def test_visual_features_added_again_inside_the_decoder_follow_the_kept_tokens():
+    """DeepStack: features of every visual token are added to the hidden states after the first layers."""
+    model, inputs = hf_models.BUILDERS["qwen3_vl"]()
+    sparse = sparsify(model, "vtc", inputs)
+    assert sparse.report.model.blocks == model.stsc_expected.blocks
+    seen = []
+    model.model.language_model.layers[1].register_forward_pre_hook(
+        lambda module, args, kw: seen.append((args[0] if args else kw["hidden_states"]).shape), with_kwargs=True)
+    sparse(**forward_kwargs(model, inputs)[0]).loss.backward()
+    assert seen[0][1] == inputs["input_ids"].shape[1] - 2  # 4 visual tokens -> 2 per image
+
+
+def test_a_second_embedding_table_does_not_hide_the_token_input():
+    model, inputs = hf_models.BUILDERS["ovis2"]()  # visual words looked up in their own table with soft weights
+    report = inspect(model, inputs)
+    assert report.token_input == "input_ids" and report.blocks == model.stsc_expected.blocks
+
+
+def test_placeholders_positioned_by_a_mask_input():
+    model, inputs = hf_models.BUILDERS["kosmos2"]()  # distinct ids at the image positions, a mask input marks them
+    sparse = sparsify(model, "vtc", inputs)
+    assert sparse.report.model.boundary.positions.inputs == ("image_embeds_position_mask",)
+    sparse(**forward_kwargs(model, inputs)[0]).loss.backward()
+    assert sparse.runtimes["compress_visual_tokens"].last_plan.kept == 8
+
+
+def test_blocks_whose_keys_and_values_later_blocks_read_are_never_skipped():
+    model, inputs = hf_models.BUILDERS["gemma3n"]()  # layers 2 and 3 reuse the keys and values of layers 0 and 1
+    sparse = sparsify(model, "lds", inputs)
+    details = sparse.report.stages[1].passes[0]["details"]
+    assert details["skippable"] == model.stsc_expected.blocks[2:]
+    assert list(details["not_skippable"]) == model.stsc_expected.blocks[:2]
+
+
+# ------------------------------------------------------------------------------------ fail early
+def test_a_model_that_breaks_in_a_training_step_is_refused_at_sparsify():
+    model, inputs = hf_models.BUILDERS["llava"]()
+    original = model.model.language_model.forward
+
+    def breaks_when_shortened(*args, **kwargs):  # e.g. a decoder that insists on its full sequence length
+        if kwargs["inputs_embeds"].shape[1] != inputs["input_ids"].shape[1]:
+            raise RuntimeError("shape '[2, 25, 64]' is invalid for input of size 1664")
+        return original(*args, **kwargs)
+
+    model.model.language_model.forward = breaks_when_shortened
+    with pytest.raises(UnsupportedModelError) as err:
+        sparsify(model, "sts", inputs)
+    assert str(err.value).startswith(
+        "stage 'alignment' (compress_visual_tokens): a training step on the example inputs failed: RuntimeError: "
+        "shape '[2, 25, 64]' is invalid for input of size 1664 (found: compress_visual_tokens: boundary=scatter, "
+        "visual_positions=eq(input_ids, 3), compacted_at=model.language_model, method=uniform, tokens_per_image=16, "
+        "kept_per_image=8)")
+
+
+def test_sparsify_leaves_the_model_as_it_was():
+    model, inputs = hf_models.BUILDERS["llava"]()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    sparsify(model, "sts", inputs)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in model.parameters())
