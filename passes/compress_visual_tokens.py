@@ -61,7 +61,8 @@ from stsc.savings import Savings
 from stsc.schedules import StepClock, seeded_generator
 
 __all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "Plan", "SequenceCompactor", "apply",
-           "estimate", "kept_count", "plan", "select", "uniform_indices"]
+           "compact", "compact_hidden", "estimate", "expand", "gather_dims", "index_along", "kept_count", "plan",
+           "select", "uniform_indices"]
 
 METHODS = ("uniform", "random", "text_guided", "pool", "merge")
 SELECTING = ("uniform", "random", "text_guided")  # methods that keep a subset (the others average)
@@ -104,12 +105,14 @@ def _centered(n: int, k: int) -> list[int]:
 
 
 def uniform_indices(tokens: int, kept: int, grid: tuple[int, int] | None) -> list[int]:
-    """Evenly spaced token indices; on the grid when known (raster order)."""
-    if grid is None or grid[0] * grid[1] != tokens:
+    """Exactly ``kept`` evenly spaced token indices: a sub-grid of ``r x c = kept`` rows and columns on the grid
+    when one fits (the most even coverage; raster order), else evenly spaced along the raster."""
+    shapes = [(r, kept // r) for r in range(1, grid[0] + 1) if kept % r == 0 and kept // r <= grid[1]] \
+        if grid is not None and grid[0] * grid[1] == tokens else []
+    if not shapes:
         return _centered(tokens, kept)
     rows, cols = grid
-    shapes = [(r, min(max(round(kept / r), 1), cols)) for r in range(1, rows + 1)]
-    r, c = min(shapes, key=lambda rc: (abs(rc[0] * rc[1] - kept), abs(rc[0] / rows - rc[1] / cols), -rc[0]))
+    r, c = min(shapes, key=lambda rc: (abs(rc[0] / rows - rc[1] / cols), -rc[0]))
     return [i * cols + j for i in _centered(rows, r) for j in _centered(cols, c)]
 
 
@@ -170,6 +173,7 @@ class Plan:
     visual: torch.Tensor  # [B, T] bool: the visual positions
     kept_visual: torch.Tensor  # ranks (row-major order among the visual positions) of the kept visual tokens
     groups: tuple[torch.Tensor, ...] | None  # (rows, slots, kept_at, member_ranks, member_group) of averaged slots
+    lengths: torch.Tensor  # [B] kept positions of each row
     tokens: int  # visual tokens in the batch
     kept: int  # visual tokens kept
 
@@ -206,7 +210,8 @@ def plan(hidden: torch.Tensor, visual: torch.Tensor, images: list[Image], config
     rank[visual] = torch.arange(tokens, device=device)
     slot_ranks = rank.gather(1, index)[valid]
     kept_visual = slot_ranks[slot_ranks >= 0]
-    return Plan(index, restore, visual, kept_visual, _groups(averaged, rank, restore, kept_visual), tokens, len(rows))
+    return Plan(index, restore, visual, kept_visual, _groups(averaged, rank, restore, kept_visual), lengths, tokens,
+                len(rows))
 
 
 def _groups(averaged, rank: torch.Tensor, restore: torch.Tensor, kept_visual: torch.Tensor):
@@ -252,25 +257,31 @@ def compact(value, plan_: Plan, batch: int, length: int):
                       and length in value.shape[d + 1:]), None)
     if batch_dim is None:
         return value
-    if value.shape[batch_dim] != batch:
-        value = value.expand(*value.shape[:batch_dim], batch, *value.shape[batch_dim + 1:])
-    for dim in range(batch_dim + 1, value.dim()):
-        if value.shape[dim] == length:
-            value = _gather(value, plan_.index, batch_dim, dim)
-    return value
+    return gather_dims(value, plan_.index, batch_dim, [d for d in range(batch_dim + 1, value.dim())
+                                                      if value.shape[d] == length])
 
 
-def _gather(value: torch.Tensor, index: torch.Tensor, batch_dim: int, dim: int) -> torch.Tensor:
-    shape = [1] * value.dim()
+def gather_dims(x: torch.Tensor, index: torch.Tensor, batch_dim: int, dims: list[int]) -> torch.Tensor:
+    """``x`` gathered at ``index`` ``[B, T']`` along each of ``dims`` (batch at ``batch_dim``, broadcast from 1)."""
+    if x.shape[batch_dim] != index.shape[0]:
+        x = x.expand(*x.shape[:batch_dim], index.shape[0], *x.shape[batch_dim + 1:])
+    for dim in dims:
+        x = x.gather(dim, index_along(x, index, batch_dim, dim))
+    return x
+
+
+def index_along(x: torch.Tensor, index: torch.Tensor, batch_dim: int, dim: int) -> torch.Tensor:
+    """``index`` ``[B, T']`` shaped to gather (or scatter) ``x`` along ``dim``."""
+    shape = [1] * x.dim()
     shape[batch_dim], shape[dim] = index.shape
-    target = list(value.shape)
+    target = list(x.shape)
     target[dim] = index.shape[1]
-    return value.gather(dim, index.reshape(shape).expand(target))
+    return index.reshape(shape).expand(target)
 
 
 def compact_hidden(hidden: torch.Tensor, plan_: Plan) -> torch.Tensor:
     """The merged sequence at the kept positions; averaged slots hold the mean of their members."""
-    out = _gather(hidden, plan_.index, 0, 1)
+    out = gather_dims(hidden, plan_.index, 0, [1])
     if plan_.groups is None:
         return out
     means = _means(hidden[plan_.visual], plan_.groups)
@@ -281,7 +292,7 @@ def expand(value, plan_: Plan, batch: int):
     """A decoder output ``[B, T', ...]`` back to ``[B, T, ...]``: each position takes its kept slot's value."""
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch \
             and value.shape[1] == plan_.length:
-        return _gather(value, plan_.restore, 0, 1)
+        return gather_dims(value, plan_.restore, 0, [1])
     return value
 
 

@@ -22,6 +22,7 @@ def test_uniform_on_grid_hand_computed():
     assert uniform_indices(64, 16, (8, 8)) == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
     assert uniform_indices(64, 32, (8, 8)) == [r * 8 + c for r in range(8) for c in (1, 3, 5, 7)]
     assert uniform_indices(10, 3, None) == [1, 5, 8]
+    assert uniform_indices(4, 3, (2, 2)) == [0, 2, 3]  # no 3-token sub-grid of 2 x 2: evenly along the raster
 
 
 def test_random_draws_the_same_subset_in_another_process():
