@@ -1,0 +1,127 @@
+"""The README's support table is measured: every family the tests build, and what works on it.
+
+    python tests/test_support_table.py [family ...]     prints the measured rows, to paste into README.md
+
+Columns: how the model was captured; ``inspect`` finds every decoder block and the visual tokens per image;
+``compress`` trains two steps of the ``sts`` alignment stage with the decoder sequence shortened;
+``skip`` trains two steps of its instruction stage with every skippable block but one skipped; ``eval``
+outputs equal the dense model's bitwise; ``compile`` trains a step of each stage under ``torch.compile``
+(regional compile of the blocks plus the whole model, ``aot_eager`` backend: graph capture and autograd, not
+code generation). A cell is ``yes`` or ``no``; a family refused by ``sparsify`` says so in every pass column.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import hf_models  # noqa: E402
+
+from stsc import UnsupportedModelError, sparsify  # noqa: E402
+from stsc.capture import forward_kwargs  # noqa: E402
+
+COLUMNS = ("family", "class", "capture", "inspect", "compress", "skip", "eval", "compile")
+BEGIN, END = "<!-- support table: measured by tests/test_support_table.py -->", "<!-- end of support table -->"
+
+
+def measure(family: str) -> dict:
+    model, inputs = hf_models.BUILDERS[family]()
+    expected = model.stsc_expected
+    kwargs = forward_kwargs(model, inputs)[0]
+    dense = copy.deepcopy(model).eval()
+    row = {"family": family, "class": type(model).__name__}
+    try:
+        sparse = sparsify(model, "sts", inputs, steps_per_epoch=2)
+    except UnsupportedModelError:
+        return {**row, "capture": "-", "inspect": "-", "compress": "refused", "skip": "refused", "eval": "-",
+                "compile": "-"}
+    report = sparse.report.model
+    boundary = report.boundary
+    row["capture"] = report.capture_method
+    row["inspect"] = _yes(report.blocks == expected.blocks and boundary is not None
+                          and boundary.tokens_per_image == expected.tokens_per_image)
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=1e-3)
+    row["compress"] = _yes(all(_step(sparse, optimizer, kwargs, 0.0, step) for step in range(2))
+                           and sparse.runtimes["compress_visual_tokens"].last_plan.length < kwargs["input_ids"].shape[1])
+    skipper = None
+    for step in range(2):
+        sparse.set_progress(epoch=1.0, step=2 + step)
+        skipper = sparse.runtimes["skip_layers"]
+        skippable = [i for i, ok in enumerate(skipper.skippable) if ok]
+        skipper.force(skippable[:-1] or skippable)
+        ok = _step(sparse, optimizer, kwargs, 1.0, 2 + step)
+    row["skip"] = _yes(ok and skipper.last_skipped == (skippable[:-1] or skippable))
+    skipper.force(None)
+    dense.load_state_dict(sparse.state_dict())
+    with torch.no_grad():
+        row["eval"] = _yes(torch.equal(_logits(sparse.eval()(**kwargs)), _logits(dense(**kwargs))))
+    sparse.train()
+    row["compile"] = _yes(_compiles(sparse, kwargs, optimizer))
+    return row
+
+
+def _step(sparse, optimizer, kwargs, epoch: float, step: int) -> bool:
+    sparse.set_progress(epoch=epoch, step=step)
+    optimizer.zero_grad(set_to_none=True)
+    loss = sparse(**kwargs).loss
+    loss.backward()
+    optimizer.step()
+    return bool(torch.isfinite(loss))
+
+
+def _compiles(sparse, kwargs, optimizer) -> bool:
+    torch._dynamo.reset()
+    sparse.compile(backend="aot_eager")
+    compiled = torch.compile(sparse, backend="aot_eager")
+    try:
+        for epoch in (0.0, 1.0):
+            sparse.set_progress(epoch=epoch, step=10 + int(epoch))
+            optimizer.zero_grad(set_to_none=True)
+            loss = compiled(**kwargs).loss
+            loss.backward()
+            if not torch.isfinite(loss):
+                return False
+        return True
+    finally:
+        torch._dynamo.reset()
+
+
+def _logits(output) -> torch.Tensor:
+    return output["logits"] if isinstance(output, dict) else output.logits
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def readme_rows() -> dict[str, dict]:
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip().splitlines()[2:]
+    rows = [dict(zip(COLUMNS, (cell.strip().strip("`") for cell in line.strip("|").split("|")))) for line in table]
+    return {row["family"]: row for row in rows}
+
+
+def format_row(row: dict) -> str:
+    return "| " + " | ".join(f"`{row[c]}`" if c == "class" else row[c] for c in COLUMNS) + " |"
+
+
+def test_the_table_lists_every_family_the_tests_build():
+    assert list(readme_rows()) == list(hf_models.BUILDERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(hf_models.BUILDERS))
+def test_the_table_row_is_what_is_measured(family):
+    assert measure(family) == readme_rows()[family]
+
+
+if __name__ == "__main__":
+    print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
+    for name in sys.argv[1:] or list(hf_models.BUILDERS):
+        print(format_row(measure(name)), flush=True)
