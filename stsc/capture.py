@@ -42,7 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-__all__ = ["Capture", "CaptureError", "capture", "forward_kwargs"]
+__all__ = ["Capture", "CaptureError", "capture", "exported_capture", "forward_kwargs", "module_paths"]
 
 
 class CaptureError(RuntimeError):
@@ -90,8 +90,7 @@ def capture(model: nn.Module, example_inputs: dict) -> Capture:
             kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
             exported = _export(model, kwargs)
         if not isinstance(exported, Exception):
-            return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs,
-                           time.perf_counter() - start, None, notes, exported)
+            return exported_capture(exported, example_inputs, time.perf_counter() - start, notes)
         reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
         traced = _trace(model, kwargs)
         if not isinstance(traced, Exception):
@@ -239,7 +238,7 @@ def _shape_dtype(node: fx.Node):
     return None, None
 
 
-def _module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tuple[str, ...]:
+def module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tuple[str, ...]:
     stack = node.meta.get("nn_module_stack") or {}
     paths = []
     for path, _cls in stack.values():
@@ -265,11 +264,18 @@ def _add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int
         shape, dtype = _shape_dtype(node)
         kind, source = sources.get(node.name, (None, None)) if node.op in ("placeholder", "get_attr") else (None, None)
         flow.add_node(key, fx=node, graph=index, op=kind or op_name(node), source=source, value=values.get(node.name),
-                      module=_module_paths(node, prefix, frame_root), shape=shape, dtype=dtype,
+                      module=module_paths(node, prefix, frame_root), shape=shape, dtype=dtype,
                       order=order_base + position)
         for arg in node.all_input_nodes:
             flow.add_edge(keys[arg.name], key)
     return keys
+
+
+def exported_capture(exported: torch.export.ExportedProgram, example_inputs: dict, seconds: float = 0.0,
+                     notes: list[str] | None = None) -> Capture:
+    """The :class:`Capture` of an exported program."""
+    return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs, seconds, None,
+                   notes or [], exported)
 
 
 def _export_dataflow(exported: torch.export.ExportedProgram) -> nx.DiGraph:

@@ -252,7 +252,9 @@ def _positions(cap, flow, merge, kind, operand, token_input, notes) -> PositionP
         return found
     if kind not in ("scatter", "other"):
         return None
-    program, why = position_program(flow, merge, tuple(cap.example_inputs[token_input].shape))
+    token_shape = next(flow.nodes[k]["shape"] for k in flow if flow.nodes[k]["op"] == "input"
+                       and flow.nodes[k]["source"] == token_input)  # symbolic sizes when exported dynamic
+    program, why = position_program(flow, merge, tuple(token_shape))
     if program is None:
         notes.append(f"visual positions: {why}")
     return program

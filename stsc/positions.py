@@ -22,9 +22,10 @@ __all__ = ["PositionProgram", "Slots", "position_program", "slots"]
 class PositionProgram:
     """``program(inputs) -> bool [batch, seq]``: the visual positions, computed from the model's inputs."""
 
-    def __init__(self, module: fx.GraphModule, inputs: tuple[str, ...]):
+    def __init__(self, module: fx.GraphModule, inputs: tuple[str, ...], source: str):
         self.module = module
         self.inputs = inputs  # the model inputs it reads, by keyword
+        self.source = source  # data-flow key of the mask node it was sliced from
 
     def __call__(self, inputs: dict) -> torch.Tensor:
         missing = [name for name in self.inputs if not isinstance(inputs.get(name), torch.Tensor)]
@@ -91,7 +92,7 @@ def position_program(flow: nx.DiGraph, merge: str, token_shape: tuple) -> tuple[
         else:
             return None, f"the mask's computation contains a {node.op} node ({node.name}) that cannot be replayed"
     graph.output(env[end])
-    return PositionProgram(fx.GraphModule(root, graph), tuple(inputs)), ""
+    return PositionProgram(fx.GraphModule(root, graph), tuple(inputs), end), ""
 
 
 def slots(flow: nx.DiGraph, merge: str, operand: str) -> Slots | None:

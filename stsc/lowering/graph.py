@@ -1,0 +1,402 @@
+"""Graph lowering: the passes' rewrites as edits of the captured FX graph.
+
+``transform(model, policy, example_inputs)`` exports the model with ``torch.export`` (the sequence length
+dynamic: every input shaped like the token ids gets ``Dim.AUTO`` on dim 1), matches the exported graph, and
+rewrites its graph module (``ep.module()``: the caller's own parameters, as attributes), pass by pass:
+
+* **compress_visual_tokens** -- the decoder entry is a region of nodes (those the matcher's decoder-entry
+  module ran). A ``stsc::compress_plan`` node (:mod:`stsc.lowering.ops`) is inserted on the merged sequence
+  where it enters the region, reading the merge's own visual-position mask node, the token ids and a step
+  buffer; every value entering the region whose shape has the sequence dimension goes through
+  ``stsc::compact`` (hidden states, masks of any rank, position ids); inside the region the sequence length
+  is redirected to the compacted one (``sym_size`` of the plan's index, and any size computed from it);
+  every value leaving the region goes through ``stsc::expand``; runtime asserts inside the region about the
+  old length are deleted, since the rewrite made them stale.
+* **skip_layers** -- each skippable block's nodes are outlined into a submodule ``stsc_block_<i>`` and called as
+  ``torch.cond(stsc_skip[i], stsc_identity_<i>, stsc_block_<i>, operands)``, with ``stsc_skip`` a bool buffer
+  the runtime fills before each forward. Sizes the block reads are recomputed inside it from its hidden
+  input (``torch.cond`` takes tensor operands only).
+
+After each pass the graph module is exported again, so its metadata (shapes, the ops' fake results) is
+consistent and it can be saved with ``torch.export.save`` (the ops are registered when ``stsc`` is imported).
+
+:class:`GraphStage` runs the result: the same decisions as the module lowering for the same step (skip
+patterns from :func:`stsc.schedules.draw_skips`, compression draws from the same seeded generator), so loss
+and gradients agree with it. A skipped block's parameters receive zeros from ``torch.cond``'s backward; the
+stage resets them to ``None`` when the block was skipped in every micro-batch of the step, which is the module
+lowering's semantics (AdamW leaves such a block alone). In ``eval()`` the stage runs the caller's dense model.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from stsc.capture import exported_capture, first_line, forward_kwargs, module_paths
+from stsc.layout import images_in
+from stsc.match import Structure, match
+from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, kept_count
+from stsc.passes.skip_layers import SkipLayersConfig
+from stsc.policy import Policy, Stage, load_policy
+from stsc.report import capture_and_match
+from stsc.schedules import StepClock, draw_skips, layer_probabilities
+
+from . import ops  # noqa: F401 - registers the stsc:: ops
+
+__all__ = ["GraphLoweringUnavailable", "GraphStage", "RewriteInfo", "compact_region", "guard_blocks", "transform"]
+
+
+class GraphLoweringUnavailable(ValueError):
+    """The model or the stage cannot be lowered to a rewritten graph (the module lowering still works)."""
+
+
+@dataclass
+class RewriteInfo:
+    """What a graph rewrite did: nodes added, removed, and uses redirected."""
+
+    name: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    replaced: int = 0
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for name in self.added:
+            kind = name.rstrip("0123456789").rstrip("_")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        added = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+        return (f"{self.name}: +{len(self.added)} nodes ({added or 'none'}), -{len(self.removed)} nodes, "
+                f"{self.replaced} uses redirected")
+
+
+# ------------------------------------------------------------------------------------------- shapes
+def _expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def _same(a, b) -> bool:
+    """Two (possibly symbolic) sizes are the same expression (no guard is added)."""
+    return _expr(a) == _expr(b)
+
+
+def _depends_on(value, symbol) -> bool:
+    return isinstance(value, torch.SymInt) and (_same(value, symbol) or _expr(symbol) in _expr(value).free_symbols)
+
+
+def sequence_dims(value, batch, sequence) -> tuple[int, list[int]] | None:
+    """``(batch_dim, dims)`` of a tensor aligned with the sequence: a batch dimension (``batch`` or 1) followed
+    by dimensions of the (symbolic) ``sequence`` length; None when it is not aligned."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    shape = value.shape
+    for batch_dim in range(min(2, len(shape) - 1)):
+        if _same(shape[batch_dim], batch) or _same(shape[batch_dim], 1):
+            dims = [d for d in range(batch_dim + 1, len(shape)) if _same(shape[d], sequence)]
+            if dims:
+                return batch_dim, dims
+    return None
+
+
+def _region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+    """The nodes module ``path`` ran, in order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and path in module_paths(n)]
+
+
+# --------------------------------------------------------------------------- compress_visual_tokens
+def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.Node, token_ids: fx.Node,
+                   plan_args: tuple, removed: int) -> RewriteInfo:
+    """Compact everything entering the ``entry`` region of ``gm`` at the kept positions, expand what leaves it.
+
+    ``plan_args``: the ``stsc::compress_plan`` scalars (method, keep_ratio, kernel, seed, grid, rows_layout).
+    """
+    info = RewriteInfo("compress_visual_tokens")
+    graph = gm.graph
+    region = _region(gm, entry)
+    inside = set(region)
+    batch, sequence = hidden.meta["val"].shape[:2]
+    if not isinstance(sequence, torch.SymInt):
+        raise GraphLoweringUnavailable("the exported graph specialized the sequence length to a constant")
+    gm.register_buffer("stsc_step", torch.zeros(2, dtype=torch.long), persistent=False)
+    with graph.inserting_before(region[0]):
+        step = graph.get_attr("stsc_step")
+        plan = graph.call_function(torch.ops.stsc.compress_plan.default,
+                                   (hidden, visual, token_ids, step, *plan_args, removed))
+        index = graph.call_function(operator.getitem, (plan, 0))
+        restore = graph.call_function(operator.getitem, (plan, 1))
+        length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
+    info.added += [step.name, plan.name, index.name, restore.name, length.name]
+    new_nodes = {step, plan, index, restore, length}
+    rebased: dict[fx.Node, fx.Node] = {}
+    compacted: dict[fx.Node, fx.Node] = {}
+
+    def rebase(node: fx.Node) -> fx.Node:
+        """A symbolic size computed from the sequence length, recomputed from the compacted length."""
+        if _same(node.meta.get("val"), sequence):
+            return length
+        if node not in rebased:
+            with graph.inserting_before(region[0]):
+                rebased[node] = graph.node_copy(node, lambda arg: rebase(arg) if _depends_on(
+                    arg.meta.get("val"), sequence) else arg)
+            info.added.append(rebased[node].name)
+        return rebased[node]
+
+    def compact(node: fx.Node) -> fx.Node | None:
+        dims = sequence_dims(node.meta.get("val"), batch, sequence)
+        if dims is None:
+            return None
+        if node not in compacted:
+            with graph.inserting_before(region[0]):
+                compacted[node] = graph.call_function(torch.ops.stsc.compact.default, (node, index, *dims))
+            info.added.append(compacted[node].name)
+        return compacted[node]
+
+    for node in region:
+        for arg in list(node.all_input_nodes):
+            if arg in inside or arg in new_nodes:
+                continue
+            new = rebase(arg) if _depends_on(arg.meta.get("val"), sequence) else compact(arg)
+            if new is not None:
+                node.replace_input_with(arg, new)
+                info.replaced += 1
+    for node in region:
+        outside = [user for user in node.users if user not in inside]
+        if not outside:
+            continue
+        if sequence_dims(node.meta.get("val"), batch, sequence) != (0, [1]):
+            raise GraphLoweringUnavailable(f"the decoder entry's output {node.name} "
+                                           f"{tuple(node.meta['val'].shape)} cannot be expanded back to the sequence")
+        with graph.inserting_after(node):
+            expanded = graph.call_function(torch.ops.stsc.expand.default, (node, restore))
+        info.added.append(expanded.name)
+        for user in outside:
+            user.replace_input_with(node, expanded)
+            info.replaced += 1
+    for node in region:  # runtime asserts about the old length are stale once it is compacted
+        if node.target is torch.ops.aten._assert_scalar.default and any(
+                _depends_on(arg.meta.get("val"), sequence) for arg in node.all_input_nodes):
+            info.removed.append(node.name)
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return info
+
+
+def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig, inputs: dict) -> RewriteInfo:
+    b = structure.boundary
+    if b is None or b.kind != "scatter" or b.positions is None:
+        raise GraphLoweringUnavailable("compression in the graph needs a scatter merge whose visual positions "
+                                       f"the matcher derived (found: {b.kind if b else 'no boundary'})")
+    if b.decoder_entry is None:
+        raise GraphLoweringUnavailable("the merging module calls the decoder blocks itself: no decoder-entry "
+                                       "region to compact")
+    if config.method not in SELECTING:
+        raise GraphLoweringUnavailable(f"method {config.method!r} averages tokens; the graph lowering compacts by "
+                                       f"selection ({', '.join(SELECTING)})")
+    visual = b.positions(inputs)
+    images = images_in(visual, inputs.get(b.token_input), b.rows_layout, b.image_grids(inputs), b.grid)
+    dropped = [0] * visual.shape[0]
+    for image in images:
+        dropped[image.row] += image.tokens - kept_count(image.tokens, config, image.grid)
+    if len(set(dropped)) != 1:
+        raise GraphLoweringUnavailable(f"the example's rows drop different numbers of positions {dropped}; the "
+                                       f"graph is built for rows that all drop the same number")
+    nodes = {node.name: node for node in gm.graph.nodes}
+    name = lambda key: nodes[key.split(":", 1)[1]]  # noqa: E731 - data-flow key -> node of gm
+    grid = list(b.grid) if b.grid else []
+    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, grid, b.rows_layout)
+    return compact_region(gm, b.decoder_entry, name(b.merge_node), name(b.positions.source), nodes[b.token_input],
+                          plan_args, dropped[0])
+
+
+# -------------------------------------------------------------------------------------- skip_layers
+def guard_blocks(gm: fx.GraphModule, paths: list[str], skippable: list[bool]) -> tuple[RewriteInfo, list[bool]]:
+    """Outline each skippable block of ``gm`` and call it under ``torch.cond(stsc_skip[i], identity, block)``.
+
+    Returns what was done and which blocks were guarded: a block whose region has outputs besides its
+    hidden state, or reads a size it cannot recompute from its hidden input, runs unguarded.
+    """
+    info = RewriteInfo("skip_layers")
+    gm.register_buffer("stsc_skip", torch.zeros(len(paths), dtype=torch.bool), persistent=False)
+    guarded = []
+    for index, (path, allowed) in enumerate(zip(paths, skippable)):
+        guarded.append(allowed and _guard_block(gm, index, path, info))
+    gm.graph.lint()
+    gm.recompile()
+    return info, guarded
+
+
+def _guard_block(gm: fx.GraphModule, index: int, path: str, info: RewriteInfo) -> bool:
+    graph = gm.graph
+    region = _region(gm, path)
+    inside = set(region)
+    outputs = [n for n in region if any(user not in inside for user in n.users)]
+    inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
+    if len(outputs) != 1:
+        return False
+    shape = outputs[0].meta["val"].shape
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    hiddens = [a for a in inputs if isinstance(a.meta.get("val"), torch.Tensor)
+               and len(a.meta["val"].shape) == len(shape) and all(map(_same, a.meta["val"].shape, shape))]
+    if not hiddens:
+        return False
+    hidden = max(hiddens, key=order.get)
+    tensors = [hidden] + [a for a in inputs if a is not hidden and isinstance(a.meta.get("val"), torch.Tensor)]
+    sizes = [a for a in inputs if not isinstance(a.meta.get("val"), torch.Tensor)]
+    block, env = fx.Graph(), {}
+    for operand in tensors:
+        env[operand] = block.placeholder(operand.name)
+        env[operand].meta = dict(operand.meta)
+    for size in sizes:  # torch.cond takes tensor operands only: recompute sizes from the hidden input
+        dim = next((d for d, s in enumerate(hidden.meta["val"].shape) if _same(s, size.meta.get("val"))), None)
+        if dim is None:
+            return False
+        env[size] = block.call_function(torch.ops.aten.sym_size.int, (env[hidden], dim))
+    for node in region:
+        env[node] = block.node_copy(node, env.__getitem__)
+    block.output((env[outputs[0]],))
+    identity = fx.Graph()
+    placeholders = [identity.placeholder(operand.name) for operand in tensors]
+    identity.output((identity.call_function(torch.ops.aten.clone.default, (placeholders[0],)),))
+    gm.add_submodule(f"stsc_block_{index}", fx.GraphModule(gm, block))
+    gm.add_submodule(f"stsc_identity_{index}", fx.GraphModule(gm, identity))
+    with graph.inserting_before(region[0]):
+        flags = graph.get_attr("stsc_skip")
+        flag = graph.call_function(torch.ops.aten.select.int, (flags, 0, index))
+        skip_branch = graph.get_attr(f"stsc_identity_{index}")
+        run_branch = graph.get_attr(f"stsc_block_{index}")
+        cond = graph.call_function(torch.ops.higher_order.cond, (flag, skip_branch, run_branch, tuple(tensors)))
+        result = graph.call_function(operator.getitem, (cond, 0))
+    result.meta["val"] = outputs[0].meta["val"]
+    outputs[0].replace_all_uses_with(result)
+    for node in reversed(region):
+        graph.erase_node(node)
+    info.added += [n.name for n in (flags, flag, skip_branch, run_branch, cond, result)]
+    info.removed += [n.name for n in region]
+    return True
+
+
+def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict):
+    paths = [b.path for b in structure.blocks]
+    allowed = [config.allows_kind(b.kind) and not b.feeds for b in structure.blocks]
+    return guard_blocks(gm, paths, allowed)
+
+
+# ------------------------------------------------------------------------------------------ runtime
+class GraphStage(nn.Module):
+    """One stage of a policy, lowered to a rewritten graph module that trains the caller's parameters.
+
+    ``graph_module`` is the rewritten graph (its ``.code`` shows the inserted nodes); ``exported`` the
+    exported program of it (``torch.export.save``-able); ``rewrites`` what each pass did. ``forward`` takes the
+    model's keyword inputs; ``set_progress`` moves the schedules as :meth:`stsc.SparseModel.set_progress` does.
+    """
+
+    def __init__(self, model: nn.Module, stage: Stage, exported: torch.export.ExportedProgram,
+                 rewrites: list[RewriteInfo], skip: SkipLayersConfig | None, guarded: list[bool], paths: list[str]):
+        super().__init__()
+        self.graph_module = exported.module()
+        self._run = self.graph_module
+        self._flags = dict(self.graph_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
+        object.__setattr__(self, "dense", model)  # eval runs the caller's model; not a submodule (no second copy
+        self.stage, self.exported, self.rewrites = stage, exported, rewrites  # of its parameters in state_dict)
+        self.clock, self.progress = StepClock(), 0.0
+        self.skip, self.guarded, self.paths = skip, guarded, paths
+        self.forced: list[int] | None = None
+        self.last_skipped: list[int] = []
+        self._skipped_all_step = [False] * len(paths)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._drop_zero_grad(i))
+                       for i, path in enumerate(paths) if guarded and guarded[i]
+                       for p in model.get_submodule(path).parameters()]
+
+    def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
+        if epoch is not None:
+            self.progress = float(epoch)
+        if step is not None:
+            self.clock.set_step(step)
+
+    def force(self, skipped: list[int] | None) -> None:
+        """Skip exactly these blocks in every training forward (``None``: back to the schedule)."""
+        self.forced = None if skipped is None else sorted(skipped)
+
+    def probabilities(self) -> list[float]:
+        return layer_probabilities(self.skip.skip_schedule(), len(self.paths), self.progress, self.guarded)
+
+    def forward(self, **kwargs):
+        if not self.training:
+            return self.dense(**kwargs)
+        step, micro_step = self.clock.tick()
+        if "stsc_step" in self._flags:
+            self._flags["stsc_step"].copy_(torch.tensor([step, micro_step]))
+        if self.skip is not None:
+            skipped = self.forced if self.forced is not None else draw_skips(
+                self.probabilities(), self.skip.seed, step, micro_step, self.skip.min_kept)
+            self.last_skipped = skipped
+            self._flags["stsc_skip"].copy_(torch.tensor([i in skipped for i in range(len(self.paths))]))
+            self._skipped_all_step = [(i in skipped) and (micro_step == 0 or was)
+                                      for i, was in enumerate(self._skipped_all_step)]
+        return self._run(**forward_kwargs(self.dense, kwargs)[0])
+
+    def compile(self, **compile_kwargs) -> None:
+        """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw."""
+        self._run = torch.compile(self.graph_module, **compile_kwargs)
+
+    def _drop_zero_grad(self, block: int):
+        def hook(param: torch.Tensor) -> None:
+            if self.training and self._skipped_all_step[block]:
+                param.grad = None  # torch.cond gave zeros; the block did not run in this step
+        return hook
+
+    def remove(self) -> None:
+        """Detach the gradient hooks from the caller's parameters."""
+        for hook in self._hooks:
+            hook.remove()
+
+
+GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
+
+
+def _export(model: nn.Module, inputs: dict, token_input: str) -> torch.export.ExportedProgram:
+    kwargs = forward_kwargs(model, inputs)[0]
+    shape = tuple(inputs[token_input].shape)
+    dynamic = {name: {1: Dim.AUTO} if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else None
+               for name, v in kwargs.items()}
+    return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
+    """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes."""
+    exported = _export(model, inputs, structure.token_input)
+    rewrites, skip, guarded = [], None, []
+    for entry in stage.passes:
+        gm = exported.module()
+        exported_structure = match(exported_capture(exported, inputs))
+        result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs)
+        if entry.name == "skip_layers":
+            (info, guarded), skip = result, entry.config
+        else:
+            info = result
+        rewrites.append(info)
+        try:
+            exported = _export(gm, inputs, structure.token_input)
+        except Exception as exc:  # noqa: BLE001
+            raise GraphLoweringUnavailable(f"the rewritten graph does not export again: {type(exc).__name__}: "
+                                           f"{first_line(exc)}") from exc
+    return GraphStage(model, stage, exported, rewrites, skip, guarded, [b.path for b in structure.blocks])
+
+
+def transform(model: nn.Module, policy: Policy | str, example_inputs: dict, stage: str | None = None
+              ) -> dict[str, GraphStage]:
+    """Each stage of ``policy`` (or only ``stage``) lowered to a rewritten, exported graph of ``model``.
+
+    Raises :class:`GraphLoweringUnavailable` with the reason when the model does not export or a pass cannot be
+    expressed in its graph (use :func:`stsc.sparsify`, the module lowering, then).
+    """
+    policy = load_policy(policy)
+    structure, report = capture_and_match(model, example_inputs)
+    if report.capture_method != "export":
+        raise GraphLoweringUnavailable(f"the model does not export ({report.fallback_reason})")
+    stages = [policy.stage(stage)] if stage is not None else list(policy.stages)
+    return {s.name: lower_stage(model, s, structure, example_inputs) for s in stages}
