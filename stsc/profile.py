@@ -231,6 +231,10 @@ def _settings(methods: list[str], keep_ratios: list[float], seed: int) -> list[C
     return settings
 
 
+def _setting(config: CompressVisualTokensConfig) -> str:
+    return f"kernel {config.kernel}" if config.method == "pool" else f"keep {config.keep_ratio:g}"
+
+
 def _kept(runtime) -> tuple[int, int]:
     """(visual tokens kept, visual tokens) in the last forward of a compressor runtime."""
     plan = runtime.last_plan
@@ -304,8 +308,18 @@ class _Session:
                               neighbour_similarity=similarities, not_measured=notes)
         if support != "ok":
             tokens.not_measured.append(f"compression: {support}")
+        failed = {}
         for config in settings:
-            tokens.points += self._compress(config, tokens.not_measured)
+            point, failure = self._compress(config)
+            if point:
+                tokens.points.append(point)
+            else:
+                failed.setdefault(config.method, []).append((_setting(config), failure))
+        for method, failures in failed.items():  # one line for a method that fails alike at every setting
+            if len(failures) == sum(c.method == method for c in settings) and len({f for _, f in failures}) == 1:
+                tokens.not_measured.append(f"{method}: {failures[0][1]}")
+            else:
+                tokens.not_measured += [f"{method} {setting}: {failure}" for setting, failure in failures]
         return tokens, profiles
 
     def _dense(self):
@@ -363,27 +377,25 @@ class _Session:
         images = images_in(mask, self.inputs.get(b.token_input), b.rows_layout, b.image_grids(self.inputs), b.grid)
         return [neighbour_similarity(hidden[image.row, list(image.positions)]) for image in images if image.tokens > 1]
 
-    def _compress(self, config: CompressVisualTokensConfig, not_measured: list[str]) -> list[TokenPoint]:
-        setting = f"kernel {config.kernel}" if config.method == "pool" else f"keep {config.keep_ratio:g}"
-        self.tell(f"tokens: {config.method} {setting}")
+    def _compress(self, config: CompressVisualTokensConfig) -> tuple[TokenPoint | None, str | None]:
+        """One compression setting's point, or why it could not be measured."""
+        self.tell(f"tokens: {config.method} {_setting(config)}")
         try:
             runtime, _ = self.apply("compress_visual_tokens", config)
         except ValueError as exc:
-            not_measured.append(f"{config.method} {setting}: {exc}")
-            return []
+            return None, str(exc)
         counts = []
         try:
             with runtime.trial():  # fails unless the compression took place
                 increase = self.increase(lambda: counts.append(_kept(runtime)))
         except Exception as exc:  # noqa: BLE001 - one setting that fails on this model does not end the profile
-            not_measured.append(f"{config.method} {setting}: {type(exc).__name__}: {first_line(exc)}")
-            return []
+            return None, f"{type(exc).__name__}: {first_line(exc)}"
         finally:
             runtime.remove()
         kept_fraction = sum(k for k, _ in counts) / sum(n for _, n in counts)
         pool = config.method == "pool"
-        return [TokenPoint(config.method, None if pool else config.keep_ratio, config.kernel if pool else None,
-                           kept_fraction, increase)]
+        return TokenPoint(config.method, None if pool else config.keep_ratio, config.kernel if pool else None,
+                          kept_fraction, increase), None
 
     # ------------------------------------------------------------------------------------ check
     def check(self, proposal: Proposal, samples: int) -> dict | None:
@@ -444,8 +456,9 @@ def _format(p: Profile) -> list[str]:
             lines.append("    " + f"{method:<13}" + "".join(f"{cells.get(r, '.'):>15}" for r in ratios))
     if t.neighbour_similarity:
         s = t.neighbour_similarity
-        lines.append(f"  nearest-neighbour cosine per image: mean {_mean(s):.3f}, min {min(s):.3f}, max {max(s):.3f} "
-                     f"({len(s)} images)")
+        unit = "row of keys (tile)" if t.boundary == "cross_attention" else "image"
+        lines.append(f"  nearest-neighbour cosine per {unit}: mean {_mean(s):.3f}, min {min(s):.3f}, max {max(s):.3f} "
+                     f"({len(s)} {unit.split(' ')[0]}s)")
     lines += [f"  not measured  {note}" for note in t.not_measured]
     lines.append(f"layers       {len(p.blocks)} decoder blocks: 1 - cos(h_in, h_out), and the loss increase when "
                  f"the block alone is skipped")

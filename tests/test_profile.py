@@ -157,6 +157,19 @@ def test_model_without_a_vision_boundary_gets_the_layer_profile_and_says_why_not
     assert "compression: not supported: no vision boundary found" in result.format()
 
 
+def test_cross_attention_model_measures_its_keys_and_says_which_methods_it_cannot_use():
+    model, inputs = hf_models.mllama()
+    result = profile(model, [inputs], methods=["uniform", "merge"], keep_ratios=[1.0, 0.5], samples=1)
+    assert result.dense_losses == [own_loss(model, inputs)]
+    assert [(p.method, p.keep_ratio, p.kept_fraction) for p in result.tokens.points] == [
+        ("uniform", 1.0, 1.0), ("uniform", 0.5, 8 / 17)]  # 17 keys per tile (16 patches and a class token)
+    assert result.tokens.points[0].loss_increase == 0.0 != result.tokens.points[1].loss_increase
+    assert result.tokens.not_measured == [
+        "merge: method 'merge' is not supported for cross_attention merges; use uniform or random"]
+    assert len(result.tokens.neighbour_similarity) == 4  # 2 samples x 2 tiles
+    assert "nearest-neighbour cosine per row of keys (tile)" in result.format()
+
+
 def test_no_decoder_blocks_is_unsupported():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
     with pytest.raises(UnsupportedModelError, match="^profile needs decoder blocks: no decoder blocks found"):
