@@ -25,7 +25,7 @@ from .capture import CaptureError, forward_kwargs
 from .loader import ModelFileError, load_model_and_batches, load_model_file
 from .passes.compress_visual_tokens import METHODS
 from .policy import PolicyError, load_policy
-from .profile import profile
+from .profile import KEEP_RATIOS, check_arguments, profile
 from .proposal import DEFAULT_TOLERANCE
 from .report import inspect
 from .schedules import layer_probabilities
@@ -211,14 +211,10 @@ def _stage_graphs(sparse: SparseModel, stage: str, kwargs: dict) -> str:
 # ------------------------------------------------------------------------------------- profile
 def _profile(args) -> int:
     load_policy(args.policy)  # a bad base policy is a PolicyError: exit 2 before the model is built
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        return _fail(f"--methods: unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}", EXIT_USAGE)
-    if not args.tolerance >= 0:
-        return _fail(f"--tolerance must be >= 0 (a fraction of the dense loss), got {args.tolerance}", EXIT_USAGE)
-    if args.samples < 1:
-        return _fail(f"--samples must be >= 1, got {args.samples}", EXIT_USAGE)
+    try:
+        methods, _ = check_arguments(args.methods.split(","), KEEP_RATIOS, args.samples, args.tolerance)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     picture = args.out is not None and importlib.util.find_spec("matplotlib") is not None
     model, inputs, batches = load_model_and_batches(args.model_file)
     _progress(f"capturing {args.model_file} and profiling it on {len(batches)} batch(es) ...")

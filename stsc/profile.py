@@ -55,12 +55,12 @@ from .passes.compress_visual_tokens import METHODS, CompressVisualTokensConfig, 
 from .passes.skip_layers import SkipLayersConfig, _bind
 from .policy import Policy, load_policy
 from .positions import Slots
-from .proposal import DEFAULT_TOLERANCE, Proposal, propose
+from .proposal import DEFAULT_TOLERANCE, Proposal, check_tolerance, propose
 from .registry import get_pass
 from .report import capture_and_match
 from .sparse import UnsupportedModelError, _eval_mode, _untouched, model_loss
 
-__all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "hidden_change",
+__all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "check_arguments", "hidden_change",
            "neighbour_similarity", "profile"]
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
@@ -165,23 +165,25 @@ def profile(model: nn.Module, batches: Iterable[dict], example_inputs: dict | No
     batches = [dict(b) for b in batches]
     if not batches:
         raise ValueError("profile needs at least one batch")
-    methods, keep_ratios = _checked(methods, keep_ratios, samples)
+    methods, keep_ratios = check_arguments(methods, keep_ratios, samples, tolerance)
     base = load_policy(policy)
     if isinstance(policy, str):
         base = dataclasses.replace(base, source=policy)  # "sts", not the preset's installed path
     example = dict(example_inputs if example_inputs is not None else batches[0])
     with _untouched(model):
+        if progress:
+            progress("profile: capturing and matching the model")
         structure, report = capture_and_match(model, example)
         if not structure.blocks:
             reason = next(n for n in structure.notes if n.startswith("no decoder blocks"))
             raise UnsupportedModelError(f"profile needs decoder blocks: {reason}")
         session = _Session(model, structure, example, batches, seed, progress)
         tokens, blocks = session.measure(report.support["compress_visual_tokens"], methods, keep_ratios)
-        proposal = propose(tokens, blocks, sum(session.dense) / len(batches), structure, base, tolerance)
+        proposal = propose(tokens, blocks, _mean(session.dense), structure, base, tolerance)
         proposal.check = session.check(proposal, samples)
         if proposal.check and proposal.check["layers"] > proposal.budget:
             proposal.notes.append("the sampled skip patterns cost more than the budget: blocks interact beyond the "
-                                  "first-order estimate; lower alpha or --tolerance")
+                                  "first-order estimate; use a lower alpha or tolerance")
     b = structure.boundary
     summary = {"capture": report.capture_method, "blocks": report.blocks, "boundary": b.kind if b else None,
                "tokens_per_image": b.tokens_per_image if b else None, "support": report.support}
@@ -189,7 +191,10 @@ def profile(model: nn.Module, batches: Iterable[dict], example_inputs: dict | No
                    time.perf_counter() - start)
 
 
-def _checked(methods, keep_ratios, samples: int) -> tuple[list[str], list[float]]:
+def check_arguments(methods: Iterable[str], keep_ratios: Iterable[float], samples: int,
+                    tolerance: float) -> tuple[list[str], list[float]]:
+    """:func:`profile`'s settings, checked before anything runs (a ``ValueError`` says what is wrong)."""
+    check_tolerance(tolerance)
     methods, keep_ratios = list(methods), [float(r) for r in keep_ratios]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -280,29 +285,9 @@ class _Session:
 
     # ----------------------------------------------------------------------------------- measure
     def measure(self, support: str, methods: list[str], keep_ratios: list[float]):
-        blocks = self.structure.blocks
-        try:
-            skipper, info = self.apply("skip_layers", SkipLayersConfig())
-            reasons = info.details["not_skippable"]
-        except ValueError as exc:
-            skipper, reasons = None, {b.path: str(exc) for b in blocks}
-        try:
-            skippable = [i for i, b in enumerate(blocks) if skipper and b.path not in reasons]
-            settings = _settings(methods, keep_ratios, self.seed) if support == "ok" else []
-            self.total = 1 + len(skippable) + len(settings) + 2
-            if skipper:
-                skipper.force([])
-            changes, similarities, notes = self._dense()
-            increases = {}
-            for i in skippable:
-                self.tell(f"layers: block {i} ({blocks[i].path}) skipped")
-                skipper.force([i])
-                increases[i] = self.increase()
-        finally:
-            if skipper:
-                skipper.remove()
-        profiles = [BlockProfile(i, b.path, b.kind, _mean(changes[i]) if changes[i] else None, increases.get(i),
-                                 reasons.get(b.path) if i not in increases else None) for i, b in enumerate(blocks)]
+        """Every measure: (TokenProfile, [BlockProfile]). ``support``: the compressor's verdict on the model."""
+        settings = _settings(methods, keep_ratios, self.seed) if support == "ok" else []
+        blocks, similarities, notes = self._layers(extra_steps=len(settings) + 2)  # + the two checks
         b = self.structure.boundary
         tokens = TokenProfile(b.kind if b else None, b.tokens_per_image if b else None, keep_ratios,
                               neighbour_similarity=similarities, not_measured=notes)
@@ -320,7 +305,33 @@ class _Session:
                 tokens.not_measured.append(f"{method}: {failures[0][1]}")
             else:
                 tokens.not_measured += [f"{method} {setting}: {failure}" for setting, failure in failures]
-        return tokens, profiles
+        return tokens, blocks
+
+    def _layers(self, extra_steps: int):
+        """The dense forwards (losses, changes, similarities), then each skippable block skipped alone."""
+        blocks = self.structure.blocks
+        try:
+            skipper, info = self.apply("skip_layers", SkipLayersConfig())
+            reasons = info.details["not_skippable"]
+        except ValueError as exc:
+            skipper, reasons = None, {b.path: str(exc) for b in blocks}
+        try:
+            skippable = [i for i, b in enumerate(blocks) if skipper and b.path not in reasons]
+            self.total = 1 + len(skippable) + extra_steps
+            if skipper:
+                skipper.force([])
+            changes, similarities, notes = self._dense()
+            increases = {}
+            for i in skippable:
+                self.tell(f"layers: block {i} ({blocks[i].path}) skipped")
+                skipper.force([i])
+                increases[i] = self.increase()
+        finally:
+            if skipper:
+                skipper.remove()
+        profiles = [BlockProfile(i, b.path, b.kind, _mean(changes[i]) if changes[i] else None, increases.get(i),
+                                 reasons.get(b.path) if i not in increases else None) for i, b in enumerate(blocks)]
+        return profiles, similarities, notes
 
     def _dense(self):
         """Dense losses, each block's change and each image's neighbour similarity, in one forward per batch."""

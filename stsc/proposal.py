@@ -52,7 +52,7 @@ from .policy import Policy, parse_policy
 from .savings import stage_expectation
 from .schedules import depth_factor, layer_probabilities
 
-__all__ = ["Proposal", "choose_alpha", "choose_compression", "fit_eps", "propose", "skip_estimate"]
+__all__ = ["Proposal", "check_tolerance", "choose_alpha", "choose_compression", "fit_eps", "propose", "skip_estimate"]
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -111,6 +111,11 @@ def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.4g}"
 
 
+def check_tolerance(tolerance: float) -> None:
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0 (a fraction of the dense loss), got {tolerance}")
+
+
 # ------------------------------------------------------------------------------------- the choices
 def choose_compression(points: list, budget: float):
     """The measured token setting keeping the smallest fraction within ``budget`` (None: none does)."""
@@ -160,8 +165,7 @@ def choose_alpha(config, blocks: list, budget: float):
 def propose(tokens, blocks: list, dense_loss: float, structure, base: Policy,
             tolerance: float = DEFAULT_TOLERANCE) -> Proposal:
     """The proposal for a profile's ``tokens`` and ``blocks`` measures (see the module docstring)."""
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0 (a fraction of the dense loss), got {tolerance}")
+    check_tolerance(tolerance)
     budget = tolerance * abs(dense_loss)
     point = choose_compression(tokens.points, budget)
     eps, line = fit_eps({b.index: b.change for b in blocks if b.change is not None}, len(blocks))

@@ -263,10 +263,11 @@ def test_command_writes_the_table_the_json_the_picture_and_the_policy(tmp_path, 
 
 def test_command_usage_errors(capsys):
     assert main(["profile", str(EXAMPLE), "--methods", "uniform,tome"]) == 2
-    assert capsys.readouterr().err.strip() == ("stsc: error: --methods: unknown method 'tome'; methods: "
-                                               + ", ".join(METHODS))
+    assert capsys.readouterr().err.strip() == f"stsc: error: methods must be some of {', '.join(METHODS)}, got tome"
     assert main(["profile", str(EXAMPLE), "--tolerance", "-1"]) == 2
-    assert capsys.readouterr().err.strip() == "stsc: error: --tolerance must be >= 0 (a fraction of the dense loss), got -1.0"
+    assert capsys.readouterr().err.strip() == "stsc: error: tolerance must be >= 0 (a fraction of the dense loss), got -1.0"
+    assert main(["profile", str(EXAMPLE), "--samples", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "stsc: error: samples must be >= 1, got 0"
     assert main(["profile", str(EXAMPLE), "--policy", "stss"]) == 2
     assert capsys.readouterr().err.strip().startswith("stsc: error: stss: no such policy file or preset; presets: ")
 
