@@ -60,7 +60,8 @@ from .registry import get_pass
 from .report import capture_and_match
 from .sparse import UnsupportedModelError, _eval_mode, _untouched, model_loss
 
-__all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "check_arguments", "hidden_change",
+__all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "check_arguments", "compare",
+           "hidden_change",
            "neighbour_similarity", "profile"]
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
@@ -128,6 +129,24 @@ class Profile:
     def format(self) -> str:
         """The terminal table."""
         return "\n".join(_format(self))
+
+    def summary(self, method: str = "uniform") -> dict:
+        """Headline figures, to compare profiles taken at different points (e.g. at each stage's start, on
+        that stage's batches): the dense loss; ``method``'s loss increase at each keep ratio it was measured
+        at; the mean nearest-neighbour cosine; the mean over the measured blocks of ``1 - cos`` and of the
+        loss increase when skipped alone; the proposed keep ratio (or pool kernel), alpha and eps."""
+        changes = [b.change for b in self.blocks if b.change is not None]
+        skips = [b.skip_increase for b in self.blocks if b.skip_increase is not None]
+        similarity = self.tokens.neighbour_similarity
+        c, s = self.proposal.compression or {}, self.proposal.skipping or {}
+        return {"dense_loss": self.dense_loss,
+                **{f"{method} keep {p.keep_ratio:g}": p.loss_increase
+                   for p in self.tokens.curve(method) if p.keep_ratio is not None},
+                "neighbour_similarity": _mean(similarity) if similarity else None,
+                "block_change": _mean(changes) if changes else None,
+                "block_skip_increase": _mean(skips) if skips else None,
+                "proposed_method": c.get("method"), "proposed_keep_ratio": c.get("keep_ratio"),
+                "proposed_kernel": c.get("kernel"), "proposed_alpha": s.get("alpha"), "proposed_eps": s.get("eps")}
 
     def plot(self, path: str | Path) -> None:
         """``path`` (a PNG): loss increase against the fraction of tokens kept per method, and the
@@ -445,6 +464,20 @@ class _Session:
 
 
 # ------------------------------------------------------------------------------------- the output
+def compare(profiles: dict[str, Profile], method: str = "uniform") -> str:
+    """A table of the :meth:`Profile.summary` of each profile, one column per name (e.g. per stage)."""
+    summaries = {name: p.summary(method) for name, p in profiles.items()}
+    rows = list(dict.fromkeys(key for summary in summaries.values() for key in summary))
+    width = max(14, *(len(name) + 2 for name in summaries))
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [f"{'':<26}" + "".join(f"{name:>{width}}" for name in summaries)]
+    lines += [f"{row:<26}" + "".join(f"{cell(s.get(row)):>{width}}" for s in summaries.values()) for row in rows]
+    return "\n".join(lines)
+
+
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3g}"
 

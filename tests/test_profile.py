@@ -18,7 +18,7 @@ from stsc.passes.compress_visual_tokens import METHODS
 from stsc.passes.skip_layers import SkipLayersConfig
 from stsc.policy import parse_policy
 from stsc.schedules import draw_skips, layer_probabilities
-from stsc.profile import BlockProfile, TokenPoint, hidden_change, neighbour_similarity, profile
+from stsc.profile import BlockProfile, TokenPoint, compare, hidden_change, neighbour_similarity, profile
 from stsc.proposal import choose_alpha, choose_compression, fit_eps, skip_estimate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,10 +295,22 @@ def test_model_file_batches_are_profiled_and_averaged(tmp_path):
     path.write_text(textwrap.dedent(MODEL_FILE.format(examples=str(ROOT / "examples"))))
     model, inputs, batches = load_model_and_batches(path)
     assert [b["input_ids"].shape[1] for b in batches] == [77, 71]
-    result = profile(model, batches, inputs, methods=["uniform"], keep_ratios=[1.0, 0.5], samples=1)
+    settings = dict(methods=["uniform"], keep_ratios=[1.0, 0.5], samples=1)
+    result = profile(model, batches, inputs, **settings)
     assert result.batches == 2
     assert result.dense_losses == [own_loss(model, batch) for batch in batches]
-    assert len(result.tokens.neighbour_similarity) == 4  # two images per batch
+    singles = [profile(model, [batch], inputs, **settings) for batch in batches]
+    assert result.tokens.neighbour_similarity == [s for single in singles for s in single.tokens.neighbour_similarity]
+    half = [single.tokens.points[1].loss_increase for single in singles]
+    assert result.tokens.points[1].loss_increase == pytest.approx(sum(half) / 2, abs=1e-12)
+    for index, block in enumerate(result.blocks):
+        assert block.change == pytest.approx(sum(s.blocks[index].change for s in singles) / 2, abs=1e-12)
+        assert block.skip_increase == pytest.approx(sum(s.blocks[index].skip_increase for s in singles) / 2, abs=1e-12)
+    table = compare({"12 text tokens": singles[0], "6 text tokens": singles[1]}).splitlines()
+    assert table[0] == " " * 26 + "  12 text tokens   6 text tokens"
+    assert table[1] == f"{'dense_loss':<26}" + "".join(f"{s.dense_loss:>16.4g}" for s in singles)
+    assert table[3] == f"{'uniform keep 0.5':<26}" + "".join(f"{h:>16.4g}" for h in half)
+    assert [row[:26].rstrip() for row in table[1:]] == list(singles[0].summary())
 
 
 @pytest.mark.parametrize("source, message", [
