@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +56,13 @@ from .passes.compress_visual_tokens import METHODS, CompressVisualTokensConfig, 
 from .passes.skip_layers import SkipLayersConfig, _bind
 from .policy import Policy, load_policy
 from .positions import Slots
+from .profile_output import format_profile, plot_profile
 from .proposal import DEFAULT_TOLERANCE, Proposal, check_tolerance, propose
 from .registry import get_pass
 from .report import capture_and_match
 from .sparse import UnsupportedModelError, _eval_mode, _untouched, model_loss
 
-__all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "check_arguments", "compare",
-           "hidden_change",
+__all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "check_arguments", "hidden_change",
            "neighbour_similarity", "profile"]
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
@@ -117,7 +118,7 @@ class Profile:
 
     @property
     def dense_loss(self) -> float:
-        return sum(self.dense_losses) / len(self.dense_losses)
+        return fmean(self.dense_losses)
 
     def to_dict(self) -> dict:
         return {"batches": self.batches, "seed": self.seed, "dense_loss": self.dense_loss,
@@ -128,7 +129,7 @@ class Profile:
 
     def format(self) -> str:
         """The terminal table."""
-        return "\n".join(_format(self))
+        return format_profile(self)
 
     def summary(self, method: str = "uniform") -> dict:
         """Headline figures, to compare profiles taken at different points (e.g. at each stage's start, on
@@ -142,16 +143,16 @@ class Profile:
         return {"dense_loss": self.dense_loss,
                 **{f"{method} keep {p.keep_ratio:g}": p.loss_increase
                    for p in self.tokens.curve(method) if p.keep_ratio is not None},
-                "neighbour_similarity": _mean(similarity) if similarity else None,
-                "block_change": _mean(changes) if changes else None,
-                "block_skip_increase": _mean(skips) if skips else None,
+                "neighbour_similarity": fmean(similarity) if similarity else None,
+                "block_change": fmean(changes) if changes else None,
+                "block_skip_increase": fmean(skips) if skips else None,
                 "proposed_method": c.get("method"), "proposed_keep_ratio": c.get("keep_ratio"),
                 "proposed_kernel": c.get("kernel"), "proposed_alpha": s.get("alpha"), "proposed_eps": s.get("eps")}
 
     def plot(self, path: str | Path) -> None:
         """``path`` (a PNG): loss increase against the fraction of tokens kept per method, and the
         per-block measures as bars. Needs matplotlib."""
-        _plot(self, Path(path))
+        plot_profile(self, Path(path))
 
     def write(self, out: str | Path, picture: bool = True) -> list[Path]:
         """Write ``profile.json``, the proposed ``policy.yaml`` and (``picture``) ``profile.png`` into ``out``."""
@@ -198,7 +199,7 @@ def profile(model: nn.Module, batches: Iterable[dict], example_inputs: dict | No
             raise UnsupportedModelError(f"profile needs decoder blocks: {reason}")
         session = _Session(model, structure, example, batches, seed, progress)
         tokens, blocks = session.measure(report.support["compress_visual_tokens"], methods, keep_ratios)
-        proposal = propose(tokens, blocks, _mean(session.dense), structure, base, tolerance)
+        proposal = propose(tokens, blocks, fmean(session.dense), structure, base, tolerance)
         proposal.check = session.check(proposal, samples)
         if proposal.check and proposal.check["layers"] > proposal.budget:
             proposal.notes.append("the sampled skip patterns cost more than the budget: blocks interact beyond the "
@@ -237,10 +238,6 @@ def neighbour_similarity(tokens: torch.Tensor) -> float:
     unit = F.normalize(tokens.double(), dim=-1)
     similarity = (unit @ unit.T).fill_diagonal_(-math.inf)
     return similarity.max(dim=1).values.mean().item()
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _settings(methods: list[str], keep_ratios: list[float], seed: int) -> list[CompressVisualTokensConfig]:
@@ -300,7 +297,7 @@ class _Session:
         return losses
 
     def increase(self, observe: Callable[[], None] | None = None) -> float:
-        return _mean([loss - dense for loss, dense in zip(self.losses(observe), self.dense)])
+        return fmean([loss - dense for loss, dense in zip(self.losses(observe), self.dense)])
 
     # ----------------------------------------------------------------------------------- measure
     def measure(self, support: str, methods: list[str], keep_ratios: list[float]):
@@ -348,7 +345,7 @@ class _Session:
         finally:
             if skipper:
                 skipper.remove()
-        profiles = [BlockProfile(i, b.path, b.kind, _mean(changes[i]) if changes[i] else None, increases.get(i),
+        profiles = [BlockProfile(i, b.path, b.kind, fmean(changes[i]) if changes[i] else None, increases.get(i),
                                  reasons.get(b.path) if i not in increases else None) for i, b in enumerate(blocks)]
         return profiles, similarities, notes
 
@@ -460,119 +457,4 @@ class _Session:
         for step in range(samples):
             skipper.load_state_dict({"progress": 0.0, "step": step, "micro_step": 0})  # the stage start, step `step`
             increases.append(self.increase(lambda: patterns.append(list(skipper.last_skipped))))
-        return _mean(increases), patterns
-
-
-# ------------------------------------------------------------------------------------- the output
-def compare(profiles: dict[str, Profile], method: str = "uniform") -> str:
-    """A table of the :meth:`Profile.summary` of each profile, one column per name (e.g. per stage)."""
-    summaries = {name: p.summary(method) for name, p in profiles.items()}
-    rows = list(dict.fromkeys(key for summary in summaries.values() for key in summary))
-    width = max(14, *(len(name) + 2 for name in summaries))
-
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = [f"{'':<26}" + "".join(f"{name:>{width}}" for name in summaries)]
-    lines += [f"{row:<26}" + "".join(f"{cell(s.get(row)):>{width}}" for s in summaries.values()) for row in rows]
-    return "\n".join(lines)
-
-
-def _signed(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.3g}"
-
-
-def _format(p: Profile) -> list[str]:
-    t = p.tokens
-    lines = [f"profile      {p.batches} batch{'es' * (p.batches != 1)}, dense loss {p.dense_loss:.4f} "
-             f"(training mode, forwards only, seed {p.seed}, {p.seconds:.1f} s)"]
-    lines.append(f"tokens       {t.boundary or 'no'} boundary, {t.tokens_per_image if t.tokens_per_image else '-'} "
-                 f"visual tokens per image")
-    if t.points:
-        ratios = sorted(set(t.keep_ratios), reverse=True)
-        lines.append("  loss increase by the fraction of each image's visual tokens kept (pool: kernel)")
-        lines.append("    " + f"{'method':<13}" + "".join(f"{r:>15g}" for r in ratios))
-        for method in dict.fromkeys(pt.method for pt in t.points):
-            cells = {}
-            for pt in t.curve(method):
-                column = min(ratios, key=lambda r: abs(math.log(r / pt.kept_fraction)))
-                cells.setdefault(column, _signed(pt.loss_increase) + (f" ({pt.kernel})" if pt.kernel else ""))
-            lines.append("    " + f"{method:<13}" + "".join(f"{cells.get(r, '.'):>15}" for r in ratios))
-    if t.neighbour_similarity:
-        s = t.neighbour_similarity
-        unit = "row of keys (tile)" if t.boundary == "cross_attention" else "image"
-        lines.append(f"  nearest-neighbour cosine per {unit}: mean {_mean(s):.3f}, min {min(s):.3f}, max {max(s):.3f} "
-                     f"({len(s)} {unit.split(' ')[0]}s)")
-    lines += [f"  not measured  {note}" for note in t.not_measured]
-    lines.append(f"layers       {len(p.blocks)} decoder blocks: 1 - cos(h_in, h_out), and the loss increase when "
-                 f"the block alone is skipped")
-    lines.append(f"    {'block':<6} {'path':<36} {'1-cos':>10} {'skipped':>10}")
-    for b in p.blocks:
-        change = "-" if b.change is None else f"{b.change:.4g}"
-        note = f"  ({b.note})" if b.note else ""
-        lines.append(f"    {b.index:<6} {b.path:<36} {change:>10} {_signed(b.skip_increase):>10}{note}")
-    lines += _format_proposal(p.proposal)
-    return lines
-
-
-def _format_proposal(q: Proposal) -> list[str]:
-    lines = [f"proposal     tolerance {q.tolerance:g} of the dense loss: a loss increase of at most {q.budget:.4g}"]
-    if q.compression:
-        c = q.compression
-        setting = f"kernel {c['kernel']}" if c["kernel"] else f"keep_ratio {c['keep_ratio']:g}"
-        lines.append(f"  tokens     {c['method']} {setting}: keeps {c['kept_fraction']:.3f} of the visual tokens, "
-                     f"loss {_signed(c['loss_increase'])}")
-    if q.skipping:
-        s = q.skipping
-        fit = f"line a {s['fit'][0]:.4g}, b {s['fit'][1]:.4g}" if s["fit"] else "fewer than two blocks"
-        lines.append(f"  layers     eps {s['eps']:g} (depth fit of 1-cos: {fit}), alpha {s['alpha']:g}: first-order "
-                     f"loss increase at the stage start {_signed(s['estimate'])}")
-    if q.check:
-        c = q.check
-        lines.append(f"  measured   {c['samples']} skip patterns sampled per batch at the stage start: "
-                     f"layers {_signed(c['layers'])}, with the compression {_signed(c['both'])} "
-                     f"(interaction {_signed(c['interaction'])})")
-    lines += [f"  note       {note}" for note in q.notes]
-    for stage in q.stages:
-        e = stage["expected"]
-        passes = "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in params.items())
-                           for name, params in stage["passes"].items()) or "dense"
-        lines.append(f"  stage      {stage['name']}: {passes}")
-        if e["sequence"] is not None:
-            lines.append(f"    expected decoder sequence {e['sequence']} -> {e['sequence_after']:g} positions per sample, "
-                         f"{100 * e['layers_run']:.1f} % of decoder blocks run, decoder FLOPs "
-                         f"-{100 * e['decoder_flops_saved']:.1f} %")
-    return lines
-
-
-def _plot(p: Profile, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (tokens, change, skip) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for method in dict.fromkeys(pt.method for pt in p.tokens.points):
-        curve = p.tokens.curve(method)
-        tokens.plot([pt.kept_fraction for pt in curve], [pt.loss_increase for pt in curve], marker="o", label=method)
-    if p.tokens.points:
-        tokens.set_xscale("log", base=2)
-        tokens.set_xticks(p.tokens.keep_ratios, [f"{r:g}" for r in p.tokens.keep_ratios])
-        tokens.invert_xaxis()
-        tokens.legend()
-    else:
-        tokens.text(0.5, 0.5, "not measured:\n" + "\n".join(p.tokens.not_measured), ha="center", va="center",
-                    wrap=True, transform=tokens.transAxes)
-    tokens.axhline(p.proposal.budget, color="grey", linestyle="--", linewidth=1)
-    tokens.set(title="tokens: loss increase (dashed: tolerance)", xlabel="fraction of visual tokens kept",
-               ylabel="loss increase")
-    indices = [b.index for b in p.blocks]
-    change.bar(indices, [b.change or 0.0 for b in p.blocks], color="tab:blue")
-    change.set(title="layers: 1 - cos(h_in, h_out)", xlabel="decoder block", ylabel="mean over positions")
-    skip.bar(indices, [b.skip_increase or 0.0 for b in p.blocks], color="tab:orange")
-    skip.set(title="layers: loss increase, block skipped alone", xlabel="decoder block", ylabel="loss increase")
-    for ax in (change, skip):
-        ax.set_xticks(indices)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        return fmean(increases), patterns

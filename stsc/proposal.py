@@ -52,7 +52,8 @@ from .policy import Policy, parse_policy
 from .savings import stage_expectation
 from .schedules import depth_factor, layer_probabilities
 
-__all__ = ["Proposal", "check_tolerance", "choose_alpha", "choose_compression", "fit_eps", "propose", "skip_estimate"]
+__all__ = ["Proposal", "check_tolerance", "choose_alpha", "choose_compression", "expected", "fit_eps", "propose", "signed",
+           "skip_estimate"]
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -85,21 +86,16 @@ class Proposal:
         if self.compression:
             c = self.compression
             lines.append(f"#   tokens: {_setting(c)} keeps {c['kept_fraction']:.3f} of the visual tokens, "
-                         f"measured loss increase {c['loss_increase']:+.4g}")
+                         f"measured loss increase {signed(c['loss_increase'])}")
         if self.skipping:
             s = self.skipping
             lines.append(f"#   layers: alpha {s['alpha']:g}, eps {s['eps']:g}: first-order loss increase at the stage "
-                         f"start {s['estimate']:+.4g}")
+                         f"start {signed(s['estimate'])}")
         if self.check:
             lines.append(f"#   measured with {self.check['samples']} skip patterns sampled per batch: layers "
-                         f"{_signed(self.check['layers'])}, tokens and layers together {_signed(self.check['both'])}")
+                         f"{signed(self.check['layers'])}, tokens and layers together {signed(self.check['both'])}")
         lines += [f"#   {note}" for note in self.notes]
-        for stage in self.stages:
-            e = stage["expected"]
-            if e["sequence"] is not None:
-                lines.append(f"#   {stage['name']}: expected decoder sequence {e['sequence']} -> "
-                             f"{e['sequence_after']:g} positions per sample, {100 * e['layers_run']:.1f} % of decoder "
-                             f"blocks run, decoder FLOPs -{100 * e['decoder_flops_saved']:.1f} %")
+        lines += [f"#   {stage['name']}: {expected(stage)}" for stage in self.stages if stage["expected"]["sequence"]]
         return "\n".join(lines) + "\n" + yaml.safe_dump(self.body, sort_keys=False, default_flow_style=None)
 
 
@@ -107,8 +103,16 @@ def _setting(point: dict) -> str:
     return f"pool kernel {point['kernel']}" if point["kernel"] else f"{point['method']} keep_ratio {point['keep_ratio']:g}"
 
 
-def _signed(value: float | None) -> str:
+def signed(value: float | None) -> str:
+    """A loss increase as text: ``+0.0123``, ``-4.5e-05``, ``-`` for none."""
     return "-" if value is None else f"{value:+.4g}"
+
+
+def expected(stage: dict) -> str:
+    """A proposed stage's expected savings (``Proposal.stages`` item), as ``stsc transform`` words them."""
+    e = stage["expected"]
+    return (f"expected decoder sequence {e['sequence']} -> {e['sequence_after']:g} positions per sample, "
+            f"{100 * e['layers_run']:.1f} % of decoder blocks run, decoder FLOPs -{100 * e['decoder_flops_saved']:.1f} %")
 
 
 def check_tolerance(tolerance: float) -> None:

@@ -17,9 +17,10 @@ from stsc.loader import ModelFileError, load_model_and_batches
 from stsc.passes.compress_visual_tokens import METHODS
 from stsc.passes.skip_layers import SkipLayersConfig
 from stsc.policy import parse_policy
-from stsc.schedules import draw_skips, layer_probabilities
-from stsc.profile import BlockProfile, TokenPoint, compare, hidden_change, neighbour_similarity, profile
+from stsc.profile import BlockProfile, TokenPoint, hidden_change, neighbour_similarity, profile
+from stsc.profile_output import compare
 from stsc.proposal import choose_alpha, choose_compression, fit_eps, skip_estimate
+from stsc.schedules import draw_skips, layer_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_llava.py"
