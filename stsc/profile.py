@@ -396,7 +396,11 @@ class _Session:
         if isinstance(b.positions, Slots):
             mask = b.positions.mask(batch, length, hidden.device)
         else:
-            mask = b.positions(self.inputs).to(hidden.device)
+            try:
+                mask = b.positions(self.inputs).to(hidden.device)
+            except ValueError as exc:  # the batch lacks an input the positions are computed from
+                notes.append(f"neighbour similarity: {exc}")
+                return []
         if tuple(mask.shape) != (batch, length):
             notes.append(f"neighbour similarity: the visual positions {list(mask.shape)} do not match the sequence "
                          f"[{batch}, {length}] entering the first decoder block")

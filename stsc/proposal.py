@@ -28,9 +28,10 @@ where skipping peaks::
 the sum of its blocks' own increases, and a block whose skipping lowers the loss earns no credit.
 The estimate is linear in alpha; alpha is the largest value, rounded down to 0.01, whose estimate is
 at most the budget and with ``alpha * (1 + eps) <= 1`` (every block measured at 0: alpha =
-1 / (1 + eps), the largest allowed). Below 0.01 no skipping is proposed. Later in the stage every
-probability decays (``sts``: by ``((E - e) / E)^2``), so the bound holds over the whole stage. The
-profile then measures the proposed schedule on sampled skip patterns (how far blocks interact).
+1 / (1 + eps), the largest allowed). Below 0.01 no skipping is proposed. Later in the stage the
+probabilities only decrease (``sts``: by ``((E - e) / E)^2``; ``constant``: they stay), so the bound
+holds over the whole stage. The profile then measures the proposed schedule on sampled skip patterns
+(how far blocks interact).
 
 **The policy** is the base policy (default: the ``sts`` preset) with these values: its stages, their
 lengths and every other pass parameter are kept; each ``compress_visual_tokens`` entry gets the

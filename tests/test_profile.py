@@ -158,6 +158,7 @@ def test_model_without_a_vision_boundary_gets_the_layer_profile_and_says_why_not
     assert "compression: not supported: no vision boundary found" in result.format()
 
 
+@pytest.mark.slow
 def test_cross_attention_model_measures_its_keys_and_says_which_methods_it_cannot_use():
     model, inputs = hf_models.mllama()
     result = profile(model, [inputs], methods=["uniform", "merge"], keep_ratios=[1.0, 0.5], samples=1)
