@@ -3,6 +3,7 @@
     stsc inspect   model.py [--json]                         what capture and match find
     stsc transform model.py policy.yaml [--stage S] [--out D] apply a policy, verify it, report
     stsc validate  policy.yaml                               check a policy file
+    stsc profile   model.py [--policy P] [--tolerance T] [--out D]  measure redundancy, propose a policy
     stsc plot      policy.yaml -o schedule.png [--layers L]  skip probability per layer over each stage
 
 Exit codes: 0 ok; 2 usage error, bad model file or bad policy; 3 model not supported (the policy's
@@ -13,6 +14,7 @@ passes need structure the matcher did not find, or no decoder blocks for ``inspe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -20,8 +22,11 @@ from pathlib import Path
 import torch
 
 from .capture import CaptureError, forward_kwargs
-from .loader import ModelFileError, load_model_file
+from .loader import ModelFileError, load_model_and_batches, load_model_file
+from .passes.compress_visual_tokens import METHODS
 from .policy import PolicyError, load_policy
+from .profile import KEEP_RATIOS, check_arguments, profile
+from .proposal import DEFAULT_TOLERANCE
 from .report import inspect
 from .schedules import layer_probabilities
 from .sparse import SparseModel, UnsupportedModelError, model_loss, sparsify
@@ -48,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     cmd = commands.add_parser("validate", help="check a stage policy and print what it says")
     cmd.add_argument("policy", help=policy_help)
 
+    cmd = commands.add_parser("profile", help="measure token and layer redundancy on training batches, propose a policy")
+    cmd.add_argument("model_file", help=model_help + "; an optional batches() yields the training batches to measure")
+    cmd.add_argument("--policy", default="sts", help="the base policy the proposal fills in (default: sts)")
+    cmd.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                     help=f"loss increase the proposal may cost, as a fraction of the dense loss (default {DEFAULT_TOLERANCE})")
+    cmd.add_argument("--methods", default=",".join(METHODS), help="compression methods to measure, comma-separated "
+                                                                  "(default: all)")
+    cmd.add_argument("--samples", type=int, default=8, help="skip patterns drawn to check the proposed schedule")
+    cmd.add_argument("--seed", type=int, default=0, help="set before every forward (default 0)")
+    cmd.add_argument("--out", type=Path, help="write profile.json, profile.png and the proposed policy.yaml here")
+
     cmd = commands.add_parser("plot", help="plot the skip probability of each layer over each stage (matplotlib)")
     cmd.add_argument("policy", help=policy_help)
     cmd.add_argument("-o", "--output", type=Path, default=Path("schedule.png"), help="image to write")
@@ -55,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"inspect": _inspect, "transform": _transform, "validate": _validate, "plot": _plot}[args.command](args)
+        return {"inspect": _inspect, "transform": _transform, "validate": _validate, "plot": _plot,
+                "profile": _profile}[args.command](args)
     except (ModelFileError, PolicyError) as exc:
         return _fail(str(exc), EXIT_USAGE)
 
@@ -189,6 +206,32 @@ def _stage_graphs(sparse: SparseModel, stage: str, kwargs: dict) -> str:
               f"# blocks skipped in this forward: {skipper.last_skipped if skipper else 'none (no skip pass)'}"]
     return "\n".join(header + [f"\n# ---- graph {i}\n{gm.print_readable(print_output=False)}"
                                for i, gm in enumerate(graphs)])
+
+
+# ------------------------------------------------------------------------------------- profile
+def _profile(args) -> int:
+    load_policy(args.policy)  # a bad base policy is a PolicyError: exit 2 before the model is built
+    try:
+        methods, _ = check_arguments(args.methods.split(","), KEEP_RATIOS, args.samples, args.tolerance)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    picture = args.out is not None and importlib.util.find_spec("matplotlib") is not None
+    model, inputs, batches = load_model_and_batches(args.model_file)
+    _progress(f"capturing {args.model_file} and profiling it on {len(batches)} batch(es) ...")
+    try:
+        result = profile(model, batches, inputs, tolerance=args.tolerance, policy=args.policy, methods=methods,
+                         samples=args.samples, seed=args.seed, progress=_progress)
+    except (UnsupportedModelError, CaptureError) as exc:
+        return _fail(f"{args.model_file}: model not supported: {exc}", EXIT_UNSUPPORTED)
+    print(result.format())
+    if args.out is None:
+        print("\n" + result.proposal.yaml(), end="")
+        return EXIT_OK
+    written = result.write(args.out, picture)
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    if not picture:
+        _progress("profile.png not written: it needs matplotlib (pip install 'stsc[plot]')")
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------ validate, plot

@@ -1,4 +1,5 @@
-"""Load a user's model file: a Python file defining ``build_model()`` and ``example_inputs()``.
+"""Load a user's model file: a Python file defining ``build_model()`` and ``example_inputs()``, and
+optionally ``batches()`` (training batches for ``stsc profile``; a generator or a function returning a list).
 
 Loading *executes* the file, as ``python model.py`` would: only load files you trust.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from .capture import first_line, forward_kwargs
 
-__all__ = ["ModelFileError", "load_model_file"]
+__all__ = ["ModelFileError", "load_model_and_batches", "load_model_file"]
 
 
 class ModelFileError(Exception):
@@ -28,7 +29,33 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
 
     ``example_inputs`` is called with the model when it takes an argument, else with none.
     """
+    model, inputs, _ = _load(Path(path))
+    return model, inputs
+
+
+def load_model_and_batches(path: str | Path) -> tuple[nn.Module, dict, list[dict]]:
+    """:func:`load_model_file` plus training batches: what the file's optional ``batches()`` yields
+    (called with the model when it takes an argument, like ``example_inputs``), each checked as the
+    example inputs are; ``[example_inputs]`` when the file defines no ``batches()``."""
     path = Path(path)
+    model, inputs, module = _load(path)
+    if not hasattr(module, "batches"):
+        return model, inputs, [inputs]
+    if not callable(module.batches):
+        raise ModelFileError(f"{path}: batches is {type(module.batches).__name__}, expected a function "
+                             f"yielding dicts of forward keyword arguments")
+    batches = _call(path, lambda *args: list(module.batches(*args)), *_model_argument(module.batches, model),
+                    name="batches")
+    if not batches:
+        raise ModelFileError(f"{path}: batches() yielded no batch")
+    for index, batch in enumerate(batches):
+        _check_inputs(path, batch, f"batches()[{index}]")
+        _check_runs(path, model, batch, f"batches()[{index}]")
+    return model, inputs, batches
+
+
+def _load(path: Path):
+    """``(model, example inputs, module)`` of a model file, checked."""
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     module = _import(path)
@@ -39,18 +66,27 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
     model = _call(path, module.build_model)
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"{path}: build_model() returned {type(model).__name__}, expected a torch.nn.Module")
+    inputs = _call(path, module.example_inputs, *_model_argument(module.example_inputs, model))
+    _check_inputs(path, inputs, "example_inputs()")
+    _check_runs(path, model, inputs, "example_inputs()")
+    return model, inputs, module
+
+
+def _model_argument(fn, model: nn.Module) -> tuple:
+    """``(model,)`` when ``fn`` takes a positional argument, else ``()``."""
     takes_model = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                      for p in inspect.signature(module.example_inputs).parameters.values())
-    inputs = _call(path, module.example_inputs, *((model,) if takes_model else ()))
+                      for p in inspect.signature(fn).parameters.values())
+    return (model,) if takes_model else ()
+
+
+def _check_inputs(path: Path, inputs, what: str) -> None:
     if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
-        raise ModelFileError(f"{path}: example_inputs() returned {type(inputs).__name__}, "
-                             f"expected a dict of forward keyword arguments")
-    _check_runs(path, model, inputs)
-    return model, inputs
+        what = f"{what} returned" if what.endswith("()") else f"{what} is"
+        raise ModelFileError(f"{path}: {what} {type(inputs).__name__}, expected a dict of forward keyword arguments")
 
 
-def _check_runs(path: Path, model: nn.Module, inputs: dict) -> None:
-    """Run the model once on its example inputs (not for models on the meta device: nothing to run)."""
+def _check_runs(path: Path, model: nn.Module, inputs: dict, what: str) -> None:
+    """Run the model once on ``inputs`` (not for models on the meta device: nothing to run)."""
     if any(p.is_meta for p in model.parameters()):
         return
     try:
@@ -60,7 +96,7 @@ def _check_runs(path: Path, model: nn.Module, inputs: dict) -> None:
         frames = traceback.extract_tb(exc.__traceback__)
         torch_dir = str(Path(torch.__file__).parent)
         frame = next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), frames[-1])
-        raise ModelFileError(f"{path}: the model does not run on example_inputs(): {type(exc).__name__}: "
+        raise ModelFileError(f"{path}: the model does not run on {what}: {type(exc).__name__}: "
                              f"{first_line(exc)} (at {frame.filename}:{frame.lineno})") from exc
 
 
@@ -78,11 +114,11 @@ def _import(path: Path):
     return module
 
 
-def _call(path: Path, fn, *args):
+def _call(path: Path, fn, *args, name: str | None = None):
     try:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"{_where(path, exc)}: {fn.__name__}() failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelFileError(f"{_where(path, exc)}: {name or fn.__name__}() failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _where(path: Path, exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from .capture import first_line, forward_kwargs
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
 from .report import Report, capture_and_match
-from .savings import Savings
+from .savings import stage_expectation
 
 __all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "model_loss", "sparsify"]
 
@@ -217,16 +217,12 @@ class SparseModel(nn.Module):
                 self._trial_step(stage, infos)
         finally:
             self._deactivate()
-        estimates = [(get_pass(e.name).estimate, e.config) for e in stage.passes]
-        savings = sum((estimate(self._structure, config) for estimate, config in estimates if estimate), Savings())
-        shape = self._structure.hidden_shape
-        sequence, hidden = (shape[1], shape[2]) if shape and len(shape) == 3 else (None, None)
+        expected = stage_expectation(self._structure, stage.passes)
         return StageReport(
             stage.name, stage.unit, stage.start, stage.end,
             [{"name": e.name, "params": dict(e.params), "matched": info.matched, "details": info.details}
              for e, info in zip(stage.passes, infos)],
-            sequence, sequence - savings.tokens_removed if sequence else None, savings.layers_run,
-            1 - savings.flops_fraction(sequence, hidden) if sequence else None)
+            expected.sequence, expected.sequence_after, expected.layers_run, expected.decoder_flops_saved)
 
     def _trial_step(self, stage: Stage, infos: list[PassInfo]) -> None:
         """One training forward and backward of ``stage`` on the example inputs (each pass in its most
