@@ -156,12 +156,15 @@ class LayerSkipper:
         guarded_forward.block_forward = forward
         return guarded_forward
 
+    def trial_pattern(self) -> list[int]:
+        """The most demanding pattern: every block the schedule may skip, as many as ``min_kept`` allows."""
+        may_skip = [i for i, p in enumerate(self.probabilities_at(0.0)) if p > 0]
+        return may_skip[: len(self.modules) - self.schedule.min_kept]
+
     @contextlib.contextmanager
     def trial(self):
-        """Around sparsify's trial step: skip every block the schedule may skip (as many as ``min_kept``
-        allows), and fail unless exactly those were skipped."""
-        may_skip = [i for i, p in enumerate(self.probabilities_at(0.0)) if p > 0]
-        pattern = may_skip[: len(self.modules) - self.schedule.min_kept]
+        """Around sparsify's trial step: skip :meth:`trial_pattern`, and fail unless exactly those were skipped."""
+        pattern = self.trial_pattern()
         forced, self.forced = self.forced, pattern
         try:
             yield

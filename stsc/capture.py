@@ -42,7 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-__all__ = ["Capture", "CaptureError", "capture", "exported_capture", "forward_kwargs", "module_paths"]
+__all__ = ["Capture", "CaptureError", "KeywordCall", "capture", "exported_capture", "forward_kwargs", "module_paths"]
 
 
 class CaptureError(RuntimeError):
@@ -122,30 +122,41 @@ def _warm_up(model: nn.Module, kwargs: dict) -> None:
         model(**kwargs)
 
 
+class KeywordCall(nn.Module):
+    """``model(**inputs)`` as a module taking the tensor inputs positionally, in ``names`` order (what make_fx
+    and torch.export's dynamic shapes handle best); the non-tensor inputs are fixed."""
+
+    def __init__(self, model: nn.Module, inputs: dict):
+        super().__init__()
+        self.inner = model
+        self.names = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
+        self.constants = {name: value for name, value in inputs.items() if name not in self.names}
+
+    def forward(self, *values):
+        return self.inner(**dict(zip(self.names, values)), **self.constants)
+
+    def values(self, inputs: dict) -> tuple:
+        """The positional arguments for a call with keyword ``inputs``."""
+        missing = [name for name in self.names if name not in inputs]
+        if missing:
+            raise TypeError(f"missing inputs {', '.join(missing)}: this graph was built for "
+                            f"{', '.join(self.names)}")
+        return tuple(inputs[name] for name in self.names)
+
+
 def _trace(model: nn.Module, kwargs: dict) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
     """A real-tensor ``make_fx`` trace of ``model(**kwargs)`` with module stacks; the exception if it fails."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
-    others = {name: value for name, value in kwargs.items() if name not in names}
-
-    class Call(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, *values):
-            return self.inner(**dict(zip(names, values)), **others)
-
-    call = Call()
+    call = KeywordCall(model, kwargs)
     call._orig_mod = model  # make_fx records module paths relative to `_orig_mod`
     try:
         with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"):
             gm = make_fx(call, tracing_mode="real", record_module_stack=True,
-                         _error_on_data_dependent_ops=False)(*(kwargs[name] for name in names))
+                         _error_on_data_dependent_ops=False)(*call.values(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
         return exc
-    return gm, _trace_dataflow(gm, model, names)
+    return gm, _trace_dataflow(gm, model, call.names)
 
 
 def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> nx.DiGraph:
@@ -272,18 +283,20 @@ def _add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int
 
 
 def exported_capture(exported: torch.export.ExportedProgram, example_inputs: dict, seconds: float = 0.0,
-                     notes: list[str] | None = None) -> Capture:
-    """The :class:`Capture` of an exported program."""
-    return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs, seconds, None,
-                   notes or [], exported)
+                     notes: list[str] | None = None, input_names: list[str] | None = None) -> Capture:
+    """The :class:`Capture` of an exported program. ``input_names``: the model input each user input of the
+    program stands for, in order (default: the program's own names)."""
+    return Capture("export", [exported.graph_module], _export_dataflow(exported, input_names), example_inputs,
+                   seconds, None, notes or [], exported)
 
 
-def _export_dataflow(exported: torch.export.ExportedProgram) -> nx.DiGraph:
+def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[str] | None = None) -> nx.DiGraph:
     sig = exported.graph_signature
     sources = {name: ("param", fqn) for name, fqn in sig.inputs_to_parameters.items()}
     sources.update({name: ("buffer", fqn) for name, fqn in sig.inputs_to_buffers.items()})
     sources.update({name: ("constant", fqn) for name, fqn in sig.inputs_to_lifted_tensor_constants.items()})
-    sources.update({name: ("input", name) for name in sig.user_inputs if isinstance(name, str)})
+    user_inputs = [name for name in sig.user_inputs if isinstance(name, str)]
+    sources.update({name: ("input", source) for name, source in zip(user_inputs, input_names or user_inputs)})
     tensors = {**exported.state_dict, **exported.constants}
     values = {name: tensors.get(fqn) for name, (kind, fqn) in sources.items() if kind != "input"}
     flow = nx.DiGraph()

@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import first_line, forward_kwargs
+from .lowering.graph import graph_problem
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
 from .report import Report, capture_and_match
@@ -50,6 +51,7 @@ class StageReport:
     sequence_after: float | None  # ... with the stage's passes
     layers_run: float  # expected mean fraction of decoder blocks run over the stage
     decoder_flops_saved: float | None  # expected fraction of decoder FLOPs saved over the stage
+    lowerings: dict = field(default_factory=dict)  # {"modules": "ok", "graph": "available" or why not}
 
 
 @dataclass
@@ -76,6 +78,7 @@ class SparseReport:
                 lines.append(f"  expected     decoder sequence {s.sequence} -> {s.sequence_after:g} positions per sample, "
                              f"{100 * s.layers_run:.1f} % of decoder blocks run, "
                              f"decoder FLOPs -{100 * s.decoder_flops_saved:.1f} %")
+            lines.append("  lowerings    " + "; ".join(f"{name}: {verdict}" for name, verdict in s.lowerings.items()))
         return "\n".join(lines)
 
 
@@ -110,6 +113,11 @@ class SparseModel(nn.Module):
     def stage(self) -> str | None:
         """Name of the active stage (None: dense, between or after the stages)."""
         return self._active.name if self._active else None
+
+    @property
+    def structure(self):
+        """What the matcher found (:class:`stsc.Structure`; None before the first capture)."""
+        return self._structure
 
     @property
     def runtimes(self) -> dict[str, object]:
@@ -169,6 +177,15 @@ class SparseModel(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @contextlib.contextmanager
+    def without_passes(self):
+        """The caller's model with no pass installed (e.g. to export it), the active stage's passes back after."""
+        self._deactivate()
+        try:
+            yield self.model
+        finally:
+            self._sync()
+
     def unwrap(self) -> nn.Module:
         """Remove every pass and return the caller's model (dense, as it was, with trained weights).
 
@@ -201,14 +218,14 @@ class SparseModel(nn.Module):
         if self._compile_kwargs is not None:
             self._compile_blocks()
         stages = [self.fixed_stage] if self.fixed_stage else list(self.policy.stages)
-        self.report = SparseReport(model_report, [self._check_stage(stage) for stage in stages])
+        self.report = SparseReport(model_report, [self._check_stage(stage, model_report) for stage in stages])
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_schedule_state(pending)
         else:
             self._sync()
 
-    def _check_stage(self, stage: Stage) -> StageReport:
+    def _check_stage(self, stage: Stage, model_report: Report) -> StageReport:
         """Apply the stage's passes once, run one training step on the example inputs with them, then remove
         them: a pass that cannot work on this model fails now, not at training step N."""
         infos = self._activate(stage)
@@ -218,11 +235,14 @@ class SparseModel(nn.Module):
         finally:
             self._deactivate()
         expected = stage_expectation(self._structure, stage.passes)
+        graph = graph_problem(model_report.capture_method, model_report.fallback_reason, self._structure, stage,
+                              self._inputs)
         return StageReport(
             stage.name, stage.unit, stage.start, stage.end,
             [{"name": e.name, "params": dict(e.params), "matched": info.matched, "details": info.details}
              for e, info in zip(stage.passes, infos)],
-            expected.sequence, expected.sequence_after, expected.layers_run, expected.decoder_flops_saved)
+            expected.sequence, expected.sequence_after, expected.layers_run, expected.decoder_flops_saved,
+            {"modules": "ok", "graph": f"not available: {graph}" if graph else "available (stsc.transform)"})
 
     def _trial_step(self, stage: Stage, infos: list[PassInfo]) -> None:
         """One training forward and backward of ``stage`` on the example inputs (each pass in its most

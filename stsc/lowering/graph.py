@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from stsc.capture import exported_capture, first_line, forward_kwargs, module_paths
+from stsc.capture import KeywordCall, exported_capture, first_line, forward_kwargs, module_paths
 from stsc.layout import images_in
 from stsc.match import Structure, match
 from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, kept_count
@@ -47,7 +47,8 @@ from stsc.schedules import StepClock, draw_skips, layer_probabilities
 
 from . import ops  # noqa: F401 - registers the stsc:: ops
 
-__all__ = ["GraphLoweringUnavailable", "GraphStage", "RewriteInfo", "compact_region", "guard_blocks", "transform"]
+__all__ = ["GraphLoweringUnavailable", "GraphStage", "RewriteInfo", "compact_region", "graph_problem", "guard_blocks",
+           "lower_stage", "transform"]
 
 
 class GraphLoweringUnavailable(ValueError):
@@ -185,31 +186,54 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
     return info
 
 
-def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig, inputs: dict) -> RewriteInfo:
+def _compress_problem(structure: Structure, config: CompressVisualTokensConfig, inputs: dict) -> str | None:
+    """Why the compression cannot be expressed in the graph (None when it can)."""
     b = structure.boundary
     if b is None or b.kind != "scatter" or b.positions is None:
-        raise GraphLoweringUnavailable("compression in the graph needs a scatter merge whose visual positions "
-                                       f"the matcher derived (found: {b.kind if b else 'no boundary'})")
+        return (f"compression in the graph needs a scatter merge whose visual positions the matcher derived "
+                f"(found: {b.kind + ' merge' if b else 'no boundary'})")
     if b.decoder_entry is None:
-        raise GraphLoweringUnavailable("the merging module calls the decoder blocks itself: no decoder-entry "
-                                       "region to compact")
+        return "the merging module calls the decoder blocks itself: there is no decoder-entry region to compact"
     if config.method not in SELECTING:
-        raise GraphLoweringUnavailable(f"method {config.method!r} averages tokens; the graph lowering compacts by "
-                                       f"selection ({', '.join(SELECTING)})")
-    visual = b.positions(inputs)
-    images = images_in(visual, inputs.get(b.token_input), b.rows_layout, b.image_grids(inputs), b.grid)
+        return f"method {config.method!r} averages tokens; the graph compacts by selection ({', '.join(SELECTING)})"
+    dropped = set(_dropped_per_row(b, config, inputs))
+    if len(dropped) != 1:
+        return (f"the example's rows drop different numbers of positions {sorted(dropped)}; the graph is built "
+                f"for rows that all drop the same number")
+    return None
+
+
+def _dropped_per_row(boundary, config: CompressVisualTokensConfig, inputs: dict) -> list[int]:
+    visual = boundary.positions(inputs)
+    images = images_in(visual, inputs.get(boundary.token_input), boundary.rows_layout, boundary.image_grids(inputs),
+                       boundary.grid)
     dropped = [0] * visual.shape[0]
     for image in images:
         dropped[image.row] += image.tokens - kept_count(image.tokens, config, image.grid)
-    if len(set(dropped)) != 1:
-        raise GraphLoweringUnavailable(f"the example's rows drop different numbers of positions {dropped}; the "
-                                       f"graph is built for rows that all drop the same number")
+    return dropped
+
+
+def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig, inputs: dict,
+                    placeholders: dict[str, fx.Node]) -> RewriteInfo:
+    problem = _compress_problem(structure, config, inputs)
+    if problem:
+        raise GraphLoweringUnavailable(problem)
+    b = structure.boundary
     nodes = {node.name: node for node in gm.graph.nodes}
-    name = lambda key: nodes[key.split(":", 1)[1]]  # noqa: E731 - data-flow key -> node of gm
-    grid = list(b.grid) if b.grid else []
-    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, grid, b.rows_layout)
-    return compact_region(gm, b.decoder_entry, name(b.merge_node), name(b.positions.source), nodes[b.token_input],
-                          plan_args, dropped[0])
+    node_of = lambda key: nodes[key.split(":", 1)[1]]  # noqa: E731 - data-flow key -> the node of gm
+    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, list(b.grid or ()), b.rows_layout)
+    return compact_region(gm, b.decoder_entry, node_of(b.merge_node), node_of(b.positions.source),
+                          placeholders[b.token_input], plan_args, _dropped_per_row(b, config, inputs)[0])
+
+
+def graph_problem(capture_method: str, fallback_reason: str | None, structure: Structure, stage: Stage,
+                  inputs: dict) -> str | None:
+    """Why ``stage`` cannot be lowered to a rewritten graph of this model (None when it can), without exporting."""
+    if capture_method != "export":
+        return f"the model does not export ({fallback_reason})"
+    problems = [_compress_problem(structure, entry.config, inputs) for entry in stage.passes
+                if entry.name == "compress_visual_tokens"]
+    return next((p for p in problems if p), None)
 
 
 # -------------------------------------------------------------------------------------- skip_layers
@@ -279,7 +303,7 @@ def _guard_block(gm: fx.GraphModule, index: int, path: str, info: RewriteInfo) -
     return True
 
 
-def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict):
+def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict, placeholders: dict[str, fx.Node]):
     paths = [b.path for b in structure.blocks]
     allowed = [config.allows_kind(b.kind) and not b.feeds for b in structure.blocks]
     return guard_blocks(gm, paths, allowed)
@@ -294,14 +318,15 @@ class GraphStage(nn.Module):
     model's keyword inputs; ``set_progress`` moves the schedules as :meth:`stsc.SparseModel.set_progress` does.
     """
 
-    def __init__(self, model: nn.Module, stage: Stage, exported: torch.export.ExportedProgram,
+    def __init__(self, model: nn.Module, call: KeywordCall, stage: Stage, exported: torch.export.ExportedProgram,
                  rewrites: list[RewriteInfo], skip: SkipLayersConfig | None, guarded: list[bool], paths: list[str]):
         super().__init__()
         self.graph_module = exported.module()
         self._run = self.graph_module
         self._flags = dict(self.graph_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
         object.__setattr__(self, "dense", model)  # eval runs the caller's model; not a submodule (no second copy
-        self.stage, self.exported, self.rewrites = stage, exported, rewrites  # of its parameters in state_dict)
+        object.__setattr__(self, "call", call)  # of its parameters in state_dict); call orders the inputs
+        self.stage, self.exported, self.rewrites = stage, exported, rewrites
         self.clock, self.progress = StepClock(), 0.0
         self.skip, self.guarded, self.paths = skip, guarded, paths
         self.forced: list[int] | None = None
@@ -310,6 +335,13 @@ class GraphStage(nn.Module):
         self._hooks = [p.register_post_accumulate_grad_hook(self._drop_zero_grad(i))
                        for i, path in enumerate(paths) if guarded and guarded[i]
                        for p in model.get_submodule(path).parameters()]
+
+    def train(self, mode: bool = True) -> GraphStage:
+        """Switch between the rewritten graph (training) and the caller's dense model (eval, in eval mode); the
+        graph module keeps the mode it was exported in."""
+        self.training = mode
+        self.dense.train(mode)
+        return self
 
     def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
         if epoch is not None:
@@ -337,7 +369,7 @@ class GraphStage(nn.Module):
             self._flags["stsc_skip"].copy_(torch.tensor([i in skipped for i in range(len(self.paths))]))
             self._skipped_all_step = [(i in skipped) and (micro_step == 0 or was)
                                       for i, was in enumerate(self._skipped_all_step)]
-        return self._run(**forward_kwargs(self.dense, kwargs)[0])
+        return self._run(*self.call.values(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
         """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw."""
@@ -358,33 +390,34 @@ class GraphStage(nn.Module):
 GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
 
 
-def _export(model: nn.Module, inputs: dict, token_input: str) -> torch.export.ExportedProgram:
-    kwargs = forward_kwargs(model, inputs)[0]
-    shape = tuple(inputs[token_input].shape)
-    dynamic = {name: {1: Dim.AUTO} if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else None
-               for name, v in kwargs.items()}
-    return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+def _dynamic(values: tuple, token_shape: tuple) -> tuple:
+    """Dim.AUTO on dim 1 of every input shaped like the token ids (the sequence length), static elsewhere."""
+    return tuple({1: Dim.AUTO} if tuple(v.shape) == token_shape else None for v in values)
 
 
 def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
     """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes."""
-    exported = _export(model, inputs, structure.token_input)
+    call = KeywordCall(model, forward_kwargs(model, inputs)[0])
+    values = call.values(inputs)
+    dynamic = _dynamic(values, tuple(inputs[structure.token_input].shape))
+    exported = torch.export.export(call, values, dynamic_shapes={"values": dynamic}, strict=False)
     rewrites, skip, guarded = [], None, []
     for entry in stage.passes:
-        gm = exported.module()
-        exported_structure = match(exported_capture(exported, inputs))
-        result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs)
+        gm = exported.module()  # positional inputs, in call.names order; module paths under "inner."
+        exported_structure = match(exported_capture(exported, dict(zip(call.names, values)), input_names=call.names))
+        placeholders = dict(zip(call.names, (n for n in gm.graph.nodes if n.op == "placeholder")))
+        result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs, placeholders)
         if entry.name == "skip_layers":
             (info, guarded), skip = result, entry.config
         else:
             info = result
         rewrites.append(info)
         try:
-            exported = _export(gm, inputs, structure.token_input)
+            exported = torch.export.export(gm, values, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphLoweringUnavailable(f"the rewritten graph does not export again: {type(exc).__name__}: "
                                            f"{first_line(exc)}") from exc
-    return GraphStage(model, stage, exported, rewrites, skip, guarded, [b.path for b in structure.blocks])
+    return GraphStage(model, call, stage, exported, rewrites, skip, guarded, [b.path for b in structure.blocks])
 
 
 def transform(model: nn.Module, policy: Policy | str, example_inputs: dict, stage: str | None = None
