@@ -372,7 +372,9 @@ class GraphStage(nn.Module):
         return self._run(*self.call.values(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw."""
+        """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw. Run the
+        graph compiled (``backend="aot_eager"`` keeps eager kernels): executed node by node, ``torch.cond``
+        traces both of its branches again at every call."""
         self._run = torch.compile(self.graph_module, **compile_kwargs)
 
     def _drop_zero_grad(self, block: int):
