@@ -1,0 +1,30 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU ranks through a compressing and a skipping stage.
+
+With ``stsc.integrations.deepspeed.attach`` every step's parameters equal a single process's, with
+gradient accumulation 2 and with the optimizer offloaded to the CPU. Under AdamW the reference counts
+every optimizer step for every parameter (ZeRO's one step count per flat partition, the documented
+difference); without that the runs differ from step 3 on, after blocks skipped in step 2 run again.
+"""
+
+import pytest
+
+from launch import WORKER, torchrun, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("engine, options", [
+    ("zero2", []), ("zero3", []), ("zero2", ["--offload"]), ("zero3", ["--offload"]),
+    ("zero3", ["--optimizer", "adamw", "--offload"]),
+], ids=["zero2", "zero3", "zero2-offload", "zero3-offload", "zero3-adamw-offload"])
+def test_every_step_equals_the_single_process_reference(engine, options):
+    output = train(engine, *options)
+    assert "step 5 stage instruction skipped [[0, 1, 2], [0, 1, 2]]" in output
+
+
+def test_without_attach_training_is_refused_naming_the_fix():
+    result = torchrun(WORKER, "--engine", "zero3", "--no-attach")
+    assert result.returncode != 0
+    assert ("RuntimeError: this model trains under DeepSpeed ZeRO, whose optimizer would step the blocks that "
+            "skip_layers skips with stale or zero gradients: call stsc.integrations.deepspeed.attach(engine, sparse) "
+            "after deepspeed.initialize (with the Hugging Face Trainer, StscCallback does it)") in result.stderr
