@@ -184,7 +184,7 @@ class SparseModel(nn.Module):
                 raise TypeError("sparsify() without example_inputs captures the model at its first call, which "
                                 "needs keyword arguments only (e.g. model(input_ids=..., pixel_values=...))")
             self._prepare(kwargs)
-        if self.training and self._skips and self.integration is None and _managed_by_zero(self.model):
+        if self.training and self._skips and self.integration is None and managed_by_zero(self.model):
             raise RuntimeError("this model trains under DeepSpeed ZeRO, whose optimizer would step the blocks that "
                                "skip_layers skips with stale or zero gradients: call "
                                "stsc.integrations.deepspeed.attach(engine, sparse) after deepspeed.initialize "
@@ -292,7 +292,7 @@ class _Forward:
         return inspect.signature(self.owner.model.forward)
 
 
-def _managed_by_zero(model: nn.Module) -> bool:
+def managed_by_zero(model: nn.Module) -> bool:
     """Whether DeepSpeed ZeRO manages the parameters (stage 3 partitions them; stages 1-2 map them to a flat partition)."""
     return "deepspeed" in sys.modules and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
                                               for p in model.parameters())

@@ -6,6 +6,8 @@ every optimizer step for every parameter (ZeRO's one step count per flat partiti
 difference); without that the runs differ from step 3 on, after blocks skipped in step 2 run again.
 """
 
+import ast
+
 import pytest
 
 from launch import WORKER, torchrun, train
@@ -28,3 +30,11 @@ def test_without_attach_training_is_refused_naming_the_fix():
     assert ("RuntimeError: this model trains under DeepSpeed ZeRO, whose optimizer would step the blocks that "
             "skip_layers skips with stale or zero gradients: call stsc.integrations.deepspeed.attach(engine, sparse) "
             "after deepspeed.initialize (with the Hugging Face Trainer, StscCallback does it)") in result.stderr
+
+
+def test_hf_trainer_with_zero3_attaches_through_the_callback_and_skips():
+    output = train("hf-zero3")
+    assert "integration=deepspeed" in output  # else the first training forward would have been refused
+    assert f"stages={['alignment'] * 4 + ['instruction'] * 4}" in output
+    blocks_run = ast.literal_eval(output.split("blocks_run=")[1].split("\n")[0])
+    assert blocks_run[-8:] == [3, 3, 3, 3] + [2, 1, 3, 3]  # 3 decoder blocks; the sts schedule skips in the second stage

@@ -39,17 +39,29 @@ __all__ = ["attach"]
 
 
 def attach(engine, sparse: SparseModel) -> None:
-    """Make the DeepSpeed ZeRO ``engine`` (from ``deepspeed.initialize(model=sparse, ...)``) train
-    ``sparse``'s skipped blocks as plain PyTorch does; see the module docstring."""
-    stage, offload, zero = engine.zero_optimization_stage(), engine.zero_cpu_offload(), engine.optimizer
-    if stage not in (1, 2, 3):
-        raise ValueError(f"attach() is for DeepSpeed ZeRO stages 1-3, and this engine runs stage {stage}; "
-                         "without ZeRO, use DistributedDataParallel and stsc.integrations.ddp")
+    """Make DeepSpeed ZeRO train ``sparse``'s skipped blocks as plain PyTorch does; see the module docstring.
+
+    ``engine``: the ``DeepSpeedEngine`` that ``deepspeed.initialize(model=sparse, ...)`` returned, or an
+    optimizer wrapping its ZeRO optimizer (a Hugging Face Trainer's: :class:`~stsc.integrations.hf.StscCallback`
+    calls this itself).
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = engine
+    while not isinstance(zero, ZeROOptimizer) and hasattr(zero, "optimizer"):
+        zero = zero.optimizer
+    if not isinstance(zero, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        raise ValueError(f"attach() is for DeepSpeed ZeRO stages 1-3, and {type(engine).__name__} steps with a "
+                         f"{type(zero).__name__}; without ZeRO, use DistributedDataParallel and stsc.integrations.ddp")
+    stage3 = isinstance(zero, DeepSpeedZeroOptimizer_Stage3)
+    offload = zero.offload_optimizer if stage3 else zero.cpu_offload
     if getattr(zero, "swap_optimizer", False):
         raise NotImplementedError("attach() does not support NVMe optimizer offload (offload_optimizer.device: nvme)")
     if sparse.report is None:
         raise ValueError("attach() needs the model captured: sparsify(model, policy, example_inputs) first")
-    needed = ["grad_position", "fp32_partitioned_groups_flat", "grad_partitions_flat_buffer"] if stage == 3 else \
+    needed = ["grad_position", "fp32_partitioned_groups_flat", "grad_partitions_flat_buffer"] if stage3 else \
         ["single_partition_of_fp32_groups"] + (["accumulated_grads_in_cpu"] if offload else [])
     missing = [name for name in needed + (["finalize_gradient_accumulation_boundary"] if offload else [])
                if not hasattr(zero, name)]
@@ -58,15 +70,15 @@ def attach(engine, sparse: SparseModel) -> None:
 
         raise NotImplementedError(f"attach() works with the ZeRO internals of deepspeed 0.19 (tested: 0.19.8); this "
                                   f"{type(zero).__name__} (deepspeed {deepspeed.__version__}) has no {', '.join(missing)}")
-    _SkippedBlocks(zero, stage, offload, sparse)
+    _SkippedBlocks(zero, stage3, offload, sparse)
     sparse.integration = "deepspeed"
 
 
 class _SkippedBlocks:
     """Tracks which blocks ran since the last optimizer step, and keeps ZeRO's step honest about the others."""
 
-    def __init__(self, zero, stage: int, offload: bool, sparse: SparseModel):
-        self.zero, self.stage, self.offload = zero, stage, offload
+    def __init__(self, zero, stage3: bool, offload: bool, sparse: SparseModel):
+        self.zero, self.stage3, self.offload = zero, stage3, offload
         blocks = [sparse.model.get_submodule(path) for path in sparse.report.model.blocks]
         self.all_blocks = set(range(len(blocks)))
         self.ran: set[int] = set()
@@ -85,7 +97,7 @@ class _SkippedBlocks:
 
     def _add_fragment(self, block: int, param: torch.nn.Parameter) -> None:
         """Where this rank's part of ``param`` lies in the flat tensor its optimizer steps."""
-        if self.stage == 3:
+        if self.stage3:
             group, start, numel = self.zero.grad_position[self.zero.get_param_id(param)]
             flat = self.zero.fp32_partitioned_groups_flat[group]
         else:

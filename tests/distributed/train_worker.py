@@ -6,7 +6,10 @@ against a single-process reference.
 
 ENGINE: ``ddp`` (``stsc.integrations.ddp.attach``, no ``find_unused_parameters``), ``ddp-find-unused``,
 ``fsdp2`` (``fully_shard`` per decoder block, then the model), ``zero2``, ``zero3`` (DeepSpeed, with
-``stsc.integrations.deepspeed.attach``; ``--offload``: optimizer offloaded to the CPU).
+``stsc.integrations.deepspeed.attach``; ``--offload``: optimizer offloaded to the CPU), and
+``hf-zero3``: ``examples/hf_trainer.py`` with ``--deepspeed`` (ZeRO-3), whose ``StscCallback`` attaches
+the integration; rank 0 prints the stages, how many decoder blocks each training forward ran, and
+``RESULT ok engine=hf-zero3 ...`` (no reference: the Trainer's data order is its own).
 
 Six optimizer steps of two micro-batches each (gradient accumulation 2) through the policy
 ``POLICY``: steps 0-1 compress visual tokens (``random``: rank-identical draws), steps 2-5 skip the
@@ -55,7 +58,7 @@ stages:
 """
 PATTERNS = {2: [[1, 2], [1, 2]], 3: [[3], [0]], 4: [[], [1, 3]], 5: [[0, 1, 2], [0, 1, 2]]}  # step -> per micro-batch
 STEPS, MICRO_BATCHES, CLIP, TOLERANCE = 6, 2, 1.0, 1e-6
-DEEPSPEED = ("zero2", "zero3")
+DEEPSPEED = ("zero2", "zero3", "hf-zero3")
 
 
 def main() -> None:
@@ -68,6 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     faulthandler.dump_traceback_later(100, exit=True)  # a hung rank prints where it hangs, and exits
     init_process_group(args.engine)
+    if args.engine == "hf-zero3":
+        hf_trainer_zero3()
+        leave(0)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny_llava.build_model()
     reference = Reference(model, args.optimizer, shared_step_count=args.engine in DEEPSPEED) if rank == 0 else None
@@ -186,6 +192,40 @@ def wrap_deepspeed(args, sparse):
 
 
 # ---------------------------------------------------------------------------------------- reference
+def hf_trainer_zero3() -> None:
+    import json
+    import tempfile
+
+    import hf_trainer
+
+    blocks_run, original = [], hf_trainer.hf_models.llava  # decoder blocks run, per training forward
+
+    def forward_begins(module, args):
+        if module.training:
+            blocks_run.append(0)
+
+    def block_runs(module, args):
+        if module.training:
+            blocks_run[-1] += 1
+
+    def llava_counting_blocks(**kwargs):
+        model, batch = original(**kwargs)
+        model.register_forward_pre_hook(forward_begins)
+        for layer in model.model.language_model.layers:
+            layer.register_forward_pre_hook(block_runs)
+        return model, batch
+
+    hf_trainer.hf_models.llava = llava_counting_blocks
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    path = Path(tempfile.mkdtemp()) / "ds_config.json"
+    path.write_text(json.dumps(config))
+    result = hf_trainer.main(["--epochs", "2", "--samples", "32", "--deepspeed", str(path)])
+    if dist.get_rank() == 0:
+        print(f"RESULT ok engine=hf-zero3 integration={result['sparse'].integration} "
+              f"stages={[stage for _, stage in result['stages']]} blocks_run={blocks_run}", flush=True)
+
+
 class Reference:
     """A plain copy of the model in one process, trained on both ranks' batches of each micro-batch."""
 
