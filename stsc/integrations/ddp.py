@@ -41,6 +41,7 @@ def attach(ddp: torch.nn.parallel.DistributedDataParallel, sparse: SparseModel) 
 
 
 def _keep_skipped_blocks_in_graph(sparse: SparseModel, args, output):
+    """Forward hook: route the outputs through :class:`_InGraph` with the skipped blocks' parameters."""
     skipper = sparse.runtimes.get("skip_layers")
     if not (sparse.training and torch.is_grad_enabled() and skipper and skipper.last_skipped):
         return output

@@ -53,8 +53,9 @@ def attach(engine, sparse: SparseModel) -> None:
     while not isinstance(zero, ZeROOptimizer) and hasattr(zero, "optimizer"):
         zero = zero.optimizer
     if not isinstance(zero, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
-        raise ValueError(f"attach() is for DeepSpeed ZeRO stages 1-3, and {type(engine).__name__} steps with a "
-                         f"{type(zero).__name__}; without ZeRO, use DistributedDataParallel and stsc.integrations.ddp")
+        raise ValueError(f"attach() is for DeepSpeed ZeRO stages 1-3, and {type(engine).__name__} has no ZeRO optimizer "
+                         f"(its optimizer is a {type(zero).__name__}); without ZeRO, use DistributedDataParallel and "
+                         "stsc.integrations.ddp")
     stage3 = isinstance(zero, DeepSpeedZeroOptimizer_Stage3)
     offload = zero.offload_optimizer if stage3 else zero.cpu_offload
     if getattr(zero, "swap_optimizer", False):
