@@ -18,9 +18,11 @@ from launch import WORKER, torchrun, train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "ddp-find-unused"])
-def test_every_step_equals_the_single_process_reference(engine):
-    output = train(engine)
+@pytest.mark.parametrize("engine, options", [("ddp", []), ("ddp", ["--local-accumulation"]),
+                                             ("ddp-find-unused", ["--local-accumulation"])],
+                         ids=["attach", "attach-no-sync", "find-unused-no-sync"])
+def test_every_step_equals_the_single_process_reference(engine, options):
+    output = train(engine, *options)
     assert "step 5 stage instruction skipped [[0, 1, 2], [0, 1, 2]]" in output
 
 

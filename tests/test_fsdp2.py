@@ -9,8 +9,9 @@ from launch import ROOT, torchrun, train
 pytestmark = pytest.mark.slow
 
 
-def test_every_step_equals_the_single_process_reference():
-    output = train("fsdp2")
+@pytest.mark.parametrize("options", [[], ["--local-accumulation"]], ids=["reduce-each", "no-sync"])
+def test_every_step_equals_the_single_process_reference(options):
+    output = train("fsdp2", *options)
     assert "step 5 stage instruction skipped [[0, 1, 2], [0, 1, 2]]" in output
 
 

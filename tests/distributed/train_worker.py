@@ -2,7 +2,7 @@
 against a single-process reference.
 
     torchrun --nproc_per_node 2 tests/distributed/train_worker.py --engine ENGINE [--optimizer sgd|adamw]
-        [--offload] [--no-attach] [--break-seed]
+        [--local-accumulation] [--offload] [--no-attach] [--break-seed]
 
 ENGINE: ``ddp`` (``stsc.integrations.ddp.attach``, no ``find_unused_parameters``), ``ddp-find-unused``,
 ``fsdp2`` (``fully_shard`` per decoder block, then the model), ``zero2``, ``zero3`` (DeepSpeed, with
@@ -11,7 +11,9 @@ ENGINE: ``ddp`` (``stsc.integrations.ddp.attach``, no ``find_unused_parameters``
 the integration; rank 0 prints the stages, how many decoder blocks each training forward ran, and
 ``RESULT ok engine=hf-zero3 ...`` (no reference: the Trainer's data order is its own).
 
-Six optimizer steps of two micro-batches each (gradient accumulation 2) through the policy
+Six optimizer steps of two micro-batches each (gradient accumulation 2; DDP and FSDP2 reduce after
+each, or with ``--local-accumulation`` keep the first one's gradients local: ``no_sync()``,
+``set_requires_gradient_sync(False)``) through the policy
 ``POLICY``: steps 0-1 compress visual tokens (``random``: rank-identical draws), steps 2-5 skip the
 decoder blocks ``PATTERNS`` gives per micro-batch (a block skipped in every micro-batch of a step, in
 one and run in the other, in none). Gradients are clipped to norm 1. Each rank trains on its own
@@ -65,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", required=True, choices=["ddp", "ddp-find-unused", "fsdp2", *DEEPSPEED])
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument("--local-accumulation", action="store_true")
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-attach", action="store_true")
     parser.add_argument("--break-seed", action="store_true")
@@ -152,8 +155,10 @@ def wrap(args, sparse):
     optimizer = make_optimizer(args.optimizer, sparse.parameters())
 
     def step_fn(module, inputs, last):
-        sync = module.no_sync() if args.engine.startswith("ddp") and not last else contextlib.nullcontext()
-        with sync:
+        local = args.local_accumulation and not last
+        if args.engine == "fsdp2":
+            sparse.model.set_requires_gradient_sync(not local)
+        with module.no_sync() if local and args.engine != "fsdp2" else contextlib.nullcontext():
             loss = module(**inputs)["loss"]
             (loss / MICRO_BATCHES).backward()
         if last:
