@@ -82,7 +82,7 @@ def main() -> None:
     reference = Reference(model, args.optimizer, shared_step_count=args.engine in DEEPSPEED) if rank == 0 else None
     seed = 1 if args.break_seed and rank == 1 else 0
     sparse = stsc.sparsify(model, parse_policy(POLICY.format(seed=seed)), batch(model, 0, 0, rank))
-    trained, optimizer, step_fn = wrap(args, sparse)
+    trained, step_fn = wrap(args, sparse)
     for step in range(STEPS):
         losses = []
         for micro in range(MICRO_BATCHES):
@@ -136,7 +136,7 @@ def make_optimizer(name: str, params):
 
 # ------------------------------------------------------------------------------------------ engines
 def wrap(args, sparse):
-    """The trained module, its optimizer, and ``step_fn(trained, batch, last) -> loss`` for one micro-batch."""
+    """The trained module and ``step_fn(trained, batch, last) -> loss``: one micro-batch (and the step after the last)."""
     if args.engine in DEEPSPEED:
         return wrap_deepspeed(args, sparse)
     if args.engine == "fsdp2":
@@ -167,7 +167,7 @@ def wrap(args, sparse):
             optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return trained, optimizer, step_fn
+    return trained, step_fn
 
 
 def wrap_deepspeed(args, sparse):
@@ -179,9 +179,8 @@ def wrap_deepspeed(args, sparse):
     if args.offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         config["zero_force_ds_cpu_optimizer"] = False  # the torch optimizer steps the offloaded partition
-    engine, optimizer, _, _ = deepspeed.initialize(model=sparse, optimizer=make_optimizer(args.optimizer,
-                                                                                          sparse.parameters()),
-                                                   config=config)
+    engine, _, _, _ = deepspeed.initialize(model=sparse, optimizer=make_optimizer(args.optimizer, sparse.parameters()),
+                                           config=config)
     if not args.no_attach:
         import stsc.integrations.deepspeed
 
@@ -193,7 +192,7 @@ def wrap_deepspeed(args, sparse):
         module.step()
         return loss.item()
 
-    return engine, optimizer, step_fn
+    return engine, step_fn
 
 
 # ---------------------------------------------------------------------------------------- reference
