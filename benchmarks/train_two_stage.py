@@ -132,7 +132,7 @@ def train(model: torch.nn.Module, policy: str, stages: dict[str, list[dict]], lr
     optimizer = torch.optim.AdamW(sparse.parameters(), lr=lr, weight_decay=0.0)
     layers = len(sparse.report.model.blocks)
     decoder_input = []
-    probe = model.decoder.layers[0].register_forward_pre_hook(lambda m, args: decoder_input.append(args[0].shape))
+    probe = model.decoder.register_forward_pre_hook(lambda m, args: decoder_input.append(args[0].shape))  # inputs_embeds
     log, per_stage, clock, step = [], {}, 0.0, 0
     for index, (name, batches) in enumerate(stages.items()):
         totals = per_stage[name] = {"seconds": 0.0, "tokens": 0, "layers": 0, "steps": len(batches)}

@@ -170,11 +170,10 @@ def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor, 
     then eval compared with the dense output. With ``graph``, the step runs the rewritten graph and its loss is
     compared with the module lowering's for the same decisions."""
     _enter(sparse, stage)
-    sequence = []
-    first_block = sparse.model.get_submodule(sparse.report.model.blocks[0])
-    hook = first_block.register_forward_pre_hook(
+    sequence = []  # the sequence length entering the first block that runs (a skipped block runs no hook)
+    hooks = [sparse.model.get_submodule(path).register_forward_pre_hook(
         lambda module, args, kwargs: sequence.append(_first_float((*args, *kwargs.values())).shape[1]),
-        with_kwargs=True)
+        with_kwargs=True) for path in sparse.report.model.blocks]
     skipper = sparse.runtimes.get("skip_layers")
     pattern = skipper.trial_pattern() if skipper else None
     if skipper:
@@ -190,7 +189,8 @@ def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor, 
         sparse.zero_grad(set_to_none=True)
         loss = graph_loss
     loss.backward()
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     if skipper:
         skipper.force(None)
     trainable = [p for p in sparse.model.parameters() if p.requires_grad]

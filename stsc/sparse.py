@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -103,6 +104,9 @@ class SparseModel(nn.Module):
         self._compile_kwargs: dict | None = None
         self._warned_past_end = False
         self._pending_state: dict | None = None  # a schedule state loaded before the first capture
+        self.integration: str | None = None  # the training engine an integration's attach() adapted this model to
+        self._skips = any(entry.name == "skip_layers" for stage in ([self.fixed_stage] if self.fixed_stage else
+                                                                     policy.stages) for entry in stage.passes)
         # `forward` carries the wrapped model's signature (trainers read it to pick the batch's columns)
         self.forward = _Forward(self)
         if example_inputs is not None:
@@ -200,6 +204,11 @@ class SparseModel(nn.Module):
                 raise TypeError("sparsify() without example_inputs captures the model at its first call, which "
                                 "needs keyword arguments only (e.g. model(**batch))")
             self._prepare(kwargs)
+        if self.training and self._skips and self.integration is None and managed_by_zero(self.model):
+            raise RuntimeError("this model trains under DeepSpeed ZeRO, whose optimizer would step the blocks that "
+                               "skip_layers skips with stale or zero gradients: call "
+                               "stsc.integrations.deepspeed.attach(engine, sparse) after deepspeed.initialize "
+                               "(with the Hugging Face Trainer, StscCallback does it)")
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -323,6 +332,12 @@ class _Forward:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(self.owner.model.forward)
+
+
+def managed_by_zero(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO manages the parameters (stage 3 partitions them; stages 1-2 map them to a flat partition)."""
+    return "deepspeed" in sys.modules and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+                                              for p in model.parameters())
 
 
 @contextlib.contextmanager
