@@ -42,7 +42,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-__all__ = ["Capture", "CaptureError", "KeywordCall", "capture", "exported_capture", "forward_kwargs", "module_paths"]
+__all__ = ["Capture", "CaptureError", "KeywordCall", "add_graph", "capture", "exported_capture", "forward_kwargs",
+           "frame_prefix", "module_paths"]
 
 
 class CaptureError(RuntimeError):
@@ -173,7 +174,7 @@ def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> n
             sources[node.name] = named.get(id(value), ("constant", str(node.target)))
             values[node.name] = value
     flow = nx.DiGraph()
-    _add_graph(flow, gm, 0, 0, sources, values)
+    add_graph(flow, gm, 0, 0, sources, values)
     return flow
 
 
@@ -261,7 +262,7 @@ def module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tuple
     return tuple(paths)
 
 
-def _add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
+def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
                values: dict, prefix: str = "", frame_root: str = "") -> dict[str, str]:
     """Add one graph's nodes and edges to ``flow``; return fx node name -> data-flow key.
 
@@ -300,7 +301,7 @@ def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[s
     tensors = {**exported.state_dict, **exported.constants}
     values = {name: tensors.get(fqn) for name, (kind, fqn) in sources.items() if kind != "input"}
     flow = nx.DiGraph()
-    _add_graph(flow, exported.graph_module, 0, 0, sources, values)
+    add_graph(flow, exported.graph_module, 0, 0, sources, values)
     return flow
 
 
@@ -334,7 +335,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
             if vid in named:
                 sources[node.name] = named[vid]
                 values[node.name] = value
-                prefix = prefix or _frame_prefix(node.name, named[vid][1])
+                prefix = prefix or frame_prefix(node.name, named[vid][1])
             elif vid in inputs:
                 sources[node.name] = ("input", inputs[vid])
             elif vid in produced:
@@ -342,7 +343,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
                 links[node.name] = produced[vid]
             else:
                 sources[node.name] = ("graph_input", None)
-        keys = _add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
+        keys = add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
         for name, producer in links.items():
             flow.add_edge(producer, keys[name])
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -371,7 +372,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
     return graphs, flow
 
 
-def _frame_prefix(placeholder: str, fqn: str) -> str:
+def frame_prefix(placeholder: str, fqn: str) -> str:
     """Recover the module path of a dynamo frame's ``self`` from one parameter placeholder.
 
     A placeholder named ``l_self_modules_mlp_modules_fc1_parameters_weight_`` whose value *is* the

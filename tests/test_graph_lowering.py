@@ -12,7 +12,7 @@ import torch
 
 import hf_models
 import tiny_llava
-from stsc import GraphLoweringUnavailable, GraphStage, sparsify, transform
+from stsc import GraphLoweringUnavailable, backend, sparsify, transform
 from stsc.policy import parse_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,3 +193,54 @@ def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     loss, with_grad = result.stdout.split()
     assert float(loss) > 0 and int(with_grad) == 72
+
+
+# ------------------------------------------------------------------------------ torch.compile backend
+@pytest.mark.parametrize("stage, dynamic, pattern", [("instruction", None, [1, 2]), ("alignment", True, None)])
+def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_lowering(stage, dynamic, pattern):
+    model, inputs = build("tiny")
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    rewriter = backend(model, "sts", inputs, stage=stage, compiler="aot_eager")
+    compiled = torch.compile(model, backend=rewriter, dynamic=dynamic)
+    sparse = sparsify(reference, "sts", inputs, stage=stage)
+    for step in range(3):
+        for lowering in (rewriter, sparse):
+            lowering.set_progress(epoch=0.0, step=step)
+        rewriter.force(pattern)
+        if pattern:
+            sparse.runtimes["skip_layers"].force(pattern)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        compiled_loss, module_loss = loss_of(compiled(**inputs)), loss_of(sparse(**inputs))
+        compiled_loss.backward()
+        module_loss.backward()
+        torch.testing.assert_close(compiled_loss, module_loss, rtol=1e-6, atol=1e-6)
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert (param.grad is None) == (expected.grad is None)
+            if param.grad is not None:
+                torch.testing.assert_close(param.grad, expected.grad, rtol=1e-6, atol=1e-6)
+    assert rewriter.graphs and all(g.startswith(("skip_layers: +21 nodes", "compress_visual_tokens: +8 nodes"))
+                                   for g in rewriter.graphs)
+    rewriter.remove()
+    torch._dynamo.reset()
+
+
+def test_the_compile_backend_says_why_it_leaves_a_graph_as_it_is(monkeypatch):
+    model, inputs = build("tiny")
+    decoder_forward = tiny_llava.Decoder.forward
+
+    def broken(self, *args, **kwargs):  # a graph break between the merge and the decoder
+        torch._dynamo.graph_break()
+        return decoder_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_llava.Decoder, "forward", broken)
+    torch._dynamo.reset()
+    rewriter = backend(model, "sts", inputs, stage="alignment", compiler="aot_eager")
+    loss_of(torch.compile(model, backend=rewriter, dynamic=True)(**inputs)).backward()
+    assert "left as it is: this graph holds no decoder blocks but the merge: a graph break puts the merge and the " \
+           "decoder in different graphs" in rewriter.graphs
+    assert "left as it is: this graph holds the decoder blocks but not the merge: a graph break puts the merge and " \
+           "the decoder in different graphs" in rewriter.graphs
+    rewriter.remove()
+    torch._dynamo.reset()
