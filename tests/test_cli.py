@@ -91,7 +91,7 @@ def test_transform_bundled_example_with_sts_preset(tmp_path):
     assert "verified 'alignment' (modules lowering): train step ran (loss " in result.stdout
     assert "decoder sequence 45, blocks skipped [], 72/72 parameters got gradients); eval equals dense: yes" \
         in result.stdout
-    assert ("graph lowering of 'instruction': skip_layers: +24 nodes (4 stsc_skip, 4 select_int, 4 stsc_identity, "
+    assert ("graph lowering of 'instruction': skip_layers: +21 nodes (1 stsc_skip, 4 select_int, 4 stsc_identity, "
             "4 stsc_block, 4 cond, 4 getitem), -192 nodes, 0 uses redirected") in result.stdout
     assert "verified 'instruction'" in result.stdout and "eval equals dense: NO" not in result.stdout
     out = tmp_path / "out"
