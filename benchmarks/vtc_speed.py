@@ -41,7 +41,8 @@ from stsc.savings import decoder_flops  # noqa: E402
 
 
 def alternate(steps: list, repeats: int, warmup: int = 2) -> list[float]:
-    """Mean seconds of each step function, run alternately ``repeats`` times after ``warmup`` rounds."""
+    """Median seconds of each step function, run alternately ``repeats`` times after ``warmup`` rounds (the
+    median, not the mean: a step slowed by another process on the machine does not move it)."""
     times = [[] for _ in steps]
     for round_ in range(repeats + warmup):
         for step, record in zip(steps, times):
@@ -49,7 +50,7 @@ def alternate(steps: list, repeats: int, warmup: int = 2) -> list[float]:
             step()
             if round_ >= warmup:
                 record.append(time.perf_counter() - start)
-    return [statistics.mean(record) for record in times]
+    return [statistics.median(record) for record in times]
 
 
 def model_step(model, inputs):

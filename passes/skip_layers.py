@@ -185,7 +185,7 @@ class _GuardedCall:
         return nn.Module._call_impl(module, *args, **kwargs)
 
 
-def _bind(model: nn.Module, blocks: list[nn.Module], example_inputs: dict) -> list[_Binding | None]:
+def bind_blocks(model: nn.Module, blocks: list[nn.Module], example_inputs: dict) -> list[_Binding | None]:
     """Run the model once and locate each block's hidden-state argument and output leaf."""
     calls: dict[int, tuple] = {}
 
@@ -262,7 +262,7 @@ def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs:
         raise ValueError(f"min_kept {config.min_kept} is more than the {len(structure.blocks)} decoder blocks")
     modules = dict(model.named_modules())
     blocks = [(b.path, modules[b.path]) for b in structure.blocks]
-    bindings = _bind(model, [m for _, m in blocks], example_inputs)
+    bindings = bind_blocks(model, [m for _, m in blocks], example_inputs)
     reasons = [_not_skippable(block, binding, config) for block, binding in zip(structure.blocks, bindings)]
     skipper = LayerSkipper(model, blocks, bindings, [reason is None for reason in reasons], config)
     if not any(p > 0 for p in skipper.probabilities_at(0.0)):

@@ -53,14 +53,14 @@ from torch import nn
 from .capture import first_line, forward_kwargs
 from .layout import images_in
 from .passes.compress_visual_tokens import METHODS, CompressVisualTokensConfig
-from .passes.skip_layers import SkipLayersConfig, _bind
+from .passes.skip_layers import SkipLayersConfig, bind_blocks
 from .policy import Policy, load_policy
 from .positions import Slots
 from .profile_output import format_profile, plot_profile
 from .proposal import DEFAULT_TOLERANCE, Proposal, check_tolerance, propose
 from .registry import get_pass
 from .report import capture_and_match
-from .sparse import UnsupportedModelError, _eval_mode, _untouched, model_loss
+from .sparse import UnsupportedModelError, eval_mode, model_loss, untouched
 
 __all__ = ["KEEP_RATIOS", "BlockProfile", "Profile", "TokenPoint", "TokenProfile", "check_arguments", "hidden_change",
            "neighbour_similarity", "profile"]
@@ -190,7 +190,7 @@ def profile(model: nn.Module, batches: Iterable[dict], example_inputs: dict | No
     if isinstance(policy, str):
         base = dataclasses.replace(base, source=policy)  # "sts", not the preset's installed path
     example = dict(example_inputs if example_inputs is not None else batches[0])
-    with _untouched(model):
+    with untouched(model):
         if progress:
             progress("profile: capturing and matching the model")
         structure, report = capture_and_match(model, example)
@@ -273,7 +273,7 @@ class _Session:
 
     def apply(self, name: str, config):
         """Install pass ``name``'s runtime; it binds itself on the example inputs with the model in eval mode."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return get_pass(name).apply(self.model, self.structure, config, self.example)
 
     def losses(self, observe: Callable[[], None] | None = None) -> list[float]:
@@ -345,8 +345,8 @@ class _Session:
         """Dense losses, each block's change and each image's neighbour similarity, in one forward per batch."""
         self.tell("dense forward")
         modules = [self.model.get_submodule(b.path) for b in self.structure.blocks]
-        with _eval_mode(self.model):
-            bindings = _bind(self.model, modules, self.example)
+        with eval_mode(self.model):
+            bindings = bind_blocks(self.model, modules, self.example)
         changes = [[] for _ in modules]
         similarities, notes = [], []
         b = self.structure.boundary

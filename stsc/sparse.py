@@ -257,7 +257,7 @@ class SparseModel(nn.Module):
         """One training forward and backward of ``stage`` on the example inputs (each pass in its most
         demanding setting, e.g. every skippable block skipped); the model is left exactly as it was."""
         try:
-            with _untouched(self.model), contextlib.ExitStack() as trials:
+            with untouched(self.model), contextlib.ExitStack() as trials:
                 for runtime in self._runtimes.values():
                     if hasattr(runtime, "trial"):
                         trials.enter_context(runtime.trial())
@@ -289,7 +289,7 @@ class SparseModel(nn.Module):
 
     def _activate(self, stage: Stage) -> list[PassInfo]:
         infos = []
-        with _eval_mode(self.model):  # passes that run the model to bind themselves see it dense
+        with eval_mode(self.model):  # passes that run the model to bind themselves see it dense
             for entry in stage.passes:
                 try:
                     runtime, info = get_pass(entry.name).apply(self.model, self._structure, entry.config, self._inputs)
@@ -341,7 +341,7 @@ def managed_by_zero(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _untouched(model: nn.Module):
+def untouched(model: nn.Module):
     """Run something that trains ``model`` for one step, then put back its modes, gradients, buffers and the RNG."""
     modes = [(module, module.training) for module in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
@@ -377,7 +377,8 @@ def _summary(info: PassInfo) -> str:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """Run something with every module of ``model`` in eval mode, then put back each module's own mode."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

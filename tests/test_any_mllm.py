@@ -40,6 +40,7 @@ def removed_per_row(model, inputs, keep_ratio=0.5):
     return [n - round(n * keep_ratio) for n in tokens]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["sts", "vtc"])
 @pytest.mark.parametrize("family", ACCEPTANCE)
 def test_trains_through_both_stages_and_eval_is_dense(family, policy):

@@ -106,6 +106,7 @@ def test_transform_bundled_example_with_sts_preset(tmp_path):
     assert (out / "policy.yaml").read_text().startswith("version: 1\nseed: 0\nstages:\n")
 
 
+@pytest.mark.slow
 def test_transform_verifies_the_graph_lowering_against_the_module_lowering():
     result = stsc("transform", EXAMPLE, "sts", "--lowering", "graph")
     assert result.returncode == 0, result.stderr
@@ -113,6 +114,7 @@ def test_transform_verifies_the_graph_lowering_against_the_module_lowering():
     assert result.stdout.count("loss equals the module lowering's: yes); eval equals dense: yes") == 2
 
 
+@pytest.mark.slow
 def test_transform_graph_lowering_of_a_model_that_does_not_export_exits_3(tmp_path):
     path = write(tmp_path, HF_MODEL_FILE.format(examples=str(ROOT / "examples"), family="qwen2_vl"))
     result = stsc("transform", path, "vtc", "--lowering", "graph")
@@ -134,6 +136,7 @@ HF_MODEL_FILE = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "paligemma"])
 def test_transform_hf_model_files(tmp_path, family):
     path = write(tmp_path, HF_MODEL_FILE.format(examples=str(ROOT / "examples"), family=family))

@@ -58,7 +58,8 @@ def test_the_graph_module_trains_the_callers_parameters():
         assert all(p is named[name.removeprefix("inner.")] for name, p in stage.graph_module.named_parameters())
 
 
-@pytest.mark.parametrize("family", ["tiny", "llava", "paligemma", "idefics3", "gemma3"])
+@pytest.mark.parametrize("family", ["tiny", *(pytest.param(f, marks=pytest.mark.slow)
+                                              for f in ("llava", "paligemma", "idefics3", "gemma3"))])
 def test_loss_and_every_gradient_equal_the_module_lowering(family):
     """Same step, same kept tokens, same skip pattern: the rewritten graph computes what the hooks compute;
     a block skipped in the step has no gradient in either (torch.cond's zeros are reset to None)."""
@@ -133,12 +134,14 @@ def test_the_sequence_length_is_dynamic_and_eval_is_the_dense_model():
 
 def test_one_compiled_graph_serves_every_skip_pattern_and_the_compression():
     """torch.compile of each stage's graph: one graph, no recompilation over 52 random skip patterns."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
     model, inputs = build("tiny")
     stages = transform(model, "sts", inputs)
     for name in ("instruction", "alignment"):
         graph, compiled = stages[name], []
         torch._dynamo.reset()
-        graph.compile(backend=lambda gm, example_inputs: compiled.append(gm) or gm.forward, dynamic=False)
+        graph.compile(backend=lambda gm, example_inputs: compiled.append(gm) or aot_eager(gm, example_inputs),
+                      dynamic=False)
         patterns = set()
         for step in range(52):
             graph.set_progress(epoch=0.0, step=200 + step)
@@ -149,6 +152,7 @@ def test_one_compiled_graph_serves_every_skip_pattern_and_the_compression():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_export_says_so():
     model, inputs = hf_models.qwen2_vl()
     sparse = sparsify(model, "sts", inputs)
@@ -183,9 +187,10 @@ def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
     _, inputs, stages = lowered("tiny")
     path = tmp_path / "stage.pt2"
     torch.export.save(stages["instruction"].exported, path)
-    torch.save(inputs, tmp_path / "inputs.pt")
+    saved_inputs = str(tmp_path / "inputs.pt")
+    torch.save(inputs, saved_inputs)
     code = (f"import torch, stsc; program = torch.export.load({str(path)!r}).module(); "
-            f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True); "
+            f"inputs = torch.load({saved_inputs!r}, weights_only=True); "
             "program.get_buffer('stsc_skip').copy_(torch.tensor([True, False, True, False])); "
             "loss = program(*inputs.values())['loss']; loss.backward(); "
             "print(round(loss.item(), 4), sum(p.grad is not None for p in program.parameters()))")
@@ -196,7 +201,8 @@ def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
 
 
 # ------------------------------------------------------------------------------ torch.compile backend
-@pytest.mark.parametrize("stage, dynamic, pattern", [("instruction", None, [1, 2]), ("alignment", True, None)])
+@pytest.mark.parametrize("stage, dynamic, pattern", [("instruction", None, [1, 2]),
+                                                     pytest.param("alignment", True, None, marks=pytest.mark.slow)])
 def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_lowering(stage, dynamic, pattern):
     model, inputs = build("tiny")
     reference = copy.deepcopy(model)
@@ -226,6 +232,7 @@ def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_loweri
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_the_compile_backend_says_why_it_leaves_a_graph_as_it_is(monkeypatch):
     model, inputs = build("tiny")
     decoder_forward = tiny_llava.Decoder.forward

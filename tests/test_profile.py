@@ -58,7 +58,7 @@ CASES = {  # family -> (builder, profile arguments)
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=[f if f == "tiny" else pytest.param(f, marks=pytest.mark.slow) for f in CASES])
 def profiled(request):
     builder, kwargs = CASES[request.param]
     model, inputs = builder()
@@ -245,6 +245,7 @@ def test_compression_keeps_the_fewest_tokens_within_the_budget():
 
 
 # ---------------------------------------------------------------------------------------- the command
+@pytest.mark.slow
 def test_command_writes_the_table_the_json_the_picture_and_the_policy(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["profile", str(EXAMPLE), "--out", str(out), "--methods", "uniform,pool", "--samples", "2"]) == 0
@@ -292,6 +293,7 @@ MODEL_FILE = """
 """
 
 
+@pytest.mark.slow
 def test_model_file_batches_are_profiled_and_averaged(tmp_path):
     path = tmp_path / "model.py"
     path.write_text(textwrap.dedent(MODEL_FILE.format(examples=str(ROOT / "examples"))))

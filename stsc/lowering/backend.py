@@ -25,7 +25,7 @@ from stsc.match import match
 from stsc.policy import Policy, load_policy
 from stsc.report import capture_and_match
 
-from .graph import GRAPH_LOWERINGS, Flags, GraphLoweringUnavailable, GraphRuntime, _region
+from .graph import GRAPH_LOWERINGS, Flags, GraphLoweringUnavailable, GraphRuntime, module_region
 
 __all__ = ["CompileBackend", "backend"]
 
@@ -94,7 +94,7 @@ class CompileBackend:
         runs get guarded), the merge and its visual positions are found in ``gm`` itself."""
         found, placeholders = self._match(gm, example_inputs)
         merge = found.boundary is not None
-        if not any(_region(gm, block.path) for block in self.structure.blocks):
+        if not any(module_region(gm, block.path) for block in self.structure.blocks):
             raise GraphLoweringUnavailable("this graph holds no decoder blocks" + (
                 " but the merge: a graph break puts the merge and the decoder in different graphs" if merge else ""))
         boundary = merge and dataclasses.replace(found.boundary,

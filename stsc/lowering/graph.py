@@ -107,7 +107,7 @@ def sequence_dims(value, batch, sequence) -> tuple[int, list[int]] | None:
     return None
 
 
-def _region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+def module_region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
     """The nodes module ``path`` ran, in order. A graph dynamo hands a backend names its frame's module
     ``L['self']``, whose path in the model the backend records as ``gm.meta["stsc_frame"]``."""
     frame = gm.meta.get("stsc_frame", "")
@@ -125,7 +125,7 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
     """
     info = RewriteInfo("compress_visual_tokens")
     graph = gm.graph
-    region = _region(gm, entry)
+    region = module_region(gm, entry)
     inside = set(region)
     batch, sequence = _val(hidden).shape[:2]
     if not isinstance(sequence, torch.SymInt):
@@ -263,7 +263,7 @@ def guard_blocks(gm: fx.GraphModule, paths: list[str], skippable: list[bool], sk
 
 def _guard_block(gm: fx.GraphModule, index: int, path: str, skip: fx.Node, info: RewriteInfo) -> bool:
     graph = gm.graph
-    region = _region(gm, path)
+    region = module_region(gm, path)
     inside = set(region)
     outputs = [n for n in region if any(user not in inside for user in n.users)]
     inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
