@@ -1,12 +1,20 @@
-"""Layer Dynamic Skipper: dense vs skipped train step, measured side by side in one run.
+"""Layer Dynamic Skipper: dense vs skipped train step, measured side by side in one run, in both lowerings.
 
-Two copies of the bundled LLaVA-style example (same initialization), sized so that the decoder
-dominates the step, train with AdamW on the same batch. The skipping copy follows the paper's
-schedule (``sts``, alpha, eps) over a simulated stage spanning the measured steps, so its mean skip
-fraction is about alpha / 3. Steps of the two copies alternate, so machine noise hits both alike.
+Three copies of the bundled LLaVA-style example (same initialization), sized so that the decoder
+dominates the step, train with AdamW on the same batch: dense, skipping with the module lowering
+(``sparsify``: guards on the blocks) and skipping with the graph lowering (``stsc.transform``: the
+exported graph with ``torch.cond`` around each block). Both skipping copies follow the paper's schedule
+(``sts``, alpha, eps) over a simulated stage spanning the measured steps, so their mean skip fraction is
+about alpha / 3, and they draw the same patterns. Steps of the three copies alternate, so machine noise
+hits them alike.
 
-Printed per mode (eager; compiled with ``--compile``): median step times, measured speed-up, the
-ideal ``1 / (1 - s)`` for the realized skip fraction s, and their ratio. Last line (eager):
+Printed per lowering and mode (eager; compiled with ``--compile``: the module lowering as
+``sparse.compile()`` plus ``torch.compile(sparse)``, the graph lowering as ``torch.compile`` of its graph,
+the dense copy as ``torch.compile`` of the model): mean step times, measured speed-up over the dense
+copy in the same mode, the ideal ``1 / (1 - s)`` for the realized skip fraction s, and their ratio.
+The graph lowering's eager row runs its graph traced once with eager kernels (``aot_eager``): executed
+node by node, ``torch.cond`` traces both branches again at every call, which costs far more than a block.
+Last line (module lowering, eager):
 
     RESULT speedup=<measured> ideal=<analytic> fraction_of_ideal=<measured/ideal>
 
@@ -27,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import tiny_llava  # noqa: E402
 
-from stsc import sparsify  # noqa: E402
+from stsc import sparsify, transform  # noqa: E402
 from stsc.policy import parse_policy  # noqa: E402
 
 
@@ -51,7 +59,7 @@ def train_step(model, optimizer, inputs):
     optimizer.step()
 
 
-def measure(args, compiled: bool) -> dict:
+def measure(args, compiled: bool) -> list[dict]:
     dense = tiny_llava.build_model(hidden_size=args.hidden, layers=args.layers, heads=max(args.hidden // 64, 1),
                                    intermediate_size=int(args.hidden * 8 / 3))
     inputs = tiny_llava.example_inputs(dense, batch=args.batch, text_tokens=args.text_tokens)
@@ -60,34 +68,37 @@ version: 1
 stages:
   - {{name: instruction, epochs: 1, passes: {{skip_layers: {{alpha: {args.alpha}, eps: {args.eps}}}}}}}
 """, source="lds_speed")
-    sparse = sparsify(copy.deepcopy(dense), policy, inputs)
-    dense = sparsify(dense, "dense", inputs)  # the same wrapper, no passes: compiled alike
-    run_dense, run_sparse = dense, sparse
+    modules = sparsify(copy.deepcopy(dense), policy, inputs)
+    graph = transform(copy.deepcopy(dense), policy, inputs)["instruction"]
+    runs = {"dense": dense, "modules": modules, "graph": graph}
+    torch._dynamo.reset()
     if compiled:
-        torch._dynamo.reset()
-        for model in (dense, sparse):
-            model.compile()
-        run_dense, run_sparse = torch.compile(dense), torch.compile(sparse)
-    opt_dense = torch.optim.AdamW(dense.parameters(), lr=1e-4)
-    opt_sparse = torch.optim.AdamW(sparse.parameters(), lr=1e-4)
-    for step in range(args.warmup):  # also compiles every variant
-        sparse.set_progress(step=step, epoch=0.0)
-        train_step(run_dense, opt_dense, inputs)
-        train_step(run_sparse, opt_sparse, inputs)
-    times_dense, times_sparse, skipped = [], [], 0
-    for step in range(args.steps):
-        sparse.set_progress(step=args.warmup + step, epoch=step / args.steps)
-        for run, opt, times in ((run_dense, opt_dense, times_dense), (run_sparse, opt_sparse, times_sparse)):
+        modules.compile()
+        graph.compile()
+        runs = {"dense": torch.compile(dense), "modules": torch.compile(modules), "graph": graph}
+    else:  # eager kernels: in plain eager, torch.cond traces both branches again at every call
+        graph.compile(backend="aot_eager")
+    optimizers = {name: torch.optim.AdamW(run.parameters(), lr=1e-4) for name, run in runs.items()}
+    times = {name: [] for name in runs}
+    skipped = 0
+    for step in range(-args.warmup, args.steps):  # the warm-up steps also compile every variant
+        for lowering in (modules, graph):
+            lowering.set_progress(step=args.warmup + step, epoch=max(step, 0) / args.steps)
+        for name, run in runs.items():
             start = time.perf_counter()
-            train_step(run, opt, inputs)
-            times.append(time.perf_counter() - start)
-        skipped += len(sparse.runtimes["skip_layers"].last_skipped)
+            train_step(run, optimizers[name], inputs)
+            if step >= 0:
+                times[name].append(time.perf_counter() - start)
+        assert graph.last_skipped == modules.runtimes["skip_layers"].last_skipped  # the same decisions
+        skipped += len(graph.last_skipped) if step >= 0 else 0
     fraction = skipped / (args.steps * args.layers)
-    dense_s, sparse_s = statistics.mean(times_dense), statistics.mean(times_sparse)
-    speedup, ideal = dense_s / sparse_s, 1 / (1 - fraction)
-    return {"mode": "compiled" if compiled else "eager", "dense_ms": 1e3 * dense_s, "sts_ms": 1e3 * sparse_s,
-            "skip_fraction": fraction, "expected_fraction": 1 - sparse.report.stages[0].layers_run,
-            "speedup": speedup, "ideal": ideal, "fraction_of_ideal": speedup / ideal}
+    ideal = 1 / (1 - fraction)
+    dense_s = statistics.mean(times["dense"])
+    return [{"lowering": name, "mode": "compiled" if compiled else "eager", "dense_ms": 1e3 * dense_s,
+             "sts_ms": 1e3 * statistics.mean(times[name]), "skip_fraction": fraction,
+             "expected_fraction": 1 - modules.report.stages[0].layers_run,
+             "speedup": dense_s / statistics.mean(times[name]), "ideal": ideal,
+             "fraction_of_ideal": dense_s / statistics.mean(times[name]) / ideal} for name in ("modules", "graph")]
 
 
 def main(argv=None):
@@ -95,13 +106,15 @@ def main(argv=None):
     torch.manual_seed(0)
     print(f"decoder {args.layers} x {args.hidden}, sequence {64 + 1 + args.text_tokens} tokens, batch {args.batch}, "
           f"sts schedule alpha={args.alpha} eps={args.eps} over {args.steps} steps, {torch.get_num_threads()} threads")
-    rows = [measure(args, compiled=False)] + ([measure(args, compiled=True)] if args.compile else [])
-    print(f"{'mode':<9} {'dense ms':>9} {'sts ms':>9} {'skipped':>8} {'expected':>9} {'speedup':>8} {'ideal':>6} {'of ideal':>9}")
+    rows = measure(args, compiled=False) + (measure(args, compiled=True) if args.compile else [])
+    print(f"{'lowering':<9} {'mode':<9} {'dense ms':>9} {'sts ms':>9} {'skipped':>8} {'expected':>9} {'speedup':>8} "
+          f"{'ideal':>6} {'of ideal':>9}")
     for r in rows:
-        print(f"{r['mode']:<9} {r['dense_ms']:>9.1f} {r['sts_ms']:>9.1f} {r['skip_fraction']:>8.3f} "
+        print(f"{r['lowering']:<9} {r['mode']:<9} {r['dense_ms']:>9.1f} {r['sts_ms']:>9.1f} {r['skip_fraction']:>8.3f} "
               f"{r['expected_fraction']:>9.3f} {r['speedup']:>8.3f} {r['ideal']:>6.3f} {r['fraction_of_ideal']:>9.3f}")
     eager = rows[0]
     print(f"RESULT speedup={eager['speedup']:.3f} ideal={eager['ideal']:.3f} fraction_of_ideal={eager['fraction_of_ideal']:.3f}")
+    return rows
 
 
 if __name__ == "__main__":

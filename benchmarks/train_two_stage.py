@@ -314,9 +314,10 @@ class Run:
         self.name = name
         self.sparse = stsc.sparsify(model, policy, example)
         self.layers = len(self.sparse.report.model.blocks)
-        self.entering: list[torch.Size] = []  # the sequence entering the first decoder block, per forward
-        first = model.get_submodule(self.sparse.report.model.blocks[0])
-        first.register_forward_pre_hook(lambda module, args: self.entering.append(args[0].shape))
+        self.entering: list[torch.Size] = []  # the merged sequence handed to the decoder (inputs_embeds), per forward
+        # First of the decoder's hooks (before any compaction, whenever the passes were installed); it runs even
+        # when a skipped first block does not
+        model.decoder.register_forward_pre_hook(lambda module, args: self.entering.append(args[0].shape), prepend=True)
         self.clock = 0.0  # training wall-clock so far
         self.log: list[dict] = []  # per step
         self.evals: list[dict] = []  # held-out accuracy
@@ -342,7 +343,7 @@ class Run:
         seconds = time.perf_counter() - start
         skipper = self.sparse.runtimes.get("skip_layers")
         skipped = len(skipper.last_skipped) if skipper else 0
-        batch_size, sequence = self.entering[0][:2]
+        batch_size, sequence = self.decoder_sequence()
         totals = self.stages[self.stage]
         totals["seconds"] += seconds
         totals["tokens"] += batch_size * sequence
@@ -351,6 +352,16 @@ class Run:
         self.clock += seconds
         self.log.append({"step": step, "stage": self.stage, "policy_stage": self.sparse.stage, "seconds": self.clock,
                          "loss": loss.item(), "skip_rate": skipped / self.layers, "sequence": sequence})
+
+    def decoder_sequence(self) -> tuple[int, int]:
+        """(batch, positions per sample entering the decoder blocks) in the last forward: the merged sequence
+        less the visual tokens the compressor dropped (it compacts at the decoder's entry)."""
+        batch_size, merged = self.entering[0][:2]
+        compressor = self.sparse.runtimes.get("compress_visual_tokens")
+        if compressor is None:
+            return batch_size, merged
+        kept, tokens = compressor.last_kept()
+        return batch_size, merged - (tokens - kept) // batch_size
 
     def evaluate(self, batches: list[dict], step: int) -> None:
         self.evals.append({"step": step, "seconds": self.clock, "accuracy": accuracy(self.sparse, batches)})

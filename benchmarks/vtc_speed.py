@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import tiny_llava  # noqa: E402
 
-from stsc import sparsify  # noqa: E402
+from stsc import sparsify, transform  # noqa: E402
 from stsc.policy import parse_policy  # noqa: E402
 from stsc.savings import decoder_flops  # noqa: E402
 
@@ -87,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd steps")
     args = parser.parse_args(argv)
     kwargs = dict(image_size=336, patch_size=14, vision_dim=64, vision_layers=1, hidden_size=args.hidden,
                   layers=args.layers, heads=max(args.hidden // 64, 1), intermediate_size=int(args.hidden * 8 / 3))
@@ -95,24 +96,44 @@ def main(argv=None):
     sequence = inputs["input_ids"].shape[1]
     print(f"visual tokens 576 per image, sequence {sequence}, decoder {args.layers} x {args.hidden}, "
           f"batch {args.batch}, {torch.get_num_threads()} threads")
-    print(f"{'part':<8} {'keep':>5} {'seq':>5} {'dense ms':>9} {'vtc ms':>8} {'speedup':>8} {'ideal':>6} {'of ideal':>9}")
-    result = None
+    print(f"{'part':<8} {'lowering':<9} {'mode':<9} {'keep':>5} {'seq':>5} {'dense ms':>9} {'vtc ms':>8} "
+          f"{'speedup':>8} {'ideal':>6} {'of ideal':>9}")
+    rows = []
     for keep_ratio in (0.5, 0.25):
         policy = parse_policy(f"version: 1\nstages:\n  - {{name: alignment, epochs: 1, passes: "
                               f"{{compress_visual_tokens: {{keep_ratio: {keep_ratio}}}}}}}\n", "vtc_speed")
         sparse = sparsify(copy.deepcopy(dense), policy, inputs)
+        graph = transform(copy.deepcopy(dense), policy, inputs)["alignment"]
         dense_decoder, _ = decoder_step(dense, inputs)
         sparse_decoder, short = decoder_step(sparse, inputs)
         ideal = decoder_flops(sequence, args.hidden, args.layers) / decoder_flops(short, args.hidden, args.layers)
-        for part, steps in (("decoder", (dense_decoder, sparse_decoder)),
-                            ("step", (model_step(dense, inputs), model_step(sparse, inputs)))):
-            dense_s, sparse_s = alternate(list(steps), args.steps)
+        torch._dynamo.reset()
+        graph.compile(backend="aot_eager")  # eager kernels; node by node, the export's guards re-run every call
+        measured = [("decoder", "modules", "eager", dense_decoder, sparse_decoder),
+                    ("step", "modules", "eager", model_step(dense, inputs), model_step(sparse, inputs)),
+                    ("step", "graph", "eager", model_step(dense, inputs), model_step(graph, inputs))]
+        if args.compile:
+            compiled_dense = torch.compile(copy.deepcopy(dense))
+            sparse.compile()
+            compiled_graph = transform(copy.deepcopy(dense), policy, inputs)["alignment"]
+            compiled_graph.compile()
+            measured += [("step", "modules", "compiled", model_step(compiled_dense, inputs),
+                          model_step(torch.compile(sparse), inputs)),
+                         ("step", "graph", "compiled", model_step(compiled_dense, inputs),
+                          model_step(compiled_graph, inputs))]
+        for part, lowering, mode, dense_fn, sparse_fn in measured:
+            dense_s, sparse_s = alternate([dense_fn, sparse_fn], args.steps)
             speedup = dense_s / sparse_s
-            print(f"{part:<8} {keep_ratio:>5} {short:>5} {1e3 * dense_s:>9.1f} {1e3 * sparse_s:>8.1f} "
-                  f"{speedup:>8.3f} {ideal:>6.3f} {speedup / ideal:>9.3f}")
-            if part == "decoder":
-                result = (speedup, ideal)
-    print(f"RESULT speedup={result[0]:.3f} ideal={result[1]:.3f} fraction_of_ideal={result[0] / result[1]:.3f}")
+            rows.append({"part": part, "lowering": lowering, "mode": mode, "keep_ratio": keep_ratio, "sequence": short,
+                         "dense_ms": 1e3 * dense_s, "vtc_ms": 1e3 * sparse_s, "speedup": speedup, "ideal": ideal,
+                         "fraction_of_ideal": speedup / ideal})
+            r = rows[-1]
+            print(f"{part:<8} {lowering:<9} {mode:<9} {keep_ratio:>5} {short:>5} {r['dense_ms']:>9.1f} "
+                  f"{r['vtc_ms']:>8.1f} {speedup:>8.3f} {ideal:>6.3f} {r['fraction_of_ideal']:>9.3f}", flush=True)
+    result = next(r for r in reversed(rows) if r["part"] == "decoder")
+    print(f"RESULT speedup={result['speedup']:.3f} ideal={result['ideal']:.3f} "
+          f"fraction_of_ideal={result['fraction_of_ideal']:.3f}")
+    return rows
 
 
 if __name__ == "__main__":

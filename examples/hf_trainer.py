@@ -5,8 +5,10 @@ epoch: epoch 0 is the alignment stage (visual tokens compressed), epoch 1 the in
 (decoder blocks skipped), as the callback moves the schedule from the trainer's state.
 
     python examples/hf_trainer.py [--epochs 2 --samples 16]
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --deepspeed ds_config.json   # DeepSpeed ZeRO
 
-Needs transformers (``pip install -e ".[test]"``).
+Needs transformers (``pip install -e ".[test]"``). With ``--deepspeed``, the callback attaches
+:mod:`stsc.integrations.deepspeed` to the engine the Trainer builds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--policy", default="sts")
+    parser.add_argument("--deepspeed", help="a DeepSpeed config (JSON file), passed to TrainingArguments")
     args = parser.parse_args(argv)
 
     model, batch = hf_models.llava(batch=args.samples)
@@ -41,7 +44,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=4,
                                      learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
-                                     use_cpu=True, seed=0, disable_tqdm=True)
+                                     use_cpu=True, seed=0, disable_tqdm=True, deepspeed=args.deepspeed)
         trainer = Trainer(model=sparse, args=training, train_dataset=dataset, callbacks=[callback])
         result = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

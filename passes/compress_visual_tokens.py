@@ -336,6 +336,10 @@ class SequenceCompactor(_Runtime):
 
     _trial_expectation = "the decoder entry never received the merged sequence"
 
+    def last_kept(self) -> tuple[int, int]:
+        """(visual tokens kept, visual tokens) in the last training forward."""
+        return self.last_plan.kept, self.last_plan.tokens
+
     def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, entries: list[nn.Module],
                  exit_module: nn.Module, hidden_path):
         self.config, self.boundary = config, boundary
@@ -441,6 +445,10 @@ class KeyValueCompressor(_Runtime):
     """
 
     _trial_expectation = "no module around the decoder blocks received the visual keys"
+
+    def last_kept(self) -> tuple[int, int]:
+        """(visual tokens kept, visual tokens) in the last training forward: kept key indices per row."""
+        return self.last_plan.numel(), self.last_plan.shape[0] * self.tokens
 
     def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, blocks: list[str]):
         self.config, self.boundary = config, boundary

@@ -5,13 +5,16 @@ blocks on the token stream. Each block's hidden-state argument and hidden-state 
 by running the model once on the example inputs with hooks on the blocks (the argument whose tensor
 has the output's shape, preferring the previous block's output itself).
 
-**Rewrites** each block's ``forward`` (on the instance; the module, its parameters and its
-``state_dict`` keys stay as they are) into the guarded branch::
+**Rewrites** each block's call (``_call_impl`` on the instance: what ``nn.Module.__call__`` runs,
+hooks and then ``forward``; the module, its class, its parameters and its ``state_dict`` keys stay as
+they are) into the guarded branch::
 
     skip[i] ? hidden_in : block(hidden_in, ...)
 
 A skipped block computes nothing: neither its forward nor its backward runs, and its output is its
-hidden-state input (the residual identity), inside the block's usual output structure.
+hidden-state input (the residual identity), inside the block's usual output structure. The guard
+sits before the block's hooks, so a skipped block runs none of them: FSDP2's pre-forward all-gather
+(and its post-backward reduce-scatter) and DeepSpeed ZeRO-3's parameter fetch are skipped with it.
 
 **Decisions** are drawn once per training forward, before the first block runs, from a generator
 seeded by ``(seed, step, micro_step)`` (:func:`stsc.schedules.draw_skips`): identical on every rank,
@@ -99,10 +102,9 @@ class LayerSkipper:
         self.forced: list[int] | None = None
         self.last_skipped: list[int] = []
         self._skip = [False] * len(blocks)
-        self._originals = [module.__dict__.get("forward") for module in self.modules]
         for index, (module, binding) in enumerate(zip(self.modules, bindings)):
             if binding is not None:
-                module.forward = self._guard(index, module.forward, binding)
+                module._call_impl = _GuardedCall(self, index, binding)
         self._hook = model.register_forward_pre_hook(self._before_forward)
 
     # ----------------------------------------------------------------------------- schedule state
@@ -144,24 +146,15 @@ class LayerSkipper:
         self.last_skipped = skipped
         self._skip = [i in skipped for i in range(len(self.modules))]
 
-    def _guard(self, index: int, forward, binding: _Binding):
-        module = self.modules[index]
-
-        @torch.compiler.disable
-        def guarded_forward(*args, **kwargs):
-            if module.training and self._skip[index]:
-                return binding.identity(binding.hidden(args, kwargs))
-            return guarded_forward.block_forward(*args, **kwargs)
-
-        guarded_forward.block_forward = forward
-        return guarded_forward
+    def trial_pattern(self) -> list[int]:
+        """The most demanding pattern: every block the schedule may skip, as many as ``min_kept`` allows."""
+        may_skip = [i for i, p in enumerate(self.probabilities_at(0.0)) if p > 0]
+        return may_skip[: len(self.modules) - self.schedule.min_kept]
 
     @contextlib.contextmanager
     def trial(self):
-        """Around sparsify's trial step: skip every block the schedule may skip (as many as ``min_kept``
-        allows), and fail unless exactly those were skipped."""
-        may_skip = [i for i, p in enumerate(self.probabilities_at(0.0)) if p > 0]
-        pattern = may_skip[: len(self.modules) - self.schedule.min_kept]
+        """Around sparsify's trial step: skip :meth:`trial_pattern`, and fail unless exactly those were skipped."""
+        pattern = self.trial_pattern()
         forced, self.forced = self.forced, pattern
         try:
             yield
@@ -171,13 +164,25 @@ class LayerSkipper:
             raise ValueError(f"blocks {pattern} were to be skipped, {self.last_skipped} were")
 
     def remove(self) -> None:
-        """Undo the rewrite: blocks get their own forward back."""
-        for module, original in zip(self.modules, self._originals):
-            if original is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = original
+        """Undo the rewrite: blocks are called as before (hooks, then forward)."""
+        for module in self.modules:
+            module.__dict__.pop("_call_impl", None)
         self._hook.remove()
+
+
+class _GuardedCall:
+    """A block's ``_call_impl`` with the skip guard in front. An object rather than a closure, so that a
+    deep copy of the model guards its own blocks (with its own skipper), not the original's."""
+
+    def __init__(self, skipper: LayerSkipper, index: int, binding: _Binding):
+        self.skipper, self.index, self.binding = skipper, index, binding
+
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        module = self.skipper.modules[self.index]
+        if module.training and self.skipper._skip[self.index]:
+            return self.binding.identity(self.binding.hidden(args, kwargs))
+        return nn.Module._call_impl(module, *args, **kwargs)
 
 
 def _bind(model: nn.Module, blocks: list[nn.Module], example_inputs: dict) -> list[_Binding | None]:

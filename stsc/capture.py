@@ -42,7 +42,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-__all__ = ["Capture", "CaptureError", "capture", "exported_capture", "forward_kwargs", "module_paths"]
+__all__ = ["Capture", "CaptureError", "KeywordCall", "add_graph", "capture", "exported_capture", "forward_kwargs",
+           "frame_prefix", "module_paths"]
 
 
 class CaptureError(RuntimeError):
@@ -122,30 +123,41 @@ def _warm_up(model: nn.Module, kwargs: dict) -> None:
         model(**kwargs)
 
 
+class KeywordCall(nn.Module):
+    """``model(**inputs)`` as a module taking the tensor inputs positionally, in ``names`` order (what make_fx
+    and torch.export's dynamic shapes handle best); the non-tensor inputs are fixed."""
+
+    def __init__(self, model: nn.Module, inputs: dict):
+        super().__init__()
+        self.inner = model
+        self.names = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
+        self.constants = {name: value for name, value in inputs.items() if name not in self.names}
+
+    def forward(self, *values):
+        return self.inner(**dict(zip(self.names, values)), **self.constants)
+
+    def values(self, inputs: dict) -> tuple:
+        """The positional arguments for a call with keyword ``inputs``."""
+        missing = [name for name in self.names if name not in inputs]
+        if missing:
+            raise TypeError(f"missing inputs {', '.join(missing)}: this graph was built for "
+                            f"{', '.join(self.names)}")
+        return tuple(inputs[name] for name in self.names)
+
+
 def _trace(model: nn.Module, kwargs: dict) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
     """A real-tensor ``make_fx`` trace of ``model(**kwargs)`` with module stacks; the exception if it fails."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
-    others = {name: value for name, value in kwargs.items() if name not in names}
-
-    class Call(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, *values):
-            return self.inner(**dict(zip(names, values)), **others)
-
-    call = Call()
+    call = KeywordCall(model, kwargs)
     call._orig_mod = model  # make_fx records module paths relative to `_orig_mod`
     try:
         with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"):
             gm = make_fx(call, tracing_mode="real", record_module_stack=True,
-                         _error_on_data_dependent_ops=False)(*(kwargs[name] for name in names))
+                         _error_on_data_dependent_ops=False)(*call.values(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
         return exc
-    return gm, _trace_dataflow(gm, model, names)
+    return gm, _trace_dataflow(gm, model, call.names)
 
 
 def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> nx.DiGraph:
@@ -162,7 +174,7 @@ def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> n
             sources[node.name] = named.get(id(value), ("constant", str(node.target)))
             values[node.name] = value
     flow = nx.DiGraph()
-    _add_graph(flow, gm, 0, 0, sources, values)
+    add_graph(flow, gm, 0, 0, sources, values)
     return flow
 
 
@@ -250,7 +262,7 @@ def module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tuple
     return tuple(paths)
 
 
-def _add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
+def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
                values: dict, prefix: str = "", frame_root: str = "") -> dict[str, str]:
     """Add one graph's nodes and edges to ``flow``; return fx node name -> data-flow key.
 
@@ -272,22 +284,24 @@ def _add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int
 
 
 def exported_capture(exported: torch.export.ExportedProgram, example_inputs: dict, seconds: float = 0.0,
-                     notes: list[str] | None = None) -> Capture:
-    """The :class:`Capture` of an exported program."""
-    return Capture("export", [exported.graph_module], _export_dataflow(exported), example_inputs, seconds, None,
-                   notes or [], exported)
+                     notes: list[str] | None = None, input_names: list[str] | None = None) -> Capture:
+    """The :class:`Capture` of an exported program. ``input_names``: the model input each user input of the
+    program stands for, in order (default: the program's own names)."""
+    return Capture("export", [exported.graph_module], _export_dataflow(exported, input_names), example_inputs,
+                   seconds, None, notes or [], exported)
 
 
-def _export_dataflow(exported: torch.export.ExportedProgram) -> nx.DiGraph:
+def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[str] | None = None) -> nx.DiGraph:
     sig = exported.graph_signature
     sources = {name: ("param", fqn) for name, fqn in sig.inputs_to_parameters.items()}
     sources.update({name: ("buffer", fqn) for name, fqn in sig.inputs_to_buffers.items()})
     sources.update({name: ("constant", fqn) for name, fqn in sig.inputs_to_lifted_tensor_constants.items()})
-    sources.update({name: ("input", name) for name in sig.user_inputs if isinstance(name, str)})
+    user_inputs = [name for name in sig.user_inputs if isinstance(name, str)]
+    sources.update({name: ("input", source) for name, source in zip(user_inputs, input_names or user_inputs)})
     tensors = {**exported.state_dict, **exported.constants}
     values = {name: tensors.get(fqn) for name, (kind, fqn) in sources.items() if kind != "input"}
     flow = nx.DiGraph()
-    _add_graph(flow, exported.graph_module, 0, 0, sources, values)
+    add_graph(flow, exported.graph_module, 0, 0, sources, values)
     return flow
 
 
@@ -321,7 +335,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
             if vid in named:
                 sources[node.name] = named[vid]
                 values[node.name] = value
-                prefix = prefix or _frame_prefix(node.name, named[vid][1])
+                prefix = prefix or frame_prefix(node.name, named[vid][1])
             elif vid in inputs:
                 sources[node.name] = ("input", inputs[vid])
             elif vid in produced:
@@ -329,7 +343,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
                 links[node.name] = produced[vid]
             else:
                 sources[node.name] = ("graph_input", None)
-        keys = _add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
+        keys = add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
         for name, producer in links.items():
             flow.add_edge(producer, keys[name])
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -358,7 +372,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
     return graphs, flow
 
 
-def _frame_prefix(placeholder: str, fqn: str) -> str:
+def frame_prefix(placeholder: str, fqn: str) -> str:
     """Recover the module path of a dynamo frame's ``self`` from one parameter placeholder.
 
     A placeholder named ``l_self_modules_mlp_modules_fc1_parameters_weight_`` whose value *is* the

@@ -1,7 +1,8 @@
 """The ``stsc`` command line.
 
     stsc inspect   model.py [--json]                         what capture and match find
-    stsc transform model.py policy.yaml [--stage S] [--out D] apply a policy, verify it, report
+    stsc transform model.py policy.yaml [--stage S] [--lowering modules|graph] [--out D]
+                                                             apply a policy, verify it, report
     stsc validate  policy.yaml                               check a policy file
     stsc profile   model.py [--policy P] [--tolerance T] [--out D]  measure redundancy, propose a policy
     stsc plot      policy.yaml -o schedule.png [--layers L]  skip probability per layer over each stage
@@ -29,6 +30,7 @@ from .profile import KEEP_RATIOS, check_arguments, profile
 from .proposal import DEFAULT_TOLERANCE
 from .report import inspect
 from .schedules import layer_probabilities
+from .lowering.graph import GraphLoweringUnavailable, GraphStage, lower_stage
 from .sparse import SparseModel, UnsupportedModelError, model_loss, sparsify
 
 EXIT_OK, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 2, 3
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("model_file", help=model_help)
     cmd.add_argument("policy", help=policy_help)
     cmd.add_argument("--stage", help="apply only this stage (default: every stage in turn)")
-    cmd.add_argument("--out", type=Path, help="write report.json, the applied policy and the graphs of each stage here")
+    cmd.add_argument("--lowering", choices=("modules", "graph"), default="modules",
+                     help="lowering the verification step trains: module hooks (default) or the rewritten graph")
+    cmd.add_argument("--out", type=Path, help="write report.json, the applied policy and, per stage, the rewritten "
+                                              "graph (stage_<name>.py) and its exported program (stage_<name>.pt2)")
 
     cmd = commands.add_parser("validate", help="check a stage policy and print what it says")
     cmd.add_argument("policy", help=policy_help)
@@ -114,45 +119,89 @@ def _transform(args) -> int:
     except (UnsupportedModelError, CaptureError) as exc:
         return _fail(f"{args.model_file}: model not supported: {exc}", EXIT_UNSUPPORTED)
     print(sparse.report.format())
+    graphs = _graph_stages(sparse, inputs) if args.out or args.lowering == "graph" else {}
     checks = []
     for stage in sparse.report.stages:
         _progress(f"verifying stage {stage.name!r} ...")
-        checks.append(_verify(sparse, stage.name, kwargs, dense))
+        graph = graphs.get(stage.name)
+        if args.lowering == "graph" and not isinstance(graph, GraphStage):
+            return _fail(f"{args.model_file}: stage {stage.name!r}: graph lowering not available: {graph}",
+                         EXIT_UNSUPPORTED)
+        checks.append(_verify(sparse, stage.name, kwargs, dense, graph if args.lowering == "graph" else None))
         c = checks[-1]
-        print(f"verified {stage.name!r}: train step ran (loss {c['loss']:.4f}, decoder sequence {c['sequence']}, "
-              f"blocks skipped {c['skipped']}, {c['params_with_grad']}/{c['params']} parameters got gradients); "
-              f"eval equals dense: {'yes' if c['eval_equals_dense'] else 'NO'}")
+        same = (f"; loss equals the module lowering's: {'yes' if c['equals_modules'] else 'NO'}"
+                if "equals_modules" in c else "")
+        print(f"verified {stage.name!r} ({c['lowering']} lowering): train step ran (loss {c['loss']:.4f}, decoder "
+              f"sequence {c['sequence']}, blocks skipped {c['skipped']}, {c['params_with_grad']}/{c['params']} "
+              f"parameters got gradients{same}); eval equals dense: {'yes' if c['eval_equals_dense'] else 'NO'}")
     if args.out:
-        _write_out(args.out, sparse, policy, checks, kwargs)
-        print(f"wrote {args.out}/report.json, {args.out}/policy.yaml and the graphs of each stage")
-    failed = [c["stage"] for c in checks if not (c["eval_equals_dense"] and c["loss_finite"])]
+        _write_out(args.out, sparse, policy, checks, graphs)
+        print(f"wrote {args.out}/report.json, {args.out}/policy.yaml and, per stage the graph lowering supports, "
+              f"stage_<name>.py and stage_<name>.pt2")
+    failed = [c["stage"] for c in checks if not (c["eval_equals_dense"] and c["loss_finite"]
+                                                  and c.get("equals_modules", True))]
     if failed:
         return _fail(f"verification failed for stage(s) {', '.join(failed)}", EXIT_UNSUPPORTED)
     return EXIT_OK
 
 
-def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor) -> dict:
-    """One training forward + backward in ``stage`` (at its start), then eval compared with the dense output."""
+def _graph_stages(sparse: SparseModel, inputs: dict) -> dict[str, GraphStage | str]:
+    """Each stage lowered to a rewritten graph, or why it cannot be."""
+    stages = {}
+    for stage in sparse.report.stages:
+        verdict = stage.lowerings["graph"]
+        if verdict.startswith("not available"):
+            stages[stage.name] = verdict.removeprefix("not available: ")
+            continue
+        _progress(f"lowering stage {stage.name!r} to a rewritten graph ...")
+        try:
+            with sparse.without_passes() as model:
+                stages[stage.name] = lower_stage(model, sparse.policy.stage(stage.name), sparse.structure, inputs)
+        except GraphLoweringUnavailable as exc:
+            stages[stage.name] = str(exc)
+        print(f"graph lowering of {stage.name!r}: " + ("; ".join(r.summary() for r in stages[stage.name].rewrites)
+                                                       if isinstance(stages[stage.name], GraphStage)
+                                                       else f"not available: {stages[stage.name]}"))
+    return stages
+
+
+def _verify(sparse: SparseModel, stage: str, kwargs: dict, dense: torch.Tensor, graph: GraphStage | None) -> dict:
+    """One training forward + backward in ``stage`` (at its start, every block the schedule may skip skipped),
+    then eval compared with the dense output. With ``graph``, the step runs the rewritten graph and its loss is
+    compared with the module lowering's for the same decisions."""
     _enter(sparse, stage)
-    sequence = []
-    first_block = sparse.model.get_submodule(sparse.report.model.blocks[0])
-    hook = first_block.register_forward_pre_hook(
+    sequence = []  # the sequence length entering the first block that runs (a skipped block runs no hook)
+    hooks = [sparse.model.get_submodule(path).register_forward_pre_hook(
         lambda module, args, kwargs: sequence.append(_first_float((*args, *kwargs.values())).shape[1]),
-        with_kwargs=True)
+        with_kwargs=True) for path in sparse.report.model.blocks]
+    skipper = sparse.runtimes.get("skip_layers")
+    pattern = skipper.trial_pattern() if skipper else None
+    if skipper:
+        skipper.force(pattern)
     sparse.train().zero_grad(set_to_none=True)
     loss = model_loss(sparse(**kwargs))
+    result = {"stage": stage, "lowering": "graph" if graph else "modules"}
+    if graph is not None:
+        graph.set_progress(epoch=0.0, step=sparse.step)
+        graph.force(pattern)
+        graph_loss = model_loss(graph(**kwargs))
+        result["equals_modules"] = bool(torch.allclose(graph_loss, loss, rtol=1e-6, atol=1e-6))
+        sparse.zero_grad(set_to_none=True)
+        loss = graph_loss
     loss.backward()
-    hook.remove()
-    skipper = sparse.runtimes.get("skip_layers")
+    for hook in hooks:
+        hook.remove()
+    if skipper:
+        skipper.force(None)
     trainable = [p for p in sparse.model.parameters() if p.requires_grad]
     with_grad = sum(p.grad is not None for p in trainable)
     with torch.no_grad():
-        eval_out = _first_float(sparse.eval()(**kwargs))
+        eval_out = _first_float((graph.eval() if graph else sparse.eval())(**kwargs))
     sparse.zero_grad(set_to_none=True)
     sparse.train()
-    return {"stage": stage, "loss": loss.item(), "loss_finite": bool(torch.isfinite(loss)),
+    return {**result, "loss": loss.item(), "loss_finite": bool(torch.isfinite(loss)),
             "sequence": sequence[0] if sequence else None,
-            "skipped": skipper.last_skipped if skipper else [], "params": len(trainable), "params_with_grad": with_grad,
+            "skipped": pattern or [], "params": len(trainable), "params_with_grad": with_grad,
             "eval_equals_dense": bool(torch.equal(eval_out, dense))}
 
 
@@ -171,41 +220,23 @@ def _first_float(output) -> torch.Tensor:
     raise TypeError(f"the model returned no floating-point tensor of rank >= 2 ({type(output).__name__})")
 
 
-def _write_out(out: Path, sparse: SparseModel, policy, checks: list[dict], kwargs: dict) -> None:
+def _write_out(out: Path, sparse: SparseModel, policy, checks: list[dict], graphs: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({**sparse.report.to_dict(), "verification": checks},
-                                                indent=2, default=str))
+    rewrites = {name: [r.summary() for r in g.rewrites] if isinstance(g, GraphStage) else f"not available: {g}"
+                for name, g in graphs.items()}
+    (out / "report.json").write_text(json.dumps({**sparse.report.to_dict(), "verification": checks,
+                                                 "graph_rewrites": rewrites}, indent=2, default=str))
     import yaml
 
     (out / "policy.yaml").write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
-    for stage in sparse.report.stages:
-        _progress(f"writing the graphs of stage {stage.name!r} ...")
-        (out / f"graphs_{stage.name}.py").write_text(_stage_graphs(sparse, stage.name, kwargs))
-
-
-def _stage_graphs(sparse: SparseModel, stage: str, kwargs: dict) -> str:
-    """The FX graphs torch.compile runs for one training forward of ``stage``, as readable Python.
-
-    Pass guards and hooks run outside compiled code, so the model comes out in pieces: the graph up to
-    the first decoder block (vision encoder, projector, compression, merge), one graph per decoder
-    block kind (compiled once, reused by every block that runs), and the graph after the blocks.
-    """
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    _enter(sparse, stage)
-    torch._dynamo.reset()
-    sparse.compile(backend=record)
-    torch.compile(sparse, backend=record)(**kwargs)
-    skipper = sparse.runtimes.get("skip_layers")
-    torch._dynamo.reset()
-    header = [f"# stsc: the graphs of one training forward in stage {stage!r}, in the order they were compiled.",
-              f"# blocks skipped in this forward: {skipper.last_skipped if skipper else 'none (no skip pass)'}"]
-    return "\n".join(header + [f"\n# ---- graph {i}\n{gm.print_readable(print_output=False)}"
-                               for i, gm in enumerate(graphs)])
+    for name, graph in graphs.items():
+        if isinstance(graph, GraphStage):
+            _progress(f"writing the rewritten graph of stage {name!r} ...")
+            header = [f"# stsc: stage {name!r} of {policy.source}, lowered to a rewritten graph (stsc.transform)."]
+            header += [f"# {r.summary()}" for r in graph.rewrites]
+            (out / f"stage_{name}.py").write_text("\n".join(header) + "\n"
+                                                  + graph.graph_module.print_readable(print_output=False))
+            torch.export.save(graph.exported, out / f"stage_{name}.pt2")
 
 
 # ------------------------------------------------------------------------------------- profile

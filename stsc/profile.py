@@ -52,7 +52,7 @@ from torch import nn
 
 from .capture import first_line, forward_kwargs
 from .layout import images_in
-from .passes.compress_visual_tokens import METHODS, CompressVisualTokensConfig, Plan
+from .passes.compress_visual_tokens import METHODS, CompressVisualTokensConfig
 from .passes.skip_layers import SkipLayersConfig, _bind
 from .policy import Policy, load_policy
 from .positions import Slots
@@ -256,14 +256,6 @@ def _setting(config: CompressVisualTokensConfig) -> str:
     return f"kernel {config.kernel}" if config.method == "pool" else f"keep {config.keep_ratio:g}"
 
 
-def _kept(runtime) -> tuple[int, int]:
-    """(visual tokens kept, visual tokens) in the last forward of a compressor runtime."""
-    plan = runtime.last_plan
-    if isinstance(plan, Plan):
-        return plan.kept, plan.tokens
-    return plan.numel(), plan.shape[0] * runtime.tokens  # cross-attention: kept key indices per row
-
-
 class _Session:
     """The model, captured once, and the forwards that measure it."""
 
@@ -418,7 +410,7 @@ class _Session:
         counts = []
         try:
             with runtime.trial():  # fails unless the compression took place
-                increase = self.increase(lambda: counts.append(_kept(runtime)))
+                increase = self.increase(lambda: counts.append(runtime.last_kept()))
         except Exception as exc:  # noqa: BLE001 - one setting that fails on this model does not end the profile
             return None, f"{type(exc).__name__}: {first_line(exc)}"
         finally:

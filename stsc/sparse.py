@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import first_line, forward_kwargs
+from .lowering.graph import graph_problem
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
 from .report import Report, capture_and_match
@@ -50,6 +52,7 @@ class StageReport:
     sequence_after: float | None  # ... with the stage's passes
     layers_run: float  # expected mean fraction of decoder blocks run over the stage
     decoder_flops_saved: float | None  # expected fraction of decoder FLOPs saved over the stage
+    lowerings: dict = field(default_factory=dict)  # {"modules": "ok", "graph": "available" or why not}
 
 
 @dataclass
@@ -76,6 +79,7 @@ class SparseReport:
                 lines.append(f"  expected     decoder sequence {s.sequence} -> {s.sequence_after:g} positions per sample, "
                              f"{100 * s.layers_run:.1f} % of decoder blocks run, "
                              f"decoder FLOPs -{100 * s.decoder_flops_saved:.1f} %")
+            lines.append("  lowerings    " + "; ".join(f"{name}: {verdict}" for name, verdict in s.lowerings.items()))
         return "\n".join(lines)
 
 
@@ -100,6 +104,9 @@ class SparseModel(nn.Module):
         self._compile_kwargs: dict | None = None
         self._warned_past_end = False
         self._pending_state: dict | None = None  # a schedule state loaded before the first capture
+        self.integration: str | None = None  # the training engine an integration's attach() adapted this model to
+        self._skips = any(entry.name == "skip_layers" for stage in ([self.fixed_stage] if self.fixed_stage else
+                                                                     policy.stages) for entry in stage.passes)
         # `forward` carries the wrapped model's signature (trainers read it to pick the batch's columns)
         self.forward = _Forward(self)
         if example_inputs is not None:
@@ -110,6 +117,11 @@ class SparseModel(nn.Module):
     def stage(self) -> str | None:
         """Name of the active stage (None: dense, between or after the stages)."""
         return self._active.name if self._active else None
+
+    @property
+    def structure(self):
+        """What the matcher found (:class:`stsc.Structure`; None before the first capture)."""
+        return self._structure
 
     @property
     def runtimes(self) -> dict[str, object]:
@@ -169,6 +181,15 @@ class SparseModel(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @contextlib.contextmanager
+    def without_passes(self):
+        """The caller's model with no pass installed (e.g. to export it), the active stage's passes back after."""
+        self._deactivate()
+        try:
+            yield self.model
+        finally:
+            self._sync()
+
     def unwrap(self) -> nn.Module:
         """Remove every pass and return the caller's model (dense, as it was, with trained weights).
 
@@ -183,6 +204,11 @@ class SparseModel(nn.Module):
                 raise TypeError("sparsify() without example_inputs captures the model at its first call, which "
                                 "needs keyword arguments only (e.g. model(**batch))")
             self._prepare(kwargs)
+        if self.training and self._skips and self.integration is None and managed_by_zero(self.model):
+            raise RuntimeError("this model trains under DeepSpeed ZeRO, whose optimizer would step the blocks that "
+                               "skip_layers skips with stale or zero gradients: call "
+                               "stsc.integrations.deepspeed.attach(engine, sparse) after deepspeed.initialize "
+                               "(with the Hugging Face Trainer, StscCallback does it)")
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -201,14 +227,14 @@ class SparseModel(nn.Module):
         if self._compile_kwargs is not None:
             self._compile_blocks()
         stages = [self.fixed_stage] if self.fixed_stage else list(self.policy.stages)
-        self.report = SparseReport(model_report, [self._check_stage(stage) for stage in stages])
+        self.report = SparseReport(model_report, [self._check_stage(stage, model_report) for stage in stages])
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_schedule_state(pending)
         else:
             self._sync()
 
-    def _check_stage(self, stage: Stage) -> StageReport:
+    def _check_stage(self, stage: Stage, model_report: Report) -> StageReport:
         """Apply the stage's passes once, run one training step on the example inputs with them, then remove
         them: a pass that cannot work on this model fails now, not at training step N."""
         infos = self._activate(stage)
@@ -218,11 +244,14 @@ class SparseModel(nn.Module):
         finally:
             self._deactivate()
         expected = stage_expectation(self._structure, stage.passes)
+        graph = graph_problem(model_report.capture_method, model_report.fallback_reason, self._structure, stage,
+                              self._inputs)
         return StageReport(
             stage.name, stage.unit, stage.start, stage.end,
             [{"name": e.name, "params": dict(e.params), "matched": info.matched, "details": info.details}
              for e, info in zip(stage.passes, infos)],
-            expected.sequence, expected.sequence_after, expected.layers_run, expected.decoder_flops_saved)
+            expected.sequence, expected.sequence_after, expected.layers_run, expected.decoder_flops_saved,
+            {"modules": "ok", "graph": f"not available: {graph}" if graph else "available (stsc.transform)"})
 
     def _trial_step(self, stage: Stage, infos: list[PassInfo]) -> None:
         """One training forward and backward of ``stage`` on the example inputs (each pass in its most
@@ -303,6 +332,12 @@ class _Forward:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(self.owner.model.forward)
+
+
+def managed_by_zero(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO manages the parameters (stage 3 partitions them; stages 1-2 map them to a flat partition)."""
+    return "deepspeed" in sys.modules and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+                                              for p in model.parameters())
 
 
 @contextlib.contextmanager

@@ -17,10 +17,10 @@ ACCEPTANCE = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "mistral3"]
 
 def decoder_lengths(sparse, kwargs, steps, optimizer):
     """Train ``steps`` steps; the sequence length the first decoder block saw in each."""
-    lengths = []
-    block = sparse.model.get_submodule(sparse.report.model.blocks[0])
-    handle = block.register_forward_pre_hook(
-        lambda module, args, kw: lengths.append((args[0] if args else kw["hidden_states"]).shape[-2]), with_kwargs=True)
+    lengths = []  # read where the decoder entry receives the (compacted) sequence: a skipped block runs no hook
+    entry = sparse.model.get_submodule(sparse.report.model.boundary.decoder_entry)
+    handle = entry.register_forward_pre_hook(
+        lambda module, args, kw: lengths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
     for _ in range(steps):
         sparse.set_progress(epoch=sparse.progress, step=sparse.step + 1)
         optimizer.zero_grad(set_to_none=True)

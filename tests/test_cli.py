@@ -87,16 +87,39 @@ def test_transform_bundled_example_with_sts_preset(tmp_path):
     assert "stage 'alignment'  (epochs 0 to 1)" in result.stdout
     assert ("expected     decoder sequence 77 -> 45 positions per sample, 100.0 % of decoder blocks run, "
             "decoder FLOPs -45.6 %") in result.stdout
-    assert "verified 'alignment': train step ran (loss " in result.stdout
+    assert "  lowerings    modules: ok; graph: available (stsc.transform)" in result.stdout
+    assert "verified 'alignment' (modules lowering): train step ran (loss " in result.stdout
     assert "decoder sequence 45, blocks skipped [], 72/72 parameters got gradients); eval equals dense: yes" \
         in result.stdout
+    assert ("graph lowering of 'instruction': skip_layers: +21 nodes (1 stsc_skip, 4 select_int, 4 stsc_identity, "
+            "4 stsc_block, 4 cond, 4 getitem), -192 nodes, 0 uses redirected") in result.stdout
     assert "verified 'instruction'" in result.stdout and "eval equals dense: NO" not in result.stdout
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["alignment", "instruction"]
     assert [c["sequence"] for c in report["verification"]] == [45, 77]
-    graphs = (tmp_path / "out" / "graphs_alignment.py").read_text()
-    assert "class GraphModule(torch.nn.Module)" in graphs and '"f32[2, 45, 64]"' in graphs
-    assert (tmp_path / "out" / "policy.yaml").read_text().startswith("version: 1\nseed: 0\nstages:\n")
+    assert report["graph_rewrites"]["alignment"][0].startswith("compress_visual_tokens: +8 nodes")
+    code = (out / "stage_alignment.py").read_text()
+    assert "torch.ops.stsc.compress_plan.default" in code and '"f32[2, s' in code  # a dynamic sequence length
+    assert "torch.ops.higher_order.cond" in (out / "stage_instruction.py").read_text()
+    assert (out / "stage_alignment.pt2").stat().st_size > 0 and (out / "stage_instruction.pt2").stat().st_size > 0
+    assert (out / "policy.yaml").read_text().startswith("version: 1\nseed: 0\nstages:\n")
+
+
+def test_transform_verifies_the_graph_lowering_against_the_module_lowering():
+    result = stsc("transform", EXAMPLE, "sts", "--lowering", "graph")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(graph lowering): train step ran") == 2
+    assert result.stdout.count("loss equals the module lowering's: yes); eval equals dense: yes") == 2
+
+
+def test_transform_graph_lowering_of_a_model_that_does_not_export_exits_3(tmp_path):
+    path = write(tmp_path, HF_MODEL_FILE.format(examples=str(ROOT / "examples"), family="qwen2_vl"))
+    result = stsc("transform", path, "vtc", "--lowering", "graph")
+    assert result.returncode == 3
+    assert result.stderr.splitlines()[-1].startswith(
+        f"stsc: error: {path}: stage 'alignment': graph lowering not available: the model does not export "
+        "(torch.export failed: ")
 
 
 HF_MODEL_FILE = """

@@ -121,11 +121,6 @@ def first_block_input(model, structure, inputs):
 @pytest.mark.parametrize("family", ["tiny", "tiny_concat", "llava", "paligemma", "gemma3"])
 @pytest.mark.parametrize("method", ["uniform", "random", "text_guided", "pool", "merge"])
 def test_train_step_sequence_length_and_projector_gradient(family, method):
-    if family == "gemma3" and method == "pool":  # its projector pools internally: no patch grid at the boundary
-        with pytest.raises(ValueError, match="^method 'pool' needs each image's 2-D token grid, and an image of 16 "
-                                             "tokens has none the matcher could derive$"):
-            compressed(family, method=method)
-        return
     model, dense, inputs, structure, compressor, info = compressed(family, method=method, keep_ratio=0.25)
     b = structure.boundary
     before = {k: v.clone() for k, v in inputs.items()}
@@ -226,6 +221,12 @@ def test_cross_attention_refuses_averaging_methods():
     with pytest.raises(ValueError) as err:
         apply(model, match(capture(model, inputs)), CompressVisualTokensConfig(method="pool"), inputs)
     assert str(err.value) == "method 'pool' is not supported for cross_attention merges; use uniform or random"
+
+
+def test_pool_without_a_grid_is_refused():
+    with pytest.raises(ValueError, match="^method 'pool' needs each image's 2-D token grid, and an image of 8 "
+                                         "tokens has none the matcher could derive$"):
+        compressed("blip2", method="pool")  # learned query tokens: no grid
 
 
 def test_keep_ratio_below_one_token_is_refused(tiny):

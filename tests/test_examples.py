@@ -19,7 +19,7 @@ def test_hf_trainer_example_moves_the_stage_from_trainer_state():
 
     def llava_with_probe(**kwargs):
         model, batch = original(**kwargs)
-        model.model.language_model.layers[0].register_forward_hook(
+        model.model.language_model.norm.register_forward_hook(  # after the blocks, any of which may be skipped
             lambda module, args, output: sequences.append(args[0].shape[1]) if module.training else None)
         return model, batch
 

@@ -29,7 +29,7 @@ def run(model, inputs):
 
 
 def identity_reference(model, block_path):
-    """The original model with one block replaced by the identity on its hidden state."""
+    """A copy of ``model`` (unguarded) with one block replaced by the identity on its hidden state."""
     reference = copy.deepcopy(model)
     block = reference.get_submodule(block_path)
     block.forward = lambda hidden, *args, **kwargs: hidden
@@ -42,15 +42,16 @@ FAMILIES = ["tiny", "llava", "mllama", "qwen2_vl"]
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forced_skip_equals_identity_block(family):
     model, inputs = build(family)
+    original = copy.deepcopy(model)
     skipper, info = skip_pass(model, inputs)
     assert info.matched == len(skipper.paths) >= 3
     layer = 1
-    reference = identity_reference(model, skipper.paths[layer])
     skipper.force([layer])
     out = run(model, inputs)
     assert skipper.last_skipped == [layer]
-    torch.testing.assert_close(out["logits"], run(reference, inputs)["logits"], rtol=0, atol=0)
-    assert not torch.equal(out["logits"], run(identity_reference(model, skipper.paths[0]), inputs)["logits"])
+    torch.testing.assert_close(out["logits"], run(identity_reference(original, skipper.paths[layer]), inputs)["logits"],
+                               rtol=0, atol=0)
+    assert not torch.equal(out["logits"], run(identity_reference(original, skipper.paths[0]), inputs)["logits"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -79,6 +80,31 @@ def test_grad_is_none_only_if_skipped_in_every_micro_batch(tiny):
     assert block.o_proj.weight.grad is not None
 
 
+def test_a_skipped_block_runs_none_of_its_hooks(tiny):
+    # engines hook the block's call: FSDP2 all-gathers in a pre-forward hook, DeepSpeed ZeRO-3 fetches in one
+    model = copy.deepcopy(tiny[0])
+    skipper, _ = skip_pass(model, tiny[1])
+    calls = []
+    for index, path in enumerate(skipper.paths):
+        model.get_submodule(path).register_forward_pre_hook(lambda *_, index=index: calls.append(index))
+    skipper.force([1, 2])
+    run(model, tiny[1])
+    assert calls == [0, 3]
+
+
+def test_a_deep_copy_guards_its_own_blocks(tiny):
+    model = copy.deepcopy(tiny[0])
+    skipper, _ = skip_pass(model, tiny[1])
+    skipper.force([1])
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    assert not torch.equal(run(twin, tiny[1])["logits"], run(model, tiny[1])["logits"])
+    twin_skipper = twin.get_submodule(skipper.paths[0])._call_impl.skipper
+    assert twin_skipper is not skipper and twin_skipper.last_skipped == [1]
+
+
 @pytest.mark.parametrize("family", ["tiny", "mllama"])
 def test_eval_is_the_dense_model(family):
     model, inputs = build(family)
@@ -97,7 +123,7 @@ def test_state_dict_keys_and_parameters_unchanged(tiny):
     assert list(model.state_dict()) == keys
     assert all(a is b for a, b in zip(model.parameters(), params))
     skipper.remove()
-    assert "forward" not in model.get_submodule(skipper.paths[0]).__dict__
+    assert "_call_impl" not in model.get_submodule(skipper.paths[0]).__dict__
 
 
 def test_decisions_follow_seed_and_step_and_resume(tiny):

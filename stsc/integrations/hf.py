@@ -7,15 +7,17 @@
 Before every optimizer step the callback calls ``sparse.set_progress(epoch=state.epoch,
 step=state.global_step)``: the stage and the schedule follow the trainer's own progress, so a run
 resumed from a Trainer checkpoint makes the same decisions as an uninterrupted one (decisions depend
-only on the policy seed, the step and the micro-batch within it). Importing this module imports
-transformers; ``stsc`` itself never does.
+only on the policy seed, the step and the micro-batch within it). When the Trainer runs DeepSpeed
+ZeRO (``TrainingArguments(deepspeed=...)``), the callback calls
+:func:`stsc.integrations.deepspeed.attach` with the Trainer's optimizer as training begins. Importing
+this module imports transformers; ``stsc`` itself never does.
 """
 
 from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from stsc.sparse import SparseModel
+from stsc.sparse import SparseModel, managed_by_zero
 
 __all__ = ["StscCallback"]
 
@@ -25,7 +27,11 @@ class StscCallback(TrainerCallback):
         self.sparse = sparse
         self.stages: list[tuple[int, str | None]] = []  # (global step, stage) at each optimizer step
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.sparse.integration is None and managed_by_zero(self.sparse.model):
+            from stsc.integrations.deepspeed import attach
+
+            attach(optimizer, self.sparse)
         self._sync(state)
 
     def on_step_begin(self, args, state, control, **kwargs):

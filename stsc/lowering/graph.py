@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from stsc.capture import exported_capture, first_line, forward_kwargs, module_paths
+from stsc.capture import KeywordCall, exported_capture, first_line, forward_kwargs, module_paths
 from stsc.layout import images_in
 from stsc.match import Structure, match
 from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, kept_count
@@ -47,7 +47,8 @@ from stsc.schedules import StepClock, draw_skips, layer_probabilities
 
 from . import ops  # noqa: F401 - registers the stsc:: ops
 
-__all__ = ["GraphLoweringUnavailable", "GraphStage", "RewriteInfo", "compact_region", "guard_blocks", "transform"]
+__all__ = ["GraphLoweringUnavailable", "GraphRuntime", "GraphStage", "RewriteInfo", "compact_region", "graph_problem",
+           "guard_blocks", "lower_stage", "transform"]
 
 
 class GraphLoweringUnavailable(ValueError):
@@ -74,6 +75,11 @@ class RewriteInfo:
 
 
 # ------------------------------------------------------------------------------------------- shapes
+def _val(node: fx.Node):
+    """The (fake) value a node computes: ``val`` in exported graphs, ``example_value`` in dynamo's."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
 def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
@@ -102,27 +108,29 @@ def sequence_dims(value, batch, sequence) -> tuple[int, list[int]] | None:
 
 
 def _region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
-    """The nodes module ``path`` ran, in order."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and path in module_paths(n)]
+    """The nodes module ``path`` ran, in order. A graph dynamo hands a backend names its frame's module
+    ``L['self']``, whose path in the model the backend records as ``gm.meta["stsc_frame"]``."""
+    frame = gm.meta.get("stsc_frame", "")
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+            and path in module_paths(n, frame, frame_root="L['self']")]
 
 
 # --------------------------------------------------------------------------- compress_visual_tokens
 def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.Node, token_ids: fx.Node,
-                   plan_args: tuple, removed: int) -> RewriteInfo:
+                   step: fx.Node, plan_args: tuple, removed: int) -> RewriteInfo:
     """Compact everything entering the ``entry`` region of ``gm`` at the kept positions, expand what leaves it.
 
-    ``plan_args``: the ``stsc::compress_plan`` scalars (method, keep_ratio, kernel, seed, grid, rows_layout).
+    ``step``: a node holding ``[step, micro step]`` (seeds the random draws); ``plan_args``: the
+    ``stsc::compress_plan`` scalars (method, keep_ratio, kernel, seed, grid, rows_layout).
     """
     info = RewriteInfo("compress_visual_tokens")
     graph = gm.graph
     region = _region(gm, entry)
     inside = set(region)
-    batch, sequence = hidden.meta["val"].shape[:2]
+    batch, sequence = _val(hidden).shape[:2]
     if not isinstance(sequence, torch.SymInt):
         raise GraphLoweringUnavailable("the exported graph specialized the sequence length to a constant")
-    gm.register_buffer("stsc_step", torch.zeros(2, dtype=torch.long), persistent=False)
     with graph.inserting_before(region[0]):
-        step = graph.get_attr("stsc_step")
         plan = graph.call_function(torch.ops.stsc.compress_plan.default,
                                    (hidden, visual, token_ids, step, *plan_args, removed))
         index = graph.call_function(operator.getitem, (plan, 0))
@@ -135,17 +143,17 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
 
     def rebase(node: fx.Node) -> fx.Node:
         """A symbolic size computed from the sequence length, recomputed from the compacted length."""
-        if _same(node.meta.get("val"), sequence):
+        if _same(_val(node), sequence):
             return length
         if node not in rebased:
             with graph.inserting_before(region[0]):
                 rebased[node] = graph.node_copy(node, lambda arg: rebase(arg) if _depends_on(
-                    arg.meta.get("val"), sequence) else arg)
+                    _val(arg), sequence) else arg)
             info.added.append(rebased[node].name)
         return rebased[node]
 
     def compact(node: fx.Node) -> fx.Node | None:
-        dims = sequence_dims(node.meta.get("val"), batch, sequence)
+        dims = sequence_dims(_val(node), batch, sequence)
         if dims is None:
             return None
         if node not in compacted:
@@ -158,7 +166,7 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
         for arg in list(node.all_input_nodes):
             if arg in inside or arg in new_nodes:
                 continue
-            new = rebase(arg) if _depends_on(arg.meta.get("val"), sequence) else compact(arg)
+            new = rebase(arg) if _depends_on(_val(arg), sequence) else compact(arg)
             if new is not None:
                 node.replace_input_with(arg, new)
                 info.replaced += 1
@@ -166,9 +174,9 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
         outside = [user for user in node.users if user not in inside]
         if not outside:
             continue
-        if sequence_dims(node.meta.get("val"), batch, sequence) != (0, [1]):
+        if sequence_dims(_val(node), batch, sequence) != (0, [1]):
             raise GraphLoweringUnavailable(f"the decoder entry's output {node.name} "
-                                           f"{tuple(node.meta['val'].shape)} cannot be expanded back to the sequence")
+                                           f"{tuple(_val(node).shape)} cannot be expanded back to the sequence")
         with graph.inserting_after(node):
             expanded = graph.call_function(torch.ops.stsc.expand.default, (node, restore))
         info.added.append(expanded.name)
@@ -177,7 +185,7 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
             info.replaced += 1
     for node in region:  # runtime asserts about the old length are stale once it is compacted
         if node.target is torch.ops.aten._assert_scalar.default and any(
-                _depends_on(arg.meta.get("val"), sequence) for arg in node.all_input_nodes):
+                _depends_on(_val(arg), sequence) for arg in node.all_input_nodes):
             info.removed.append(node.name)
             graph.erase_node(node)
     graph.lint()
@@ -185,51 +193,75 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
     return info
 
 
-def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig, inputs: dict) -> RewriteInfo:
+def _compress_problem(structure: Structure, config: CompressVisualTokensConfig, inputs: dict) -> str | None:
+    """Why the compression cannot be expressed in the graph (None when it can)."""
     b = structure.boundary
     if b is None or b.kind != "scatter" or b.positions is None:
-        raise GraphLoweringUnavailable("compression in the graph needs a scatter merge whose visual positions "
-                                       f"the matcher derived (found: {b.kind if b else 'no boundary'})")
+        return (f"compression in the graph needs a scatter merge whose visual positions the matcher derived "
+                f"(found: {b.kind + ' merge' if b else 'no boundary'})")
     if b.decoder_entry is None:
-        raise GraphLoweringUnavailable("the merging module calls the decoder blocks itself: no decoder-entry "
-                                       "region to compact")
+        return "the merging module calls the decoder blocks itself: there is no decoder-entry region to compact"
     if config.method not in SELECTING:
-        raise GraphLoweringUnavailable(f"method {config.method!r} averages tokens; the graph lowering compacts by "
-                                       f"selection ({', '.join(SELECTING)})")
-    visual = b.positions(inputs)
-    images = images_in(visual, inputs.get(b.token_input), b.rows_layout, b.image_grids(inputs), b.grid)
+        return f"method {config.method!r} averages tokens; the graph compacts by selection ({', '.join(SELECTING)})"
+    dropped = set(_dropped_per_row(b, config, inputs))
+    if len(dropped) != 1:
+        return (f"the example's rows drop different numbers of positions {sorted(dropped)}; the graph is built "
+                f"for rows that all drop the same number")
+    return None
+
+
+def _dropped_per_row(boundary, config: CompressVisualTokensConfig, inputs: dict) -> list[int]:
+    visual = boundary.positions(inputs)
+    images = images_in(visual, inputs.get(boundary.token_input), boundary.rows_layout, boundary.image_grids(inputs),
+                       boundary.grid)
     dropped = [0] * visual.shape[0]
     for image in images:
         dropped[image.row] += image.tokens - kept_count(image.tokens, config, image.grid)
-    if len(set(dropped)) != 1:
-        raise GraphLoweringUnavailable(f"the example's rows drop different numbers of positions {dropped}; the "
-                                       f"graph is built for rows that all drop the same number")
+    return dropped
+
+
+def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig, inputs: dict,
+                    placeholders: dict[str, fx.Node], flags: Flags) -> RewriteInfo:
+    problem = _compress_problem(structure, config, inputs)
+    if problem:
+        raise GraphLoweringUnavailable(problem)
+    b = structure.boundary
     nodes = {node.name: node for node in gm.graph.nodes}
-    name = lambda key: nodes[key.split(":", 1)[1]]  # noqa: E731 - data-flow key -> node of gm
-    grid = list(b.grid) if b.grid else []
-    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, grid, b.rows_layout)
-    return compact_region(gm, b.decoder_entry, name(b.merge_node), name(b.positions.source), nodes[b.token_input],
-                          plan_args, dropped[0])
+    node_of = lambda key: nodes[key.split(":", 1)[1]]  # noqa: E731 - data-flow key -> the node of gm
+    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, list(b.grid or ()), b.rows_layout)
+    return compact_region(gm, b.decoder_entry, node_of(b.merge_node), node_of(b.positions.source),
+                          placeholders[b.token_input], flags.step(gm), plan_args, _dropped_per_row(b, config, inputs)[0])
+
+
+def graph_problem(capture_method: str, fallback_reason: str | None, structure: Structure, stage: Stage,
+                  inputs: dict) -> str | None:
+    """Why ``stage`` cannot be lowered to a rewritten graph of this model (None when it can), without exporting."""
+    if capture_method != "export":
+        return f"the model does not export ({fallback_reason})"
+    problems = [_compress_problem(structure, entry.config, inputs) for entry in stage.passes
+                if entry.name == "compress_visual_tokens"]
+    return next((p for p in problems if p), None)
 
 
 # -------------------------------------------------------------------------------------- skip_layers
-def guard_blocks(gm: fx.GraphModule, paths: list[str], skippable: list[bool]) -> tuple[RewriteInfo, list[bool]]:
-    """Outline each skippable block of ``gm`` and call it under ``torch.cond(stsc_skip[i], identity, block)``.
+def guard_blocks(gm: fx.GraphModule, paths: list[str], skippable: list[bool], skip: fx.Node
+                 ) -> tuple[RewriteInfo, list[bool]]:
+    """Outline each skippable block of ``gm`` and call it under ``torch.cond(skip[i], identity, block)``, ``skip``
+    a node holding one bool per block.
 
     Returns what was done and which blocks were guarded: a block whose region has outputs besides its
     hidden state, or reads a size it cannot recompute from its hidden input, runs unguarded.
     """
-    info = RewriteInfo("skip_layers")
-    gm.register_buffer("stsc_skip", torch.zeros(len(paths), dtype=torch.bool), persistent=False)
+    info = RewriteInfo("skip_layers", added=[skip.name])
     guarded = []
     for index, (path, allowed) in enumerate(zip(paths, skippable)):
-        guarded.append(allowed and _guard_block(gm, index, path, info))
+        guarded.append(allowed and _guard_block(gm, index, path, skip, info))
     gm.graph.lint()
     gm.recompile()
     return info, guarded
 
 
-def _guard_block(gm: fx.GraphModule, index: int, path: str, info: RewriteInfo) -> bool:
+def _guard_block(gm: fx.GraphModule, index: int, path: str, skip: fx.Node, info: RewriteInfo) -> bool:
     graph = gm.graph
     region = _region(gm, path)
     inside = set(region)
@@ -237,21 +269,21 @@ def _guard_block(gm: fx.GraphModule, index: int, path: str, info: RewriteInfo) -
     inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
     if len(outputs) != 1:
         return False
-    shape = outputs[0].meta["val"].shape
+    shape = _val(outputs[0]).shape
     order = {n: i for i, n in enumerate(graph.nodes)}
-    hiddens = [a for a in inputs if isinstance(a.meta.get("val"), torch.Tensor)
-               and len(a.meta["val"].shape) == len(shape) and all(map(_same, a.meta["val"].shape, shape))]
+    hiddens = [a for a in inputs if isinstance(_val(a), torch.Tensor)
+               and len(_val(a).shape) == len(shape) and all(map(_same, _val(a).shape, shape))]
     if not hiddens:
         return False
     hidden = max(hiddens, key=order.get)
-    tensors = [hidden] + [a for a in inputs if a is not hidden and isinstance(a.meta.get("val"), torch.Tensor)]
-    sizes = [a for a in inputs if not isinstance(a.meta.get("val"), torch.Tensor)]
+    tensors = [hidden] + [a for a in inputs if a is not hidden and isinstance(_val(a), torch.Tensor)]
+    sizes = [a for a in inputs if not isinstance(_val(a), torch.Tensor)]
     block, env = fx.Graph(), {}
     for operand in tensors:
         env[operand] = block.placeholder(operand.name)
         env[operand].meta = dict(operand.meta)
     for size in sizes:  # torch.cond takes tensor operands only: recompute sizes from the hidden input
-        dim = next((d for d, s in enumerate(hidden.meta["val"].shape) if _same(s, size.meta.get("val"))), None)
+        dim = next((d for d, s in enumerate(_val(hidden).shape) if _same(s, _val(size))), None)
         if dim is None:
             return False
         env[size] = block.call_function(torch.ops.aten.sym_size.int, (env[hidden], dim))
@@ -264,54 +296,73 @@ def _guard_block(gm: fx.GraphModule, index: int, path: str, info: RewriteInfo) -
     gm.add_submodule(f"stsc_block_{index}", fx.GraphModule(gm, block))
     gm.add_submodule(f"stsc_identity_{index}", fx.GraphModule(gm, identity))
     with graph.inserting_before(region[0]):
-        flags = graph.get_attr("stsc_skip")
-        flag = graph.call_function(torch.ops.aten.select.int, (flags, 0, index))
+        flag = graph.call_function(torch.ops.aten.select.int, (skip, 0, index))
         skip_branch = graph.get_attr(f"stsc_identity_{index}")
         run_branch = graph.get_attr(f"stsc_block_{index}")
         cond = graph.call_function(torch.ops.higher_order.cond, (flag, skip_branch, run_branch, tuple(tensors)))
         result = graph.call_function(operator.getitem, (cond, 0))
-    result.meta["val"] = outputs[0].meta["val"]
+    result.meta["val"] = _val(outputs[0])
     outputs[0].replace_all_uses_with(result)
     for node in reversed(region):
         graph.erase_node(node)
-    info.added += [n.name for n in (flags, flag, skip_branch, run_branch, cond, result)]
+    info.added += [n.name for n in (flag, skip_branch, run_branch, cond, result)]
     info.removed += [n.name for n in region]
     return True
 
 
-def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict):
+def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict, placeholders: dict[str, fx.Node],
+                flags: Flags):
     paths = [b.path for b in structure.blocks]
     allowed = [config.allows_kind(b.kind) and not b.feeds for b in structure.blocks]
-    return guard_blocks(gm, paths, allowed)
+    return guard_blocks(gm, paths, allowed, flags.skip(gm, len(paths)))
+
+
+class Flags:
+    """Where a rewritten graph reads what the runtime fills before each forward: ``stsc_step`` (``[step,
+    micro step]``) and ``stsc_skip`` (a bool per block), as buffers (an exported graph) or as extra trailing
+    placeholders (a graph dynamo hands a backend: buffers would be baked in as constants)."""
+
+    def __init__(self, as_inputs: bool):
+        self.as_inputs = as_inputs
+        self.names: list[str] = []  # the flags created, in order
+
+    def step(self, gm: fx.GraphModule) -> fx.Node:
+        return self._node(gm, "stsc_step", torch.zeros(2, dtype=torch.long))
+
+    def skip(self, gm: fx.GraphModule, blocks: int) -> fx.Node:
+        return self._node(gm, "stsc_skip", torch.zeros(blocks, dtype=torch.bool))
+
+    def _node(self, gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+        self.names.append(name)
+        last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        with gm.graph.inserting_after(last):
+            if self.as_inputs:
+                node = gm.graph.placeholder(name)
+                node.meta["example_value"] = value
+                node._dynamo_source = None  # no user source: aot_autograd accepts that for a dynamo graph's input
+                return node
+            gm.register_buffer(name, value, persistent=False)
+            return gm.graph.get_attr(name)
 
 
 # ------------------------------------------------------------------------------------------ runtime
-class GraphStage(nn.Module):
-    """One stage of a policy, lowered to a rewritten graph module that trains the caller's parameters.
+class GraphRuntime:
+    """What a rewritten graph reads before each training forward, drawn as the module lowering draws it: the
+    step (seeding the compression's random draws) and the skip flags. It also gives a skipped block's
+    parameters ``None`` gradients when the block was skipped in every micro-batch of the step (``torch.cond``'s
+    backward gives zeros), the module lowering's semantics: AdamW leaves such a block alone."""
 
-    ``graph_module`` is the rewritten graph (its ``.code`` shows the inserted nodes); ``exported`` the
-    exported program of it (``torch.export.save``-able); ``rewrites`` what each pass did. ``forward`` takes the
-    model's keyword inputs; ``set_progress`` moves the schedules as :meth:`stsc.SparseModel.set_progress` does.
-    """
-
-    def __init__(self, model: nn.Module, stage: Stage, exported: torch.export.ExportedProgram,
-                 rewrites: list[RewriteInfo], skip: SkipLayersConfig | None, guarded: list[bool], paths: list[str]):
-        super().__init__()
-        self.graph_module = exported.module()
-        self._run = self.graph_module
-        self._flags = dict(self.graph_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
-        object.__setattr__(self, "dense", model)  # eval runs the caller's model; not a submodule (no second copy
-        self.stage, self.exported, self.rewrites = stage, exported, rewrites  # of its parameters in state_dict)
+    def __init__(self, model: nn.Module, skip: SkipLayersConfig | None, guarded: list[bool], paths: list[str]):
+        self.model, self.skip, self.guarded, self.paths = model, skip, guarded, paths
         self.clock, self.progress = StepClock(), 0.0
-        self.skip, self.guarded, self.paths = skip, guarded, paths
         self.forced: list[int] | None = None
         self.last_skipped: list[int] = []
         self._skipped_all_step = [False] * len(paths)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._drop_zero_grad(i))
-                       for i, path in enumerate(paths) if guarded and guarded[i]
-                       for p in model.get_submodule(path).parameters()]
+        self._params = [list(model.get_submodule(path).parameters()) for path in paths]
+        self._pending: list = []  # gradient hooks armed by the last forward, for the blocks it skipped
 
     def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
+        """Move the schedule: ``epoch`` into the stage (fractional), ``step`` the global step."""
         if epoch is not None:
             self.progress = float(epoch)
         if step is not None:
@@ -324,67 +375,123 @@ class GraphStage(nn.Module):
     def probabilities(self) -> list[float]:
         return layer_probabilities(self.skip.skip_schedule(), len(self.paths), self.progress, self.guarded)
 
-    def forward(self, **kwargs):
-        if not self.training:
-            return self.dense(**kwargs)
+    def next_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(step, skip)`` for this training forward: ``[step, micro step]`` and one flag per block; arms the
+        gradient reset of the blocks it skips for the backward of this forward."""
         step, micro_step = self.clock.tick()
-        if "stsc_step" in self._flags:
-            self._flags["stsc_step"].copy_(torch.tensor([step, micro_step]))
+        skipped = []
         if self.skip is not None:
             skipped = self.forced if self.forced is not None else draw_skips(
                 self.probabilities(), self.skip.seed, step, micro_step, self.skip.min_kept)
-            self.last_skipped = skipped
-            self._flags["stsc_skip"].copy_(torch.tensor([i in skipped for i in range(len(self.paths))]))
             self._skipped_all_step = [(i in skipped) and (micro_step == 0 or was)
                                       for i, was in enumerate(self._skipped_all_step)]
-        return self._run(**forward_kwargs(self.dense, kwargs)[0])
+        self.last_skipped = skipped
+        self._arm(skipped)
+        return torch.tensor([step, micro_step]), torch.tensor([i in skipped for i in range(len(self.paths))])
 
-    def compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw."""
-        self._run = torch.compile(self.graph_module, **compile_kwargs)
+    def _arm(self, skipped: list[int]) -> None:
+        """One-shot hooks on the skipped blocks' parameters: after this forward's backward accumulates
+        torch.cond's zeros, a block skipped in every micro-batch of the step gets ``None`` back."""
+        for handle in self._pending:
+            handle.remove()
+        self._pending = []
+        for block in skipped:
+            for param in self._params[block]:
+                handle = []
 
-    def _drop_zero_grad(self, block: int):
-        def hook(param: torch.Tensor) -> None:
-            if self.training and self._skipped_all_step[block]:
-                param.grad = None  # torch.cond gave zeros; the block did not run in this step
-        return hook
+                def hook(param: torch.Tensor, block=block, handle=handle) -> None:
+                    handle[0].remove()  # one shot: the next backward belongs to another forward
+                    if self._skipped_all_step[block]:
+                        param.grad = None  # the block did not run in this step
+                handle.append(param.register_post_accumulate_grad_hook(hook))
+                self._pending.append(handle[0])
 
     def remove(self) -> None:
-        """Detach the gradient hooks from the caller's parameters."""
-        for hook in self._hooks:
-            hook.remove()
+        """Remove the gradient hooks still armed."""
+        self._arm([])
+
+
+class GraphStage(nn.Module):
+    """One stage of a policy, lowered to a rewritten graph module that trains the caller's parameters.
+
+    ``graph_module`` is the rewritten graph (its ``.code`` shows the inserted nodes); ``exported`` the
+    exported program of it (``torch.export.save``-able); ``rewrites`` what each pass did; ``runtime`` the
+    decisions (:class:`GraphRuntime`). ``forward`` takes the model's keyword inputs; ``set_progress`` and
+    ``force`` move the schedule as :meth:`stsc.SparseModel.set_progress` does. In ``eval()`` it runs the
+    caller's dense model.
+    """
+
+    def __init__(self, model: nn.Module, call: KeywordCall, stage: Stage, exported: torch.export.ExportedProgram,
+                 rewrites: list[RewriteInfo], runtime: GraphRuntime):
+        super().__init__()
+        self.graph_module = exported.module()
+        self._run = self.graph_module
+        self._flags = dict(self.graph_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
+        object.__setattr__(self, "dense", model)  # eval runs the caller's model; not a submodule (no second copy
+        object.__setattr__(self, "call", call)  # of its parameters in state_dict); call orders the inputs
+        self.stage, self.exported, self.rewrites, self.runtime = stage, exported, rewrites, runtime
+        self.set_progress, self.force = runtime.set_progress, runtime.force
+
+    @property
+    def last_skipped(self) -> list[int]:
+        return self.runtime.last_skipped
+
+    def train(self, mode: bool = True) -> GraphStage:
+        """Switch between the rewritten graph (training) and the caller's dense model (eval, in eval mode); the
+        graph module keeps the mode it was exported in."""
+        self.training = mode
+        self.dense.train(mode)
+        return self
+
+    def forward(self, **kwargs):
+        if not self.training:
+            return self.dense(**kwargs)
+        step, skip = self.runtime.next_flags()
+        for name, value in (("stsc_step", step), ("stsc_skip", skip)):
+            if name in self._flags:
+                self._flags[name].copy_(value)
+        return self._run(*self.call.values(kwargs))
+
+    def compile(self, **compile_kwargs) -> None:
+        """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw. Run the
+        graph compiled (``backend="aot_eager"`` keeps eager kernels): executed node by node, ``torch.cond``
+        traces both of its branches again at every call."""
+        self._run = torch.compile(self.graph_module, **compile_kwargs)
 
 
 GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
 
 
-def _export(model: nn.Module, inputs: dict, token_input: str) -> torch.export.ExportedProgram:
-    kwargs = forward_kwargs(model, inputs)[0]
-    shape = tuple(inputs[token_input].shape)
-    dynamic = {name: {1: Dim.AUTO} if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else None
-               for name, v in kwargs.items()}
-    return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+def _dynamic(values: tuple, token_shape: tuple) -> tuple:
+    """Dim.AUTO on dim 1 of every input shaped like the token ids (the sequence length), static elsewhere."""
+    return tuple({1: Dim.AUTO} if tuple(v.shape) == token_shape else None for v in values)
 
 
 def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
     """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes."""
-    exported = _export(model, inputs, structure.token_input)
+    call = KeywordCall(model, forward_kwargs(model, inputs)[0])
+    values = call.values(inputs)
+    dynamic = _dynamic(values, tuple(inputs[structure.token_input].shape))
+    exported = torch.export.export(call, values, dynamic_shapes={"values": dynamic}, strict=False)
     rewrites, skip, guarded = [], None, []
     for entry in stage.passes:
-        gm = exported.module()
-        exported_structure = match(exported_capture(exported, inputs))
-        result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs)
+        gm = exported.module()  # positional inputs, in call.names order; module paths under "inner."
+        exported_structure = match(exported_capture(exported, dict(zip(call.names, values)), input_names=call.names))
+        placeholders = dict(zip(call.names, (n for n in gm.graph.nodes if n.op == "placeholder")))
+        result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs, placeholders,
+                                             Flags(as_inputs=False))
         if entry.name == "skip_layers":
             (info, guarded), skip = result, entry.config
         else:
             info = result
         rewrites.append(info)
         try:
-            exported = _export(gm, inputs, structure.token_input)
+            exported = torch.export.export(gm, values, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphLoweringUnavailable(f"the rewritten graph does not export again: {type(exc).__name__}: "
                                            f"{first_line(exc)}") from exc
-    return GraphStage(model, stage, exported, rewrites, skip, guarded, [b.path for b in structure.blocks])
+    runtime = GraphRuntime(model, skip, guarded, [b.path for b in structure.blocks])
+    return GraphStage(model, call, stage, exported, rewrites, runtime)
 
 
 def transform(model: nn.Module, policy: Policy | str, example_inputs: dict, stage: str | None = None

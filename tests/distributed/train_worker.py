@@ -1,20 +1,43 @@
-"""Run by ``torchrun --nproc_per_node 2``: train the bundled example under DDP or FSDP2 with the sts preset.
+"""Run by ``torchrun --nproc_per_node 2``: train the bundled example under one engine, step by step
+against a single-process reference.
 
-Each rank trains on its own batch. After every step the ranks exchange their skip decisions and a
-checksum of every gradient (DDP) or parameter (FSDP2), and rank 0 checks that they agree. Exits 1
-with ``MISMATCH ...`` on the first disagreement; rank 0 prints ``RESULT ok ...`` at the end.
+    torchrun --nproc_per_node 2 tests/distributed/train_worker.py --engine ENGINE [--optimizer sgd|adamw]
+        [--local-accumulation] [--offload] [--no-attach] [--break-seed]
 
-    torchrun --nproc_per_node 2 tests/distributed/train_worker.py [--fsdp] [--steps 8] [--break-seed]
+ENGINE: ``ddp`` (``stsc.integrations.ddp.attach``, no ``find_unused_parameters``), ``ddp-find-unused``,
+``fsdp2`` (``fully_shard`` per decoder block, then the model), ``zero2``, ``zero3`` (DeepSpeed, with
+``stsc.integrations.deepspeed.attach``; ``--offload``: optimizer offloaded to the CPU), and
+``hf-zero3``: ``examples/hf_trainer.py`` with ``--deepspeed`` (ZeRO-3), whose ``StscCallback`` attaches
+the integration; rank 0 prints the stages, how many decoder blocks each training forward ran, and
+``RESULT ok engine=hf-zero3 ...`` (no reference: the Trainer's data order is its own).
 
-``--break-seed`` gives rank 1 a different policy seed (the bug every rank-consistency check must catch).
+Six optimizer steps of two micro-batches each (gradient accumulation 2; DDP and FSDP2 reduce after
+each, or with ``--local-accumulation`` keep the first one's gradients local: ``no_sync()``,
+``set_requires_gradient_sync(False)``) through the policy
+``POLICY``: steps 0-1 compress visual tokens (``random``: rank-identical draws), steps 2-5 skip the
+decoder blocks ``PATTERNS`` gives per micro-batch (a block skipped in every micro-batch of a step, in
+one and run in the other, in none). Gradients are clipped to norm 1. Each rank trains on its own
+batches; rank 0 also trains a plain copy of the model in one process on both ranks' batches (each
+micro-batch's loss divided by ranks x micro-batches, the engines' averaging). After every optimizer
+step every rank's full parameters must equal each other exactly and the reference to ``TOLERANCE``
+(SGD with momentum and weight decay; AdamW with eps 1e-5, since with 1e-8 a gradient within float
+rounding of zero turns reduction-order rounding into update differences of 1e-6 to 1e-5).
+Rank 0 prints one line per step and ``RESULT ok ...`` at the end; the first disagreement prints
+``MISMATCH step N: ...`` and exits 1.
+
+DeepSpeed's ZeRO optimizer steps a flat partition with one AdamW step count, so there the reference
+counts every optimizer step for every parameter (see the README); everything else is plain PyTorch.
+``--no-attach`` leaves out the engine's stsc integration (DDP and DeepSpeed refuse to train then);
+``--break-seed`` gives rank 1 another policy seed, which the reference check must catch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import faulthandler
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,72 +55,249 @@ POLICY = """
 version: 1
 seed: {seed}
 stages:
-  - {{name: alignment, steps: {half}, passes: {{compress_visual_tokens: {{method: random, keep_ratio: 0.5}}}}}}
-  - {{name: instruction, steps: {half}, passes: {{skip_layers: {{schedule: constant, alpha: 0.5, eps: 0.5}}}}}}
+  - {{name: alignment, steps: 2, passes: {{compress_visual_tokens: {{method: random, keep_ratio: 0.5}}}}}}
+  - {{name: instruction, steps: 4, passes: {{skip_layers: {{schedule: constant, alpha: 0.5, eps: 0.5}}}}}}
 """
+PATTERNS = {2: [[1, 2], [1, 2]], 3: [[3], [0]], 4: [[], [1, 3]], 5: [[0, 1, 2], [0, 1, 2]]}  # step -> per micro-batch
+STEPS, MICRO_BATCHES, CLIP, TOLERANCE = 6, 2, 1.0, 1e-6
+DEEPSPEED = ("zero2", "zero3", "hf-zero3")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fsdp", action="store_true")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--engine", required=True, choices=["ddp", "ddp-find-unused", "fsdp2", *DEEPSPEED])
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument("--local-accumulation", action="store_true")
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--no-attach", action="store_true")
     parser.add_argument("--break-seed", action="store_true")
     args = parser.parse_args()
-    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank prints where it hangs, and exits
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank = dist.get_rank()
-    torch.manual_seed(0)
+    faulthandler.dump_traceback_later(100, exit=True)  # a hung rank prints where it hangs, and exits
+    init_process_group(args.engine)
+    if args.engine == "hf-zero3":
+        hf_trainer_zero3()
+        leave(0)
+    rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny_llava.build_model()
-    batch = tiny_llava.example_inputs(model, batch=2)
-    batch["pixel_values"] = batch["pixel_values"] + rank  # each rank sees other data
+    reference = Reference(model, args.optimizer, shared_step_count=args.engine in DEEPSPEED) if rank == 0 else None
     seed = 1 if args.break_seed and rank == 1 else 0
-    sparse = stsc.sparsify(model, parse_policy(POLICY.format(seed=seed, half=args.steps // 2)), batch)
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in sparse.report.model.blocks:
-            fully_shard(model.get_submodule(block))
-        fully_shard(model)
-        trained = sparse
-    else:
-        # blocks skipped in a step have no gradient: DDP must be told that parameters may go unused
-        trained = torch.nn.parallel.DistributedDataParallel(sparse, find_unused_parameters=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    patterns = set()
-    for step in range(args.steps):
-        sparse.set_progress(step=step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = trained(**batch)["loss"]
-        loss.backward()
-        skipper = sparse.runtimes.get("skip_layers")
-        decisions = (sparse.stage, skipper.last_skipped if skipper else None)
-        sums = [(p.grad if not args.fsdp else p).detach().double().sum().item() if p.grad is not None or args.fsdp
-                else None for p in model.parameters()]
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, {"decisions": decisions, "sums": sums, "loss": loss.item()})
-        optimizer.step()
-        if rank == 0:
-            if any(g["decisions"] != gathered[0]["decisions"] for g in gathered):
-                print(f"MISMATCH step {step}: skip decisions differ between ranks: "
-                      f"{[g['decisions'] for g in gathered]}", flush=True)
-                leave(1)
-            if not args.fsdp and any(g["sums"] != gathered[0]["sums"] for g in gathered):
-                print(f"MISMATCH step {step}: gradients differ between ranks", flush=True)
-                leave(1)
-            if not all(math.isfinite(g["loss"]) for g in gathered):
-                print(f"MISMATCH step {step}: loss not finite: {[g['loss'] for g in gathered]}", flush=True)
-                leave(1)
-        patterns.add(str(decisions))
+    sparse = stsc.sparsify(model, parse_policy(POLICY.format(seed=seed)), batch(model, 0, 0, rank))
+    trained, step_fn = wrap(args, sparse)
+    for step in range(STEPS):
+        losses = []
+        for micro in range(MICRO_BATCHES):
+            sparse.set_progress(step=step)
+            force(sparse, step, micro)
+            losses.append(step_fn(trained, batch(model, step, micro, rank), last=micro == MICRO_BATCHES - 1))
+        if reference is not None:
+            reference.step(step, world)
+        check(args.engine, step, sparse, reference, losses)
     if rank == 0:
-        print(f"RESULT ok mode={'fsdp2' if args.fsdp else 'ddp'} steps={args.steps} patterns={len(patterns)}",
-              flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+        print(f"RESULT ok engine={args.engine} optimizer={args.optimizer} offload={args.offload} steps={STEPS} "
+              f"max_diff={reference.max_diff:.3g}", flush=True)
     leave(0)
 
 
+def init_process_group(engine: str) -> None:
+    timeout = datetime.timedelta(seconds=60)
+    if engine not in DEEPSPEED:
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    import deepspeed
+
+    # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op at its first init (minutes of g++);
+    # gloo does the communication here, so mark that op unavailable (its documented, cached compatibility table)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
+
+
+def batch(model, step: int, micro: int, rank: int) -> dict:
+    """This rank's batch for a micro-batch: the example's layout, its own pixels and text."""
+    inputs = tiny_llava.example_inputs(model, batch=2)
+    gen = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=gen)
+    text = inputs["labels"] != tiny_llava.IGNORE_INDEX
+    inputs["input_ids"][text] = torch.randint(tiny_llava.IMAGE_TOKEN_ID + 1, model.config.vocab_size,
+                                              (int(text.sum()),), generator=gen)
+    inputs["labels"][text] = inputs["input_ids"][text]
+    return inputs
+
+
+def force(sparse, step: int, micro: int) -> None:
+    if "skip_layers" in sparse.runtimes:
+        sparse.runtimes["skip_layers"].force(PATTERNS[step][micro])
+
+
+def make_optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ engines
+def wrap(args, sparse):
+    """The trained module and ``step_fn(trained, batch, last) -> loss``: one micro-batch (and the step after the last)."""
+    if args.engine in DEEPSPEED:
+        return wrap_deepspeed(args, sparse)
+    if args.engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in sparse.report.model.blocks:
+            fully_shard(sparse.model.get_submodule(block))
+        fully_shard(sparse.model)
+        trained = sparse
+    else:
+        trained = torch.nn.parallel.DistributedDataParallel(sparse, find_unused_parameters=args.engine != "ddp")
+        if args.engine == "ddp" and not args.no_attach:
+            import stsc.integrations.ddp
+
+            stsc.integrations.ddp.attach(trained, sparse)
+    optimizer = make_optimizer(args.optimizer, sparse.parameters())
+
+    def step_fn(module, inputs, last):
+        local = args.local_accumulation and not last
+        if args.engine == "fsdp2":
+            sparse.model.set_requires_gradient_sync(not local)
+        with module.no_sync() if local and args.engine != "fsdp2" else contextlib.nullcontext():
+            loss = module(**inputs)["loss"]
+            (loss / MICRO_BATCHES).backward()
+        if last:
+            torch.nn.utils.clip_grad_norm_(sparse.parameters(), CLIP)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return trained, step_fn
+
+
+def wrap_deepspeed(args, sparse):
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
+              "gradient_clipping": CLIP, "zero_optimization": {"stage": int(args.engine[-1])},
+              "zero_allow_untested_optimizer": True}
+    if args.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False  # the torch optimizer steps the offloaded partition
+    engine, _, _, _ = deepspeed.initialize(model=sparse, optimizer=make_optimizer(args.optimizer, sparse.parameters()),
+                                           config=config)
+    if not args.no_attach:
+        import stsc.integrations.deepspeed
+
+        stsc.integrations.deepspeed.attach(engine, sparse)
+
+    def step_fn(module, inputs, last):
+        loss = module(**inputs)["loss"]
+        module.backward(loss)
+        module.step()
+        return loss.item()
+
+    return engine, step_fn
+
+
+# ---------------------------------------------------------------------------------------- reference
+def hf_trainer_zero3() -> None:
+    import json
+    import tempfile
+
+    import hf_trainer
+
+    blocks_run, original = [], hf_trainer.hf_models.llava  # decoder blocks run, per training forward
+
+    def forward_begins(module, args):
+        if module.training:
+            blocks_run.append(0)
+
+    def block_runs(module, args):
+        if module.training:
+            blocks_run[-1] += 1
+
+    def llava_counting_blocks(**kwargs):
+        model, batch = original(**kwargs)
+        model.register_forward_pre_hook(forward_begins)
+        for layer in model.model.language_model.layers:
+            layer.register_forward_pre_hook(block_runs)
+        return model, batch
+
+    hf_trainer.hf_models.llava = llava_counting_blocks
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    path = Path(tempfile.mkdtemp()) / "ds_config.json"
+    path.write_text(json.dumps(config))
+    result = hf_trainer.main(["--epochs", "2", "--samples", "32", "--deepspeed", str(path)])
+    if dist.get_rank() == 0:
+        print(f"RESULT ok engine=hf-zero3 integration={result['sparse'].integration} "
+              f"stages={[stage for _, stage in result['stages']]} blocks_run={blocks_run}", flush=True)
+
+
+class Reference:
+    """A plain copy of the model in one process, trained on both ranks' batches of each micro-batch."""
+
+    def __init__(self, model, optimizer: str, shared_step_count: bool):
+        self.model = copy.deepcopy(model)
+        self.sparse = stsc.sparsify(self.model, parse_policy(POLICY.format(seed=0)), batch(self.model, 0, 0, 0))
+        self.optimizer = make_optimizer(optimizer, self.model.parameters())
+        self.shared_step_count = shared_step_count
+        self.max_diff = 0.0
+
+    def step(self, step: int, world: int) -> None:
+        for micro in range(MICRO_BATCHES):
+            self.sparse.set_progress(step=step)
+            state = self.sparse.schedule_state()
+            for rank in range(world):
+                self.sparse.load_schedule_state(state)  # every rank's batch sees this micro-batch's draws
+                force(self.sparse, step, micro)
+                loss = self.sparse(**batch(self.model, step, micro, rank))["loss"]
+                (loss / (world * MICRO_BATCHES)).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.shared_step_count:
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"].fill_(step + 1)
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+
+
+def full_parameters(engine: str, sparse) -> torch.Tensor:
+    """Every parameter, gathered in full, flattened in ``model.parameters()`` order (a collective for sharded engines)."""
+    params = list(sparse.model.parameters())
+    if engine == "fsdp2":
+        return torch.cat([p.full_tensor().detach().reshape(-1) for p in params])
+    if engine == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([p.detach().reshape(-1).clone() for p in params])
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def check(engine: str, step: int, sparse, reference, losses) -> None:
+    mine = full_parameters(engine, sparse).float()
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if reference is None:
+        return
+    skipper = sparse.runtimes.get("skip_layers")
+    print(f"step {step} stage {sparse.stage} skipped {PATTERNS[step] if skipper else '-'} "
+          f"losses {[round(x, 4) for x in losses]}", flush=True)
+    for rank, theirs in enumerate(every[1:], start=1):
+        if not torch.equal(theirs, every[0]):
+            print(f"MISMATCH step {step}: rank {rank}'s parameters differ from rank 0's", flush=True)
+            leave(1)
+    diff = (every[0] - reference.flat()).abs()
+    reference.max_diff = max(reference.max_diff, diff.max().item())
+    if diff.max().item() > TOLERANCE:
+        names = [n for n, p in sparse.model.named_parameters() for _ in range(getattr(p, "ds_numel", p.numel()))]
+        print(f"MISMATCH step {step}: parameters differ from the single-process reference by "
+              f"{diff.max().item():.3g} (first: {names[int(diff.argmax())]})", flush=True)
+        leave(1)
+
+
 def leave(code: int) -> None:
-    """Exit now, before the DDP objects are freed: freeing them can block on a native gloo thread
+    """Exit now, before the engines' objects are freed: freeing them can block on a native gloo thread
     (seen here in about 1 run in 10), which would hang a finished run."""
     sys.stdout.flush()
     os._exit(code)

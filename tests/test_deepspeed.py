@@ -1,0 +1,53 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU ranks through a compressing and a skipping stage.
+
+With ``stsc.integrations.deepspeed.attach`` every step's parameters equal a single process's, with
+gradient accumulation 2 and with the optimizer offloaded to the CPU. Under AdamW the reference counts
+every optimizer step for every parameter (ZeRO's one step count per flat partition, the documented
+difference); without that the runs differ from step 3 on, after blocks skipped in step 2 run again.
+"""
+
+import ast
+import copy
+
+import pytest
+import torch
+
+import stsc
+import stsc.integrations.deepspeed
+from launch import WORKER, torchrun, train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, options", [
+    ("zero2", []), ("zero3", []), ("zero2", ["--offload"]), ("zero3", ["--offload"]),
+    ("zero3", ["--optimizer", "adamw", "--offload"]),
+], ids=["zero2", "zero3", "zero2-offload", "zero3-offload", "zero3-adamw-offload"])
+def test_every_step_equals_the_single_process_reference(engine, options):
+    output = train(engine, *options)
+    assert "step 5 stage instruction skipped [[0, 1, 2], [0, 1, 2]]" in output
+
+
+@pytest.mark.slow
+def test_without_attach_training_is_refused_naming_the_fix():
+    result = torchrun(WORKER, "--engine", "zero3", "--no-attach")
+    assert result.returncode != 0
+    assert ("RuntimeError: this model trains under DeepSpeed ZeRO, whose optimizer would step the blocks that "
+            "skip_layers skips with stale or zero gradients: call stsc.integrations.deepspeed.attach(engine, sparse) "
+            "after deepspeed.initialize (with the Hugging Face Trainer, StscCallback does it)") in result.stderr
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_zero3_attaches_through_the_callback_and_skips():
+    output = train("hf-zero3")
+    assert "integration=deepspeed" in output  # else the first training forward would have been refused
+    assert f"stages={['alignment'] * 4 + ['instruction'] * 4}" in output
+    blocks_run = ast.literal_eval(output.split("blocks_run=")[1].split("\n")[0])
+    assert blocks_run[-8:] == [3, 3, 3, 3] + [2, 1, 3, 3]  # 3 decoder blocks; the sts schedule skips in the second stage
+
+
+def test_attach_refuses_an_optimizer_that_is_not_zero(tiny):
+    sparse = stsc.sparsify(copy.deepcopy(tiny[0]), "sts", tiny[1])
+    with pytest.raises(ValueError, match=r"^attach\(\) is for DeepSpeed ZeRO stages 1-3, and SGD has no ZeRO optimizer "
+                                         r"\(its optimizer is a SGD\); without ZeRO, use DistributedDataParallel and "
+                                         r"stsc.integrations.ddp$"):
+        stsc.integrations.deepspeed.attach(torch.optim.SGD(sparse.parameters(), lr=0.1), sparse)

@@ -1,0 +1,246 @@
+"""The graph lowering: an exported graph rewritten by the passes (a compression op, torch.cond skip branches),
+equal to the module lowering, compiled once for every skip pattern, saved and loaded."""
+
+import copy
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_models
+import tiny_llava
+from stsc import GraphLoweringUnavailable, backend, sparsify, transform
+from stsc.policy import parse_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(family):
+    if family == "tiny":
+        model = tiny_llava.build_model()
+        return model, tiny_llava.example_inputs(model)
+    return hf_models.BUILDERS[family]()
+
+
+@cache
+def lowered(family):
+    """The family's model, inputs and the graph lowering of every stage of ``sts`` (built once per family)."""
+    model, inputs = build(family)
+    return model, inputs, transform(model, "sts", inputs)
+
+
+def loss_of(output):
+    return output["loss"] if isinstance(output, dict) else output.loss
+
+
+def grads(model):
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_the_graph_shows_the_inserted_nodes_by_name():
+    _, _, stages = lowered("tiny")
+    alignment, instruction = stages["alignment"].graph_module.code, stages["instruction"].graph_module.code
+    assert "torch.ops.stsc.compress_plan.default" in alignment and "torch.ops.stsc.compact.default" in alignment
+    assert "torch.ops.stsc.expand.default" in alignment and "torch.ops.higher_order.cond" not in alignment
+    assert instruction.count("torch.ops.higher_order.cond") == 4
+    assert [r.summary() for r in stages["alignment"].rewrites] == [
+        "compress_visual_tokens: +8 nodes (1 stsc_step, 1 compress_plan_default, 2 getitem, 1 sym_size_int, "
+        "2 compact_default, 1 expand_default), -0 nodes, 24 uses redirected"]
+
+
+def test_the_graph_module_trains_the_callers_parameters():
+    model, _, stages = lowered("tiny")
+    named = dict(model.named_parameters())
+    for stage in stages.values():
+        assert all(p is named[name.removeprefix("inner.")] for name, p in stage.graph_module.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["tiny", "llava", "paligemma", "idefics3", "gemma3"])
+def test_loss_and_every_gradient_equal_the_module_lowering(family):
+    """Same step, same kept tokens, same skip pattern: the rewritten graph computes what the hooks compute;
+    a block skipped in the step has no gradient in either (torch.cond's zeros are reset to None)."""
+    model, inputs, stages = lowered(family)
+    reference = copy.deepcopy(model)
+    for name, step, pattern in (("alignment", 3, None), ("instruction", 5, [0, 2])):
+        graph, sparse = stages[name], sparsify(reference, "sts", inputs, stage=name)
+        graph.set_progress(epoch=0.1, step=step)
+        sparse.set_progress(epoch=0.1, step=step)
+        graph.force(pattern)
+        if pattern:
+            sparse.runtimes["skip_layers"].force(pattern)
+        model.zero_grad(set_to_none=True)
+        graph_loss, module_loss = loss_of(graph(**inputs)), loss_of(sparse(**inputs))
+        graph_loss.backward()
+        module_loss.backward()
+        torch.testing.assert_close(graph_loss, module_loss, rtol=1e-6, atol=1e-6)
+        expected = grads(reference)
+        for param, (name_, grad) in zip(model.parameters(), expected.items()):
+            assert (param.grad is None) == (grad is None), name_
+            if grad is not None:
+                torch.testing.assert_close(param.grad, grad, rtol=1e-6, atol=1e-6)
+        sparse.unwrap()
+        reference.zero_grad(set_to_none=True)
+
+
+def test_a_block_skipped_in_one_micro_batch_and_run_in_the_next_keeps_its_gradient():
+    model, inputs, stages = lowered("tiny")
+    graph = stages["instruction"]
+    graph.set_progress(step=11)
+    model.zero_grad(set_to_none=True)
+    for pattern in ([1], [2]):  # block 1 skipped then run; block 2 run then skipped
+        graph.force(pattern)
+        loss_of(graph(**inputs)).backward()
+    layer = model.decoder.layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (*layer[1].parameters(), *layer[2].parameters()))
+    graph.set_progress(step=12)
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):
+        graph.force([3])
+        loss_of(graph(**inputs)).backward()
+    assert all(p.grad is None for p in layer[3].parameters())  # skipped in both micro-batches: no gradient
+    graph.force(None)
+
+
+@pytest.mark.parametrize("stage", ["alignment", "instruction"])
+def test_the_transformed_graph_trains(stage):
+    model, inputs, stages = lowered("tiny")
+    graph = stages[stage]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for step in range(6):
+        graph.set_progress(epoch=0.0, step=100 + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(graph(**inputs))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_the_sequence_length_is_dynamic_and_eval_is_the_dense_model():
+    model, _, stages = lowered("tiny")
+    longer = tiny_llava.example_inputs(model, text_tokens=30)
+    graph = stages["alignment"]
+    assert graph(**longer)["logits"].shape == (2, 1 + 64 + 30, 128)
+    graph.eval()
+    with torch.no_grad():
+        assert torch.equal(graph(**longer)["logits"], model.eval()(**longer)["logits"])
+    graph.train()
+
+
+def test_one_compiled_graph_serves_every_skip_pattern_and_the_compression():
+    """torch.compile of each stage's graph: one graph, no recompilation over 52 random skip patterns."""
+    model, inputs = build("tiny")
+    stages = transform(model, "sts", inputs)
+    for name in ("instruction", "alignment"):
+        graph, compiled = stages[name], []
+        torch._dynamo.reset()
+        graph.compile(backend=lambda gm, example_inputs: compiled.append(gm) or gm.forward, dynamic=False)
+        patterns = set()
+        for step in range(52):
+            graph.set_progress(epoch=0.0, step=200 + step)
+            loss_of(graph(**inputs)).backward()
+            patterns.add(tuple(graph.last_skipped))
+        assert len(compiled) == 1, name
+        assert name == "alignment" or len(patterns) >= 8
+    torch._dynamo.reset()
+
+
+def test_a_model_that_does_not_export_says_so():
+    model, inputs = hf_models.qwen2_vl()
+    sparse = sparsify(model, "sts", inputs)
+    assert sparse.report.stages[0].lowerings["graph"].startswith("not available: the model does not export "
+                                                                 "(torch.export failed: ")
+    assert sparse.report.stages[0].lowerings["modules"] == "ok"
+    with pytest.raises(GraphLoweringUnavailable, match=r"^the model does not export \(torch.export failed: "):
+        transform(model, "sts", inputs)
+
+
+def test_averaging_methods_are_not_lowered_to_the_graph():
+    model, inputs = build("tiny")
+    policy = parse_policy("version: 1\nstages:\n  - {name: a, steps: 1, passes: {compress_visual_tokens: "
+                          "{method: pool}}}\n")
+    assert sparsify(model, policy, inputs).report.stages[0].lowerings["graph"] == (
+        "not available: method 'pool' averages tokens; the graph compacts by selection "
+        "(uniform, random, text_guided)")
+    with pytest.raises(GraphLoweringUnavailable, match="^method 'pool' averages tokens"):
+        fresh, fresh_inputs = build("tiny")  # the model above now carries sparsify's hooks
+        transform(fresh, policy, fresh_inputs)
+
+
+def test_a_batch_whose_rows_drop_other_numbers_is_refused_by_the_graph():
+    model, inputs, stages = lowered("tiny")
+    fewer = {k: v.clone() for k, v in inputs.items()}
+    fewer["input_ids"][1, 1:9] = 7  # a text token where 8 placeholders of the second image were
+    with pytest.raises(Exception, match="this graph drops 32 positions in every row"):
+        stages["alignment"](**fewer)
+
+
+def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
+    _, inputs, stages = lowered("tiny")
+    path = tmp_path / "stage.pt2"
+    torch.export.save(stages["instruction"].exported, path)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    code = (f"import torch, stsc; program = torch.export.load({str(path)!r}).module(); "
+            f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True); "
+            "program.get_buffer('stsc_skip').copy_(torch.tensor([True, False, True, False])); "
+            "loss = program(*inputs.values())['loss']; loss.backward(); "
+            "print(round(loss.item(), 4), sum(p.grad is not None for p in program.parameters()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loss, with_grad = result.stdout.split()
+    assert float(loss) > 0 and int(with_grad) == 72
+
+
+# ------------------------------------------------------------------------------ torch.compile backend
+@pytest.mark.parametrize("stage, dynamic, pattern", [("instruction", None, [1, 2]), ("alignment", True, None)])
+def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_lowering(stage, dynamic, pattern):
+    model, inputs = build("tiny")
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    rewriter = backend(model, "sts", inputs, stage=stage, compiler="aot_eager")
+    compiled = torch.compile(model, backend=rewriter, dynamic=dynamic)
+    sparse = sparsify(reference, "sts", inputs, stage=stage)
+    for step in range(3):
+        for lowering in (rewriter, sparse):
+            lowering.set_progress(epoch=0.0, step=step)
+        rewriter.force(pattern)
+        if pattern:
+            sparse.runtimes["skip_layers"].force(pattern)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        compiled_loss, module_loss = loss_of(compiled(**inputs)), loss_of(sparse(**inputs))
+        compiled_loss.backward()
+        module_loss.backward()
+        torch.testing.assert_close(compiled_loss, module_loss, rtol=1e-6, atol=1e-6)
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert (param.grad is None) == (expected.grad is None)
+            if param.grad is not None:
+                torch.testing.assert_close(param.grad, expected.grad, rtol=1e-6, atol=1e-6)
+    assert rewriter.graphs and all(g.startswith(("skip_layers: +21 nodes", "compress_visual_tokens: +8 nodes"))
+                                   for g in rewriter.graphs)
+    rewriter.remove()
+    torch._dynamo.reset()
+
+
+def test_the_compile_backend_says_why_it_leaves_a_graph_as_it_is(monkeypatch):
+    model, inputs = build("tiny")
+    decoder_forward = tiny_llava.Decoder.forward
+
+    def broken(self, *args, **kwargs):  # a graph break between the merge and the decoder
+        torch._dynamo.graph_break()
+        return decoder_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_llava.Decoder, "forward", broken)
+    torch._dynamo.reset()
+    rewriter = backend(model, "sts", inputs, stage="alignment", compiler="aot_eager")
+    loss_of(torch.compile(model, backend=rewriter, dynamic=True)(**inputs)).backward()
+    assert "left as it is: this graph holds no decoder blocks but the merge: a graph break puts the merge and the " \
+           "decoder in different graphs" in rewriter.graphs
+    assert "left as it is: this graph holds the decoder blocks but not the merge: a graph break puts the merge and " \
+           "the decoder in different graphs" in rewriter.graphs
+    rewriter.remove()
+    torch._dynamo.reset()
