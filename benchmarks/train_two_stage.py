@@ -12,8 +12,9 @@ The recipe is LLaVA-1.5's on the bundled LLaVA-style model (``examples/tiny_llav
 
 * pretrained parts (not timed; computed once and cached in ``--out``): the vision encoder learns to
   tell, from each of its output tokens, the colour and shape in the token's quadrant and which quadrant
-  it is (a linear probe, then dropped), so its tokens carry their surroundings as CLIP's do; the decoder is a language model trained on text alone: the scene written in words
-  ("red circle top left ...") in place of the image, then a caption or a question with its answer. It
+  it is (a linear probe, then dropped), so its tokens carry their surroundings as CLIP's do; the
+  decoder is a language model trained on text alone: the scene written in words ("red circle top
+  left ...") in place of the image, then a caption or a question with its answer. It
   can read and answer, but has never seen a visual token, as LLaVA's Vicuna knows language but not images;
 * alignment: the projector alone trains (fresh weights per seed); the encoder and decoder are frozen;
 * instruction tuning: the projector and the decoder train. The vision encoder stays frozen throughout
@@ -23,7 +24,8 @@ Each seed (its own projector initialization, training images and order, and poli
 random draws) trains one model and AdamW optimizer per policy from the same weights: ``dense``
 (``policies/dense.yaml``), ``sts`` (the paper's scheme), ``profile`` (the policy ``stsc.profile``
 proposes from the model at the start of training, on the first alignment batches) and ``sts_fast``
-(``policies/sts_fast.yaml``). The policies advance **in round robin, one training step at a time, on
+(``policies/sts_fast.yaml``: compression in both stages, a harder skip schedule, a dense tail); others
+with ``--policies``. The policies advance **in round robin, one training step at a time, on
 the same batch**, with the order rotating every step, so that machine noise hits all of them alike.
 One ``sparsify`` call per run; the epoch progress picks the policy's stage.
 
@@ -74,6 +76,7 @@ import tiny_llava  # noqa: E402
 
 import stsc  # noqa: E402
 from stsc.policy import load_policy, parse_policy  # noqa: E402
+from stsc.passes.compress_visual_tokens import METHODS as COMPRESSION_METHODS  # noqa: E402
 from stsc.profile_output import compare  # noqa: E402
 from stsc.savings import decoder_flops  # noqa: E402
 
@@ -301,6 +304,11 @@ def with_seed(policy, seed: int):
     return parse_policy(yaml.safe_dump({**loaded.to_dict(), "seed": seed}, sort_keys=False), source=loaded.source)
 
 
+def policy_name(policy: str) -> str:
+    """A policy's name in the tables: the preset name, or a policy file's stem."""
+    return Path(policy).stem
+
+
 def learning_rate_factor(step: int, steps: int) -> float:
     """LLaVA's schedule: linear warm-up over the first 3 % of the stage's steps, then cosine decay to 0."""
     warmup = max(1, round(0.03 * steps))
@@ -366,9 +374,10 @@ class Run:
     def evaluate(self, batches: list[dict], step: int) -> None:
         self.evals.append({"step": step, "seconds": self.clock, "accuracy": accuracy(self.sparse, batches)})
 
-    def profile(self, batches: list[dict], label: str) -> stsc.Profile:
+    def profile(self, batches: list[dict], label: str, methods: tuple[str, ...]) -> stsc.Profile:
         """``stsc.profile`` of the model as it is now (its passes removed; the next step puts them back)."""
-        return stsc.profile(self.sparse.unwrap(), batches, progress=lambda line: _progress(f"{label}: {line}"))
+        return stsc.profile(self.sparse.unwrap(), batches, methods=methods,
+                            progress=lambda line: _progress(f"{label}: {line}"))
 
     def result(self) -> dict:
         return {"stages": self.stages, "accuracy": self.evals[-1]["accuracy"], "seconds": self.clock,
@@ -402,10 +411,11 @@ def train_seed(args, pretrained: dict, seed: int, held_out: list[dict], profile_
     stages = {"alignment": make_batches("alignment", args.images, args.batch, seed * 1000 + 1, tokens),
               "instruction": make_batches("instruction", args.images, args.batch, seed * 1000 + 2, tokens)}
     probe = {name: batches[:args.profile_batches] for name, batches in stages.items()}
-    profiles = {"alignment start": stsc.profile(model, probe["alignment"], progress=lambda line: _progress(
-        f"seed {seed}: alignment start: {line}"))}
-    policies = {"dense": "dense", "sts": "sts", "profile": profiles["alignment start"].proposal.policy,
-                "sts_fast": "sts_fast"}
+    methods = args.profile_methods
+    profiles = {"alignment start": stsc.profile(model, probe["alignment"], methods=methods,
+                                                progress=lambda line: _progress(f"seed {seed}: alignment start: {line}"))}
+    proposed = profiles["alignment start"].proposal.policy
+    policies = {policy_name(policy): proposed if policy == "profile" else policy for policy in args.policies}
     runs = {}
     for name, policy in policies.items():
         copy = build_model(args)
@@ -417,7 +427,7 @@ def train_seed(args, pretrained: dict, seed: int, held_out: list[dict], profile_
             run.enter(stage, args.lr_alignment if stage == "alignment" else args.lr_instruction, len(batches))
         if profile_stages and stage == "instruction":
             for name in ("dense", "sts"):
-                profiles[f"instruction start ({name})"] = runs[name].profile(probe["instruction"], f"seed {seed}")
+                profiles[f"instruction start ({name})"] = runs[name].profile(probe["instruction"], f"seed {seed}", methods)
         for position, batch in enumerate(batches):
             for name in order[step % len(order):] + order[:step % len(order)]:
                 runs[name].step(batch, epoch=index + position / len(batches), step=step)
@@ -432,10 +442,10 @@ def train_seed(args, pretrained: dict, seed: int, held_out: list[dict], profile_
             for run in runs.values():
                 run.evaluate(held_out, step)
             if profile_stages:
-                profiles["alignment end (dense)"] = runs["dense"].profile(probe["alignment"], f"seed {seed}")
+                profiles["alignment end (dense)"] = runs["dense"].profile(probe["alignment"], f"seed {seed}", methods)
     if profile_stages:
         for name in ("dense", "sts"):
-            profiles[f"instruction end ({name})"] = runs[name].profile(probe["instruction"], f"seed {seed}")
+            profiles[f"instruction end ({name})"] = runs[name].profile(probe["instruction"], f"seed {seed}", methods)
     _progress("")
     return {"runs": {name: run.result() for name, run in runs.items()}, "profiles": profiles,
             "models": {name: run.sparse.unwrap() for name, run in runs.items()}}
@@ -560,11 +570,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a CI-sized run (seconds): pipeline check, not accuracy")
     parser.add_argument("--seeds", type=int, default=None, help="how many seeds (default 3; --quick 1)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
-    parser.add_argument("--images", type=int, default=None, help="training images per stage (default 6400)")
+    parser.add_argument("--images", type=int, default=None, help="training images per stage (default 3200)")
     parser.add_argument("--eval-images", type=int, default=None, help="held-out images (default 1000)")
-    parser.add_argument("--eval-every", type=int, default=None, help="instruction steps between evaluations")
+    parser.add_argument("--eval-every", type=int, default=None, help="instruction steps between evaluations (default: a fifth of the stage)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="steps of each pretraining (default 300)")
-    parser.add_argument("--profile-batches", type=int, default=2, help="training batches stsc.profile measures on")
+    parser.add_argument("--profile-batches", type=int, default=None,
+                        help="training batches stsc.profile measures on (default 2; --quick 1)")
+    parser.add_argument("--policies", default="dense,sts,profile,sts_fast",
+                        help="comma-separated presets or policy files ('profile': the policy stsc profile proposes); "
+                             "dense and sts first")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=8)
@@ -575,12 +589,17 @@ def main(argv=None) -> dict:
                              "whenever another process held a core, with 1 thread about 2x)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args(argv)
+    args.policies = args.policies.split(",")
+    if args.policies[:2] != ["dense", "sts"]:
+        parser.error("--policies: dense and sts come first (the RESULT line compares them)")
     torch.set_num_threads(args.threads)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.images = args.images or (64 if args.quick else 6400)
+    args.images = args.images or (64 if args.quick else 3200)
     args.eval_images = args.eval_images or (50 if args.quick else 1000)
     args.pretrain_steps = args.pretrain_steps or (4 if args.quick else 300)
-    args.eval_every = args.eval_every or max(1, args.images // args.batch // 10)
+    args.profile_batches = args.profile_batches or (1 if args.quick else 2)
+    args.profile_methods = ("uniform", "random") if args.quick else COMPRESSION_METHODS  # --quick: a quicker profile
+    args.eval_every = args.eval_every or max(1, args.images // args.batch // 5)
     start = time.perf_counter()
 
     model = build_model(args)
