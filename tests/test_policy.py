@@ -122,7 +122,7 @@ def test_bad_policy_message(text, message):
 
 
 def test_unknown_file_and_preset():
-    with pytest.raises(PolicyError, match=r"^nope: no such policy file or preset; presets: dense, lds, sts, vtc$"):
+    with pytest.raises(PolicyError, match=r"^nope: no such policy file or preset; presets: dense, lds, sts, sts_fast, vtc$"):
         load_policy("nope")
     with pytest.raises(PolicyError, match=r"^/no/such\.yaml: no such policy file$"):
         load_policy("/no/such.yaml")

@@ -1,8 +1,12 @@
-"""The CI-sized two-stage benchmark: the pipeline works (both runs train, STS really compresses and skips)."""
+"""The CI-sized two-stage benchmark: the LLaVA recipe's pipeline works (every policy trains, compression and
+skipping happen, the encoder stays frozen, alignment trains the projector alone), and its outputs are written."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_two_stage  # noqa: E402
@@ -19,18 +23,86 @@ def test_task_is_deterministic_and_split_by_image():
     assert words[:1 + 4] == ["<bos>"] + ["<image>"] * 4 and "answer" in words and "<eos>" in words
     answer = [train_two_stage.WORDS[i] for i in first[0]["labels"][0].tolist() if i != -100]
     assert answer[-1] == "<eos>" and 2 <= len(answer) <= 3
+    text_only = train_two_stage.make_batches("alignment", 4, 4, seed=3, tokens_per_image=0)[0]["input_ids"]
+    assert train_two_stage.VOCAB["<image>"] not in text_only.tolist()[0]
 
 
-def test_quick_run_trains_both_runs_and_sts_compresses_and_skips(tmp_path):
-    result = train_two_stage.main(["--quick", "--out", str(tmp_path), "--images", "96"])
-    dense, sts = result["runs"]["dense"], result["runs"]["sts"]
-    for run in (dense, sts):
-        losses = [entry["loss"] for entry in run["log"]]
-        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss falls
-    assert sts["per_stage"]["alignment"]["tokens"] < dense["per_stage"]["alignment"]["tokens"]  # compressed
-    assert sts["per_stage"]["instruction"]["tokens"] == dense["per_stage"]["instruction"]["tokens"]
-    assert sts["per_stage"]["instruction"]["layers"] < dense["per_stage"]["instruction"]["layers"]  # skipped
-    assert sts["per_stage"]["alignment"]["layers"] == dense["per_stage"]["alignment"]["layers"]
-    saved = json.loads((tmp_path / "two_stage.json").read_text())
-    assert set(saved["summary"]) == {"accuracy_dense", "accuracy_sts", "retention", "speedup"}
-    assert (tmp_path / "two_stage.png").read_bytes()[:4] == b"\x89PNG"
+def test_quadrant_labels_name_each_quadrants_colour_and_shape():
+    scene = train_two_stage.Scene([("blue", "square", ("top", "right")), ("red", "circle", ("bottom", "left"))])
+    assert train_two_stage.quadrant_labels(scene).tolist() == [[0, 0], [3, 2], [1, 1], [0, 0]]
+
+
+def test_step_flops_put_the_decoder_first_as_in_llava():
+    model = train_two_stage.build_model(type("Args", (), {"hidden": 128, "layers": 8})())
+    for name, shares in train_two_stage.flop_report(model, sequence=79).items():
+        for stage, parts in shares.items():
+            assert sum(parts.values()) == pytest.approx(1.0)
+            assert parts["decoder"] > 0.9 and parts["vision encoder"] < 0.05, (name, stage)
+        assert shares["instruction"]["decoder"] > shares["alignment"]["decoder"]  # weight gradients too
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run, recording each run's weights as it enters each stage."""
+    out = tmp_path_factory.mktemp("two_stage")
+    at_entry = {"alignment": {}, "instruction": {}}
+    enter = train_two_stage.Run.enter
+
+    def recording_enter(self, stage, lr, steps):
+        at_entry[stage][self.name] = {k: v.clone() for k, v in self.sparse.model.state_dict().items()}
+        enter(self, stage, lr, steps)
+
+    train_two_stage.Run.enter = recording_enter
+    try:
+        result = train_two_stage.main(["--quick", "--out", str(out)])
+    finally:
+        train_two_stage.Run.enter = enter
+    return out, result, at_entry
+
+
+def test_quick_run_trains_every_policy_and_the_sparse_ones_compress_and_skip(quick):
+    out, result, _ = quick
+    runs = result["seeds"][0]["runs"]
+    assert list(runs) == ["dense", "sts", "profile", "sts_fast"]
+    for run in runs.values():
+        assert [e["stage"] for e in run["log"]] == ["alignment"] * 4 + ["instruction"] * 4
+        assert len(run["evals"]) >= 2 and 0 <= run["accuracy"] <= 1
+    stages = {name: run["stages"] for name, run in runs.items()}
+    dense = stages["dense"]
+    assert stages["sts"]["alignment"]["tokens"] < dense["alignment"]["tokens"]  # compressed
+    assert stages["sts"]["alignment"]["layers"] == dense["alignment"]["layers"]
+    assert stages["sts"]["instruction"]["layers"] < dense["instruction"]["layers"]  # skipped
+    assert stages["sts"]["instruction"]["tokens"] == dense["instruction"]["tokens"]
+    assert stages["sts_fast"]["alignment"]["tokens"] < stages["sts"]["alignment"]["tokens"]  # keep 0.125 < 0.5
+    assert stages["sts_fast"]["instruction"]["tokens"] < dense["instruction"]["tokens"]  # both stages compress
+    assert stages["sts_fast"]["instruction"]["layers"] < dense["instruction"]["layers"]
+    proposed = result["seeds"][0]["profiles"]["alignment start"].proposal.policy
+    assert [s.name for s in proposed.stages] == ["alignment", "instruction"]
+
+
+def test_the_encoder_is_frozen_and_alignment_trains_the_projector_alone(quick):
+    _, result, at_entry = quick
+    pretrained = torch.load(result["pretrained"]["cache"], weights_only=True)["state"]
+    for name, model in result["seeds"][0]["models"].items():
+        state = model.state_dict()
+        start, before = at_entry["alignment"][name], at_entry["instruction"][name]
+        for key, value in state.items():
+            if key.startswith("vision."):
+                assert value.equal(pretrained[key]), key  # never trained
+            elif key.startswith(("decoder.", "lm_head.")):
+                assert before[key].equal(pretrained[key]), key  # alignment left the decoder alone
+        assert not state["decoder.layers.0.q_proj.weight"].equal(before["decoder.layers.0.q_proj.weight"])  # instruction
+        assert not before["projector.fc1.weight"].equal(start["projector.fc1.weight"])  # alignment
+        assert all(p.grad is None and not p.requires_grad for p in model.vision.parameters())
+
+
+def test_quick_run_writes_the_result_json_and_plot(quick):
+    out, result, _ = quick
+    assert set(result["result"]) == {"accuracy_dense", "accuracy_sts", "retention", "speedup", "best_policy",
+                                     "best_retention", "best_speedup"}
+    assert result["result"]["best_policy"] in ("sts", "profile", "sts_fast")
+    saved = json.loads((out / "two_stage.json").read_text())
+    assert saved["result"]["best_policy"] == result["result"]["best_policy"]
+    assert set(saved["profiles"]) == {"alignment start", "alignment end (dense)", "instruction start (dense)",
+                                      "instruction start (sts)", "instruction end (dense)", "instruction end (sts)"}
+    assert (out / "two_stage.png").read_bytes()[:4] == b"\x89PNG"
