@@ -65,6 +65,10 @@ class SkipLayersConfig(SkipSchedule):
     def allows_kind(self, kind: int) -> bool:
         return self.skip_kinds is None or kind in self.skip_kinds
 
+    def may_skip(self, block) -> bool:
+        """Whether a matched block can be guarded: of an allowed kind, and no other block reads its side values."""
+        return self.allows_kind(block.kind) and not block.feeds
+
     def skip_schedule(self) -> SkipSchedule:
         return SkipSchedule(**{f.name: getattr(self, f.name) for f in fields(SkipSchedule)})
 
@@ -243,7 +247,7 @@ def _not_skippable(block, binding: _Binding | None, config: SkipLayersConfig) ->
 
 def estimate(structure, config: SkipLayersConfig) -> Savings:
     """Blocks run over the stage, assuming every block of an allowed kind can be guarded."""
-    skippable = [config.allows_kind(block.kind) and not block.feeds for block in structure.blocks]
+    skippable = [config.may_skip(block) for block in structure.blocks]
     return Savings(layers_run=1 - mean_skip_fraction(config.skip_schedule(), skippable))
 
 

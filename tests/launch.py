@@ -21,3 +21,11 @@ def train(engine: str, *args: str) -> str:
     result = torchrun(WORKER, "--engine", engine, *args)
     assert result.returncode == 0 and "RESULT ok" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
+
+
+def train_with_forced_skips(engine: str, *args: str) -> str:
+    """``train``, then check that the worker's forced skip pattern reached the last step: the instruction
+    stage's micro-batches skipped blocks 0, 1 and 2 as forced, on every engine alike."""
+    output = train(engine, *args)
+    assert "step 5 stage instruction skipped [[0, 1, 2], [0, 1, 2]]" in output
+    return output

@@ -14,7 +14,7 @@ import torch
 
 import stsc
 import stsc.integrations.deepspeed
-from launch import WORKER, torchrun, train
+from launch import WORKER, torchrun, train, train_with_forced_skips
 
 
 @pytest.mark.slow
@@ -23,8 +23,7 @@ from launch import WORKER, torchrun, train
     ("zero3", ["--optimizer", "adamw", "--offload"]),
 ], ids=["zero2", "zero3", "zero2-offload", "zero3-offload", "zero3-adamw-offload"])
 def test_every_step_equals_the_single_process_reference(engine, options):
-    output = train(engine, *options)
-    assert "step 5 stage instruction skipped [[0, 1, 2], [0, 1, 2]]" in output
+    train_with_forced_skips(engine, *options)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ class CompileBackend:
         self.structure = capture_and_match(model, example_inputs)[0]
         skip = self.stage.pass_config("skip_layers")
         blocks = self.structure.blocks
-        guarded = [skip.allows_kind(b.kind) and not b.feeds for b in blocks] if skip else []
+        guarded = [skip.may_skip(b) for b in blocks] if skip else []
         self.runtime = GraphRuntime(model, skip, guarded, [b.path for b in blocks])
         self.set_progress, self.force = self.runtime.set_progress, self.runtime.force
         self.graphs: list[str] = []  # per graph dynamo handed over: what was rewritten, or why not

@@ -313,7 +313,7 @@ def _guard_block(gm: fx.GraphModule, index: int, path: str, skip: fx.Node, info:
 def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict, placeholders: dict[str, fx.Node],
                 flags: Flags):
     paths = [b.path for b in structure.blocks]
-    allowed = [config.allows_kind(b.kind) and not b.feeds for b in structure.blocks]
+    allowed = [config.may_skip(b) for b in structure.blocks]
     return guard_blocks(gm, paths, allowed, flags.skip(gm, len(paths)))
 
 
