@@ -1,6 +1,7 @@
 """The graph lowering: an exported graph rewritten by the passes (a compression op, torch.cond skip branches),
 equal to the module lowering, compiled once for every skip pattern, saved and loaded."""
 
+import collections
 import copy
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def loss_of(output):
 
 def grads(model):
     return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def partitioned_blocks(training_module):
+    """The partitioned guarded blocks (:class:`stsc.lowering.saved_activations.PartitionedBlock`) a training graph
+    calls, in order."""
+    return [node.target.block for node in training_module.graph.nodes if hasattr(node.target, "block")]
 
 
 def test_the_graph_shows_the_inserted_nodes_by_name():
@@ -84,6 +91,58 @@ def test_loss_and_every_gradient_equal_the_module_lowering(family):
                 torch.testing.assert_close(param.grad, grad, rtol=1e-6, atol=1e-6)
         sparse.unwrap()
         reference.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("family", ["tiny", *(pytest.param(f, marks=pytest.mark.slow)
+                                              for f in ("llava", "paligemma", "idefics3", "gemma3"))])
+def test_a_running_block_runs_its_forward_once_and_a_skipped_block_nothing(family):
+    """torch.cond's own backward runs the taken branch's forward again; the training graph's guarded blocks
+    save their activations instead: in a step, a running block's forward and backward graphs run once each,
+    a skipped block's not at all."""
+    model, inputs, stages = lowered(family)
+    graph = stages["instruction"]
+    assert graph.training_notes == []
+    blocks = partitioned_blocks(graph.training_module)
+    guarded = [i for i, g in enumerate(graph.runtime.guarded) if g]
+    assert len(blocks) == len(guarded) == graph.graph_module.code.count("torch.ops.higher_order.cond") >= 2
+    calls = collections.Counter()
+    handles = [module.register_forward_pre_hook(lambda *_, key=(rank, kind): calls.update([key]))
+               for rank, block in enumerate(blocks) for kind, module in (("forward", block.forward),
+                                                                         ("backward", block.backward))]
+    graph.set_progress(epoch=0.1, step=7)
+    for skipped in ([], [1]):
+        graph.force([guarded[rank] for rank in skipped])
+        calls.clear()
+        loss_of(graph(**inputs)).backward()
+        assert calls == {(rank, kind): 1 for rank in range(len(blocks)) if rank not in skipped
+                         for kind in ("forward", "backward")}
+    graph.force(None)
+    for handle in handles:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+
+
+def test_parameters_frozen_after_the_transform_get_no_gradient():
+    """The blocks' backward graphs are partitioned for the parameters that train; freezing a block's parameters
+    partitions them again at the next forward, and those parameters get no gradient (not zeros)."""
+    model, inputs, stages = lowered("tiny")
+    graph, frozen = stages["instruction"], list(model.decoder.layers[0].parameters())
+    before = graph.training_module
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        graph.force([])
+        model.zero_grad(set_to_none=True)
+        loss_of(graph(**inputs)).backward()
+        first, now = partitioned_blocks(before)[0], partitioned_blocks(graph.training_module)[0]
+        assert sum(now.grads) == sum(first.grads) - len(frozen)  # no gradient computed for them
+        assert all(p.grad is None for p in frozen)
+        assert all(p.grad is not None for p in model.decoder.layers[1].parameters())
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+        graph.force(None)
+        model.zero_grad(set_to_none=True)
 
 
 def test_a_block_skipped_in_one_micro_batch_and_run_in_the_next_keeps_its_gradient():

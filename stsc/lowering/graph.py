@@ -25,6 +25,9 @@ patterns from :func:`stsc.schedules.draw_skips`, compression draws from the same
 and gradients agree with it. A skipped block's parameters receive zeros from ``torch.cond``'s backward; the
 stage resets them to ``None`` when the block was skipped in every micro-batch of the step, which is the module
 lowering's semantics (AdamW leaves such a block alone). In ``eval()`` the stage runs the caller's dense model.
+What trains is ``GraphStage.training_module``: the same graph with each guarded block's ``torch.cond``
+partitioned into a forward that saves the block's activations and a backward that reads them
+(:mod:`stsc.lowering.saved_activations`); ``torch.cond``'s own backward would run the block's forward again.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from stsc.report import capture_and_match
 from stsc.schedules import StepClock, draw_skips, layer_probabilities
 
 from . import ops  # noqa: F401 - registers the stsc:: ops
+from .saved_activations import keep_activations
 
 __all__ = ["GraphLoweringUnavailable", "GraphRuntime", "GraphStage", "RewriteInfo", "compact_region", "graph_problem",
            "guard_blocks", "lower_stage", "transform"]
@@ -414,23 +418,37 @@ class GraphRuntime:
 class GraphStage(nn.Module):
     """One stage of a policy, lowered to a rewritten graph module that trains the caller's parameters.
 
-    ``graph_module`` is the rewritten graph (its ``.code`` shows the inserted nodes); ``exported`` the
-    exported program of it (``torch.export.save``-able); ``rewrites`` what each pass did; ``runtime`` the
-    decisions (:class:`GraphRuntime`). ``forward`` takes the model's keyword inputs; ``set_progress`` and
-    ``force`` move the schedule as :meth:`stsc.SparseModel.set_progress` does. In ``eval()`` it runs the
-    caller's dense model.
+    ``graph_module`` is the rewritten graph (its ``.code`` shows the inserted nodes: the compression ops,
+    ``torch.cond`` per guarded block); ``exported`` the exported program of it (``torch.export.save``-able);
+    ``training_module`` what trains: the same graph with each ``torch.cond`` partitioned so that a block's
+    backward reads the activations its forward saved (``training_notes``: the blocks left as they were, and
+    why); ``rewrites`` what each pass did; ``runtime`` the decisions (:class:`GraphRuntime`). ``forward``
+    takes the model's keyword inputs; ``set_progress`` and ``force`` move the schedule as
+    :meth:`stsc.SparseModel.set_progress` does. In ``eval()`` it runs the caller's dense model.
     """
 
     def __init__(self, model: nn.Module, call: KeywordCall, stage: Stage, exported: torch.export.ExportedProgram,
                  rewrites: list[RewriteInfo], runtime: GraphRuntime):
         super().__init__()
-        self.graph_module = exported.module()
-        self._run = self.graph_module
-        self._flags = dict(self.graph_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
+        object.__setattr__(self, "graph_module", exported.module())  # for reading; training_module trains
         object.__setattr__(self, "dense", model)  # eval runs the caller's model; not a submodule (no second copy
         object.__setattr__(self, "call", call)  # of its parameters in state_dict); call orders the inputs
         self.stage, self.exported, self.rewrites, self.runtime = stage, exported, rewrites, runtime
         self.set_progress, self.force = runtime.set_progress, runtime.force
+        self._compile_kwargs: dict | None = None
+        self._lower_for_training()
+
+    def _lower_for_training(self) -> None:
+        """The graph that trains: ``graph_module`` with each guarded block's ``torch.cond`` partitioned so that its
+        backward reads the activations its forward saved (:mod:`stsc.lowering.saved_activations`), for the
+        parameters that train now."""
+        self.training_module = self.exported.module()
+        self.training_notes = keep_activations(self.training_module)
+        self._trainable = [p.requires_grad for p in self.dense.parameters()]
+        self._flags = dict(self.training_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
+        self._run = self.training_module
+        if self._compile_kwargs is not None:
+            self._run = torch.compile(self.training_module, **self._compile_kwargs)
 
     @property
     def last_skipped(self) -> list[int]:
@@ -446,6 +464,8 @@ class GraphStage(nn.Module):
     def forward(self, **kwargs):
         if not self.training:
             return self.dense(**kwargs)
+        if [p.requires_grad for p in self.dense.parameters()] != self._trainable:
+            self._lower_for_training()  # other parameters train now: the blocks' backwards are partitioned again
         step, skip = self.runtime.next_flags()
         for name, value in (("stsc_step", step), ("stsc_skip", skip)):
             if name in self._flags:
@@ -453,10 +473,9 @@ class GraphStage(nn.Module):
         return self._run(*self.call.values(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the graph module: one graph serves every skip pattern and compression draw. Run the
-        graph compiled (``backend="aot_eager"`` keeps eager kernels): executed node by node, ``torch.cond``
-        traces both of its branches again at every call."""
-        self._run = torch.compile(self.graph_module, **compile_kwargs)
+        """``torch.compile`` the training graph: one graph serves every skip pattern and compression draw."""
+        self._compile_kwargs = compile_kwargs
+        self._run = torch.compile(self.training_module, **compile_kwargs)
 
 
 GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
