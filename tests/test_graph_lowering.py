@@ -14,6 +14,7 @@ import torch
 import hf_models
 import tiny_llava
 from stsc import GraphLoweringUnavailable, backend, sparsify, transform
+from stsc.lowering import saved_activations
 from stsc.policy import parse_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,18 @@ def test_a_running_block_runs_its_forward_once_and_a_skipped_block_nothing(famil
     for handle in handles:
         handle.remove()
     model.zero_grad(set_to_none=True)
+
+
+def test_a_block_whose_partition_fails_keeps_its_torch_cond_and_says_why(monkeypatch):
+    graph = lowered("tiny")[2]["instruction"]
+
+    def refuse(*args):
+        raise saved_activations.NotPartitioned("refused by the test")
+    monkeypatch.setattr(saved_activations, "partition_block", refuse)
+    module = graph.exported.module()
+    notes = saved_activations.keep_activations(module)
+    assert notes == [f"false_graph_{i}: keeps torch.cond (NotPartitioned: refused by the test)" for i in range(4)]
+    assert module.code.count("torch.ops.higher_order.cond") == 4 and not partitioned_blocks(module)
 
 
 def test_parameters_frozen_after_the_transform_get_no_gradient():

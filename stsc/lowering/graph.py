@@ -444,11 +444,14 @@ class GraphStage(nn.Module):
         parameters that train now."""
         self.training_module = self.exported.module()
         self.training_notes = keep_activations(self.training_module)
-        self._trainable = [p.requires_grad for p in self.dense.parameters()]
+        self._trainable = self._trainable_now()
         self._flags = dict(self.training_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
         self._run = self.training_module
         if self._compile_kwargs is not None:
             self._run = torch.compile(self.training_module, **self._compile_kwargs)
+
+    def _trainable_now(self) -> list[bool]:
+        return [p.requires_grad for p in self.dense.parameters()]
 
     @property
     def last_skipped(self) -> list[int]:
@@ -464,7 +467,7 @@ class GraphStage(nn.Module):
     def forward(self, **kwargs):
         if not self.training:
             return self.dense(**kwargs)
-        if [p.requires_grad for p in self.dense.parameters()] != self._trainable:
+        if self._trainable_now() != self._trainable:
             self._lower_for_training()  # other parameters train now: the blocks' backwards are partitioned again
         step, skip = self.runtime.next_flags()
         for name, value in (("stsc_step", step), ("stsc_skip", skip)):

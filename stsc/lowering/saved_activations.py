@@ -17,8 +17,8 @@ AOTAutograd partitions a model (``min_cut_rematerialization_partition``):
 Activations the backward needs that are operands, or views of them (a weight's transpose), are not routed
 through the conds (a branch may not return an alias of its input): the function saves the operands and the
 backward recomputes the views, as it recomputes views of the routed activations and the sizes it reads
-(from the tensors it receives). A block whose
-partition does not fit this form keeps its ``torch.cond`` (said in the returned notes). Which operands get a
+(from the tensors it receives). A block whose partition does not fit this form keeps its ``torch.cond`` (said in
+the returned notes). Which operands get a
 gradient is read from the graph (a parameter with ``requires_grad``, or a value computed from one), so the
 rewrite is redone when the caller freezes or unfreezes parameters.
 """
@@ -284,15 +284,16 @@ def keep_activations(gm: fx.GraphModule) -> list[str]:
     notes = []
     for node in list(gm.graph.find_nodes(op="call_function", target=_cond)):
         skip, _, block, operands = node.args
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.getitem:
+            notes.append(f"{block.target}: keeps torch.cond (its result is not read as one output)")
+            continue
+        result = users[0]
         try:
             part = partition_block(getattr(gm, block.target), [o.meta["val"] for o in operands],
                                    [o in needs for o in operands])
         except Exception as exc:  # noqa: BLE001 - whatever fails, the block keeps its (correct, slower) torch.cond
             notes.append(f"{block.target}: keeps torch.cond ({type(exc).__name__}: {first_line(exc)})")
-            continue
-        (result,) = node.users
-        if result.target is not operator.getitem:
-            notes.append(f"{block.target}: keeps torch.cond (its result is not read as one output)")
             continue
         with gm.graph.inserting_before(node):
             call = gm.graph.call_function(part.function(f"stsc_guarded_{block.target}"), (skip, *operands))
