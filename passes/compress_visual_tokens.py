@@ -16,7 +16,8 @@ to be recomputed; then
   all stay, and every argument of the decoder entry aligned with the sequence (hidden states,
   attention masks of any rank, position ids of any rank such as M-RoPE's ``[3, B, T]``, per-position
   masks) is gathered at the kept positions, as is every argument aligned with the visual tokens
-  (features added to them later inside the decoder): kept tokens keep their original positions;
+  (features added to them later inside the decoder): kept tokens keep the position ids the entry receives
+  (a decoder that numbers positions itself from the sequence length numbers the compacted sequence afresh);
 * the decoder's output is expanded back to the full length (each position takes the output of the
   last kept position at or before it), so logits, labels and the loss outside the decoder line up as
   before: every text label is predicted from the nearest kept position before it, exactly as in the
@@ -26,6 +27,10 @@ Rows whose compacted lengths differ are padded at the end with copies of their l
 Where the merging module calls the blocks itself (no decoder entry), the same happens at the first
 block's entry, every later block's sequence-aligned arguments are gathered the same way, and the last
 block's output is expanded.
+
+``dense_fraction`` > 0 leaves that fraction of the training forwards, drawn per step from the pass's seeded
+generator (the same on every rank), dense: every visual token kept, as DualSpeed mixes "slow mode" steps
+into token-pruned training, so the model keeps training on the full sequences it sees at inference.
 
 **Methods** (``keep_ratio`` in (0, 1]), per image:
 
@@ -73,7 +78,8 @@ class CompressVisualTokensConfig:
     method: str = "uniform"
     keep_ratio: float = 0.5  # fraction of each image's visual tokens kept
     kernel: int = 2  # pool only: kernel x kernel neighbourhoods
-    seed: int = 0  # random only
+    seed: int = 0  # the draws: random selection, and which forwards stay dense
+    dense_fraction: float = 0.0  # fraction of training forwards, drawn per step, that keep every visual token
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,6 +88,8 @@ class CompressVisualTokensConfig:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.kernel < 1:
             raise ValueError(f"kernel must be >= 1, got {self.kernel}")
+        if not 0 <= self.dense_fraction < 1:
+            raise ValueError(f"dense_fraction must be in [0, 1), got {self.dense_fraction}")
 
 
 # ------------------------------------------------------------------------------ what each image keeps
@@ -180,6 +188,20 @@ class Plan:
     @property
     def length(self) -> int:
         return self.index.shape[1]
+
+    @property
+    def drops(self) -> bool:
+        """Whether any visual token is dropped or averaged (else the sequence stays as it is)."""
+        return self.kept < self.tokens
+
+    @classmethod
+    def keep_all(cls, visual: torch.Tensor) -> "Plan":
+        """The plan of a dense forward: every position kept."""
+        batch, length = visual.shape
+        index = torch.arange(length, device=visual.device).expand(batch, length)
+        tokens = int(visual.sum())
+        return cls(index, index, visual, torch.arange(tokens, device=visual.device), None,
+                   torch.full((batch,), length, device=visual.device), tokens, tokens)
 
 
 def plan(hidden: torch.Tensor, visual: torch.Tensor, images: list[Image], config: CompressVisualTokensConfig,
@@ -300,8 +322,19 @@ def expand(value, plan_: Plan, batch: int):
 class _Runtime:
     """What both compressor runtimes share: the step clock seeding their draws, and their hooks."""
 
+    config: CompressVisualTokensConfig
     clock: StepClock
     _hooks: list
+    _trying = False  # in sparsify's trial step, which always compresses
+
+    def _draws(self) -> torch.Generator | None:
+        """This training forward's generator, seeded by ``(seed, step, micro step)``; None when the forward is
+        drawn dense (``dense_fraction``: the generator's first draw decides)."""
+        generator = seeded_generator(self.config.seed, *self.clock.tick())
+        if self._trying or not self.config.dense_fraction:
+            return generator
+        return None if float(torch.rand((), generator=generator, dtype=torch.float64)) < self.config.dense_fraction \
+            else generator
 
     def set_progress(self, *, step: int | None = None, epoch: float | None = None) -> None:
         if step is not None:
@@ -320,8 +353,11 @@ class _Runtime:
     @contextlib.contextmanager
     def trial(self):
         """Around sparsify's trial step: fail unless the compression took place."""
-        self.last_plan = None
-        yield
+        self.last_plan, self._trying = None, True
+        try:
+            yield
+        finally:
+            self._trying = False
         if self.last_plan is None:
             raise ValueError(f"no compression took place in a training forward: {self._trial_expectation}")
 
@@ -377,16 +413,22 @@ class SequenceCompactor(_Runtime):
     def _compact_arguments(self, module, args, kwargs):
         if not self._model.training or not self._inputs:
             return None
-        if self._plan is None:
+        first = self._plan is None
+        if first:
             hidden = _leaf(args, kwargs, self._hidden_path)
             batch, length = hidden.shape[:2]
             visual = self.visual_mask(batch, length, hidden.device)
-            token_ids = self._inputs.get(self.boundary.token_input)
-            images = images_in(visual, token_ids, self.boundary.rows_layout, self.boundary.image_grids(self._inputs),
-                               self.boundary.grid)
-            generator = seeded_generator(self.config.seed, *self.clock.tick())
-            self._plan = self.last_plan = plan(hidden.detach(), visual, images, self.config, generator)
-            self._shape = (batch, length)
+            generator = self._draws()
+            if generator is None:
+                self._plan = Plan.keep_all(visual)
+            else:
+                images = images_in(visual, self._inputs.get(self.boundary.token_input), self.boundary.rows_layout,
+                                   self.boundary.image_grids(self._inputs), self.boundary.grid)
+                self._plan = plan(hidden.detach(), visual, images, self.config, generator)
+            self.last_plan, self._shape = self._plan, (batch, length)
+        if not self._plan.drops:
+            return None  # a dense forward: the entry runs on the sequence as it is
+        if first:
             args, kwargs = _replace_leaf(args, kwargs, self._hidden_path, compact_hidden(hidden, self._plan))
         batch, length = self._shape
 
@@ -401,7 +443,7 @@ class SequenceCompactor(_Runtime):
 
     @torch.compiler.disable
     def _expand_output(self, module, args, output):
-        if self._plan is None or not self._model.training:
+        if self._plan is None or not self._plan.drops or not self._model.training:
             return None
         return pytree.tree_map(lambda value: expand(value, self._plan, self._shape[0]), output)
 
@@ -480,7 +522,10 @@ class KeyValueCompressor(_Runtime):
         self._source = None  # once per forward: the replacement no longer matches
         states = kwargs[name]
         rows = states.reshape(-1, *states.shape[-2:])
-        generator = seeded_generator(self.config.seed, *self.clock.tick())
+        generator = self._draws()
+        if generator is None:  # a dense forward: every key kept
+            self.last_plan = torch.arange(self.tokens, device=states.device).expand(rows.shape[0], -1)
+            return None
         indices = torch.tensor([[group[0] for group in select(row, self.config, None, self.kept, generator)]
                                 for row in rows], device=states.device)
         self.last_plan = indices
@@ -520,6 +565,7 @@ def estimate(structure, config: CompressVisualTokensConfig) -> Savings:
         removed = sum(n - kept_count(n, config, b.grid) for n in _per_image(b))
     except ValueError:
         return Savings()
+    removed *= 1 - config.dense_fraction
     return Savings(tokens_removed=removed / structure.batch if structure.batch else removed)
 
 

@@ -241,6 +241,8 @@ def test_keep_ratio_below_one_token_is_refused(tiny):
     (dict(keep_ratio=0), "keep_ratio must be in (0, 1], got 0"),
     (dict(keep_ratio=1.5), "keep_ratio must be in (0, 1], got 1.5"),
     (dict(kernel=0), "kernel must be >= 1, got 0"),
+    (dict(dense_fraction=1), "dense_fraction must be in [0, 1), got 1"),
+    (dict(dense_fraction=-0.1), "dense_fraction must be in [0, 1), got -0.1"),
 ])
 def test_invalid_config(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -269,3 +271,40 @@ def test_random_compression_resumes_with_the_same_draws():
     compressor.load_state_dict(state)
     model(**inputs)
     assert torch.equal(kept[2], compressor.last_plan.index) and not torch.equal(kept[0], kept[1])
+
+
+def dense_draws(fraction: float, steps: int) -> list[bool]:
+    """Which of ``steps`` forwards ``dense_fraction`` leaves dense: the first draw of each forward's generator."""
+    return [float(torch.rand((), generator=seeded_generator(0, step, 0), dtype=torch.float64)) < fraction
+            for step in range(steps)]
+
+
+@pytest.mark.parametrize("family", ["tiny", "mllama"])
+def test_dense_fraction_leaves_the_drawn_forwards_dense(family):
+    """Forwards drawn dense keep every visual token and give the dense model's loss exactly; the others compress."""
+    model, dense, inputs, structure, compressor, _ = compressed(family, method="random", keep_ratio=0.25,
+                                                               dense_fraction=0.5)
+    drawn = dense_draws(0.5, 8)
+    assert 0 < sum(drawn) < 8  # both kinds of forward among these 8 steps
+    for step, is_dense in enumerate(drawn):
+        compressor.set_progress(step=step)
+        loss = model(**forward_kwargs(model, inputs)[0])["loss"]
+        kept, tokens = compressor.last_kept()
+        assert (kept == tokens) == is_dense, step
+        if is_dense:
+            assert torch.equal(loss, dense(**forward_kwargs(dense, inputs)[0])["loss"])
+
+
+def test_dense_fraction_shortens_the_expected_sequence_and_the_trial_step_still_compresses(tiny):
+    import stsc
+    from stsc.policy import parse_policy
+
+    def expected(fraction):
+        text = ("version: 1\nstages:\n  - name: a\n    epochs: 1\n    passes:\n      compress_visual_tokens: "
+                f"{{keep_ratio: 0.25, dense_fraction: {fraction}}}\n")
+        return stsc.sparsify(copy.deepcopy(tiny[0]), parse_policy(text), tiny[1]).report.stages[0]
+
+    dense_length = expected(0).sequence
+    assert expected(0).sequence_after == dense_length - 48  # 64 -> 16 visual tokens
+    assert expected(0.25).sequence_after == dense_length - 0.75 * 48
+    assert expected(0.99).passes[0]["matched"] == 1  # the trial step compressed although 99 % of steps are dense

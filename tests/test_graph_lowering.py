@@ -235,16 +235,21 @@ def test_a_model_that_does_not_export_says_so():
         transform(model, "sts", inputs)
 
 
-def test_averaging_methods_are_not_lowered_to_the_graph():
+@pytest.mark.parametrize("params, reason", [
+    ("{method: pool}", "method 'pool' averages tokens; the graph compacts by selection (uniform, random, text_guided)"),
+    ("{keep_ratio: 0.25, dense_fraction: 0.2}",
+     "dense_fraction 0.2 runs some steps on the whole sequence; the graph is built for one number of positions "
+     "dropped per row"),
+])
+def test_compressions_the_graph_cannot_express_are_refused_with_the_reason(params, reason):
     model, inputs = build("tiny")
-    policy = parse_policy("version: 1\nstages:\n  - {name: a, steps: 1, passes: {compress_visual_tokens: "
-                          "{method: pool}}}\n")
-    assert sparsify(model, policy, inputs).report.stages[0].lowerings["graph"] == (
-        "not available: method 'pool' averages tokens; the graph compacts by selection "
-        "(uniform, random, text_guided)")
-    with pytest.raises(GraphLoweringUnavailable, match="^method 'pool' averages tokens"):
+    policy = parse_policy(f"version: 1\nstages:\n  - {{name: a, steps: 1, passes: {{compress_visual_tokens: "
+                          f"{params}}}}}\n")
+    assert sparsify(model, policy, inputs).report.stages[0].lowerings["graph"] == f"not available: {reason}"
+    with pytest.raises(GraphLoweringUnavailable) as err:
         fresh, fresh_inputs = build("tiny")  # the model above now carries sparsify's hooks
         transform(fresh, policy, fresh_inputs)
+    assert str(err.value).endswith(reason)
 
 
 def test_a_batch_whose_rows_drop_other_numbers_is_refused_by_the_graph():

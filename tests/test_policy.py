@@ -77,7 +77,7 @@ def _replace(old: str, new: str) -> str:
 @pytest.mark.parametrize("text, message", [
     (_replace("keep_ratio: 0.5", "keep_ration: 0.5"),
      "p.yaml:7: stage 'alignment'.passes.compress_visual_tokens: unknown key 'keep_ration'; did you mean "
-     "'keep_ratio'? allowed: method, keep_ratio, kernel, seed"),
+     "'keep_ratio'? allowed: method, keep_ratio, kernel, seed, dense_fraction"),
     (_replace("keep_ratio: 0.5", "keep_ratio: 1.5"),
      "p.yaml:7: stage 'alignment'.passes.compress_visual_tokens: keep_ratio must be in (0, 1], got 1.5"),
     (_replace("keep_ratio: 0.5", "keep_ratio: half"),

@@ -207,6 +207,9 @@ def _compress_problem(structure: Structure, config: CompressVisualTokensConfig, 
         return "the merging module calls the decoder blocks itself: there is no decoder-entry region to compact"
     if config.method not in SELECTING:
         return f"method {config.method!r} averages tokens; the graph compacts by selection ({', '.join(SELECTING)})"
+    if config.dense_fraction:
+        return (f"dense_fraction {config.dense_fraction:g} runs some steps on the whole sequence; the graph is built "
+                f"for one number of positions dropped per row")
     dropped = set(_dropped_per_row(b, config, inputs))
     if len(dropped) != 1:
         return (f"the example's rows drop different numbers of positions {sorted(dropped)}; the graph is built "
