@@ -37,7 +37,11 @@ in ``eval()``, i.e. on the dense model) at the end of alignment and every ``--ev
 steps. Per policy, over the seeds: the mean and spread of the final accuracy, the retention (accuracy /
 the dense run's accuracy, per seed), the speed-up (dense training seconds / the policy's, per seed)
 and the time-to-accuracy speed-up (the training wall-clock at which the dense run first reaches its
-own final accuracy / the wall-clock at which the policy first reaches it; "not reached" if never).
+own final accuracy / the wall-clock at which the policy first reaches it; "not reached" if never),
+per seed, also to 0.99 of the dense final accuracy (the retention target), and on the accuracy curves
+averaged over the seeds (target: the dense runs' mean final accuracy). Training steps run with
+``--threads`` (1); pretraining and profiles (not timed) with ``--untimed-threads``; evaluations run in a worker
+process with one thread, on the core the training steps leave free.
 Also printed: the analytic shares of step FLOPs (vision encoder, projector, decoder, LM head) of this
 model and of LLaVA-1.5-7B, and, on the first seed, ``stsc.profile`` at the start and end of each stage
 (dense run, and the ``sts`` run in instruction tuning) side by side.
@@ -57,9 +61,13 @@ of those with mean retention >= 0.99, the fastest; if none, the one with the hig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing
+import queue
 import sys
 import time
 from dataclasses import dataclass
@@ -92,6 +100,7 @@ VOCAB = {word: index for index, word in enumerate(WORDS)}
 assert VOCAB["<image>"] == tiny_llava.IMAGE_TOKEN_ID
 TEXT_TOKENS = 14  # prompt + answer + end, padded
 SCENE_WORDS = 8  # two shapes in words: colour, shape, top/bottom, left/right
+TORCH_THREADS = torch.get_num_threads()  # torch's default on this machine, before --threads changes it
 HELD_OUT_SEED, ENCODER_SEED, TEXT_SEED = 10_000, 20_000, 30_000  # data seeds apart from the runs' (seed * 1000 + ...)
 
 
@@ -318,8 +327,11 @@ def learning_rate_factor(step: int, steps: int) -> float:
 class Run:
     """One policy's model, optimizer and measurements, advanced one training step at a time."""
 
-    def __init__(self, name: str, model: tiny_llava.TinyLlava, policy, example: dict):
+    def __init__(self, name: str, model: tiny_llava.TinyLlava, policy, example: dict, evaluator: "Evaluator",
+                 untimed_threads: int):
         self.name = name
+        self.evaluator = evaluator
+        self.untimed_threads = untimed_threads  # torch threads of its profiles (not timed)
         self.sparse = stsc.sparsify(model, policy, example)
         self.layers = len(self.sparse.report.model.blocks)
         self.entering: list[torch.Size] = []  # the merged sequence handed to the decoder (inputs_embeds), per forward
@@ -371,17 +383,67 @@ class Run:
         kept, tokens = compressor.last_kept()
         return batch_size, merged - (tokens - kept) // batch_size
 
-    def evaluate(self, batches: list[dict], step: int) -> None:
-        self.evals.append({"step": step, "seconds": self.clock, "accuracy": accuracy(self.sparse, batches)})
+    def evaluate(self, step: int) -> None:
+        """Held-out accuracy of the model as it is now (its weights sent to the evaluator; filled in later)."""
+        self.evals.append({"step": step, "seconds": self.clock, "accuracy": None})
+        self.evaluator.submit(self.sparse.model, self.evals[-1])
 
     def profile(self, batches: list[dict], label: str, methods: tuple[str, ...]) -> stsc.Profile:
         """``stsc.profile`` of the model as it is now (its passes removed; the next step puts them back)."""
-        return stsc.profile(self.sparse.unwrap(), batches, methods=methods,
-                            progress=lambda line: _progress(f"{label}: {line}"))
+        with threads(self.untimed_threads):
+            return stsc.profile(self.sparse.unwrap(), batches, methods=methods,
+                                progress=lambda line: _progress(f"{label}: {line}"))
 
     def result(self) -> dict:
         return {"stages": self.stages, "accuracy": self.evals[-1]["accuracy"], "seconds": self.clock,
                 "evals": self.evals, "log": self.log}
+
+
+class Evaluator:
+    """Held-out accuracy computed in a worker process, one torch thread: the timed training steps run one
+    thread, so the worker evaluates on the core they leave free, and evaluations neither hold up the training
+    loop nor sit inside its timed steps. Every policy's steps share the machine with it alike (round robin)."""
+
+    def __init__(self, args):
+        context = multiprocessing.get_context("spawn")
+        self._jobs, self._results = context.Queue(), context.Queue()
+        self._worker = context.Process(target=_evaluate_jobs, daemon=True, args=(
+            args.hidden, args.layers, args.eval_images, self._jobs, self._results))
+        self._worker.start()
+        self._ids = itertools.count()
+        self._pending: dict[int, dict] = {}  # job -> the evaluation record whose accuracy it fills
+
+    def submit(self, model: nn.Module, record: dict) -> None:
+        job = next(self._ids)
+        self._pending[job] = record
+        self._jobs.put((job, {key: value.detach().clone() for key, value in model.state_dict().items()}))
+
+    def collect(self, wait: bool) -> None:
+        """Fill in the accuracies computed so far (``wait``: all of them)."""
+        while self._pending:
+            try:
+                job, value = self._results.get(timeout=5 if wait else 0.001)
+            except queue.Empty:
+                if not self._worker.is_alive():
+                    raise RuntimeError(f"the evaluation worker exited (code {self._worker.exitcode})") from None
+                if wait:
+                    continue
+                return
+            self._pending.pop(job)["accuracy"] = value
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join()
+
+
+def _evaluate_jobs(hidden: int, layers: int, images: int, jobs, results) -> None:
+    """The evaluation worker: the held-out questions, then each model state it is sent, to the end (None)."""
+    torch.set_num_threads(1)
+    model = build_model(argparse.Namespace(hidden=hidden, layers=layers))
+    held_out = make_batches("instruction", images, 50, HELD_OUT_SEED, model.config.tokens_per_image)
+    for job, state in iter(jobs.get, None):
+        model.load_state_dict(state)
+        results.put((job, accuracy(model, held_out)))
 
 
 @torch.no_grad()
@@ -399,7 +461,7 @@ def accuracy(model: nn.Module, batches: list[dict]) -> float:
     return correct / total
 
 
-def train_seed(args, pretrained: dict, seed: int, held_out: list[dict], profile_stages: bool) -> dict:
+def train_seed(args, pretrained: dict, seed: int, evaluator: Evaluator, profile_stages: bool) -> dict:
     """Every policy through both stages from the same start, interleaved step by step (module docstring)."""
     model = build_model(args)
     model.load_state_dict(pretrained)
@@ -412,15 +474,16 @@ def train_seed(args, pretrained: dict, seed: int, held_out: list[dict], profile_
               "instruction": make_batches("instruction", args.images, args.batch, seed * 1000 + 2, tokens)}
     probe = {name: batches[:args.profile_batches] for name, batches in stages.items()}
     methods = args.profile_methods
-    profiles = {"alignment start": stsc.profile(model, probe["alignment"], methods=methods,
-                                                progress=lambda line: _progress(f"seed {seed}: alignment start: {line}"))}
+    with threads(args.untimed_threads):
+        profiles = {"alignment start": stsc.profile(
+            model, probe["alignment"], methods=methods, progress=lambda line: _progress(f"seed {seed}: alignment start: {line}"))}
     proposed = profiles["alignment start"].proposal.policy
     policies = {policy_name(policy): proposed if policy == "profile" else policy for policy in args.policies}
     runs = {}
     for name, policy in policies.items():
         copy = build_model(args)
         copy.load_state_dict(model.state_dict())
-        runs[name] = Run(name, copy, with_seed(policy, seed), stages["alignment"][0])
+        runs[name] = Run(name, copy, with_seed(policy, seed), stages["alignment"][0], evaluator, args.untimed_threads)
     order, step = list(runs), 0
     for index, (stage, batches) in enumerate(stages.items()):
         for run in runs.values():
@@ -434,18 +497,21 @@ def train_seed(args, pretrained: dict, seed: int, held_out: list[dict], profile_
             step += 1
             if stage == "instruction" and ((position + 1) % args.eval_every == 0 or position == len(batches) - 1):
                 for run in runs.values():
-                    run.evaluate(held_out, step)
+                    run.evaluate(step)
+            evaluator.collect(wait=False)
             _progress(f"seed {seed}: {stage} {position + 1}/{len(batches)}  " + "  ".join(
-                f"{name} {run.clock:.0f} s" + (f" {run.evals[-1]['accuracy']:.3f}" if run.evals else "")
+                f"{name} {run.clock:.0f} s" + "".join(f" {e['accuracy']:.3f}" for e in run.evals[-1:] if e["accuracy"])
                 for name, run in runs.items()))
         if stage == "alignment":
             for run in runs.values():
-                run.evaluate(held_out, step)
+                run.evaluate(step)
             if profile_stages:
                 profiles["alignment end (dense)"] = runs["dense"].profile(probe["alignment"], f"seed {seed}", methods)
     if profile_stages:
         for name in ("dense", "sts"):
             profiles[f"instruction end ({name})"] = runs[name].profile(probe["instruction"], f"seed {seed}", methods)
+    _progress(f"seed {seed}: waiting for the last evaluations")
+    evaluator.collect(wait=True)
     _progress("")
     return {"runs": {name: run.result() for name, run in runs.items()}, "profiles": profiles,
             "models": {name: run.sparse.unwrap() for name, run in runs.items()}}
@@ -457,58 +523,93 @@ def time_to_accuracy(run: dict, target: float) -> float | None:
     return next((e["seconds"] for e in run["evals"] if e["accuracy"] >= target), None)
 
 
+TARGETS = {"dense": 1.0, "0.99 dense": 0.99}  # time-to-accuracy targets: these fractions of the dense final accuracy
+
+
+def time_to_accuracy_speedup(dense: dict, run: dict, target: float) -> float | None:
+    """Dense's wall-clock to ``target`` over the run's (None: the run never reached it)."""
+    reached = time_to_accuracy(run, target)
+    return time_to_accuracy(dense, target) / reached if reached else None
+
+
 def seed_figures(runs: dict[str, dict]) -> dict[str, dict]:
-    """Per policy: accuracy, retention, speed-ups (total and per stage), token and layer ratios, time to the
-    dense run's final accuracy and its speed-up."""
+    """Per policy: accuracy, retention, speed-ups (total and per stage), token and layer ratios, and the
+    time-to-accuracy speed-ups to each of :data:`TARGETS` (``reached_at``: when it reached the dense final accuracy)."""
     dense = runs["dense"]
     target = dense["accuracy"]
-    dense_reached = time_to_accuracy(dense, target)
     figures = {}
     for name, run in runs.items():
-        reached = time_to_accuracy(run, target)
         figures[name] = {
             "accuracy": run["accuracy"], "retention": run["accuracy"] / target if target else math.nan,
             "seconds": run["seconds"], "speedup": dense["seconds"] / run["seconds"],
             **{f"{stage} speedup": dense["stages"][stage]["seconds"] / s["seconds"] for stage, s in run["stages"].items()},
             **{f"{stage} tokens": s["tokens"] / dense["stages"][stage]["tokens"] for stage, s in run["stages"].items()},
             **{f"{stage} layers": s["layers"] / dense["stages"][stage]["layers"] for stage, s in run["stages"].items()},
-            "reached_at": reached, "time_to_accuracy_speedup": dense_reached / reached if reached else None}
+            "reached_at": time_to_accuracy(run, target),
+            "to accuracy": {label: time_to_accuracy_speedup(dense, run, fraction * target)
+                            for label, fraction in TARGETS.items()}}
     return figures
 
 
+def mean_curve_speedups(seeds: list[dict[str, dict]]) -> dict[str, float | None]:
+    """Time-to-accuracy on the curves averaged over the seeds: per policy, the mean accuracy and mean wall-clock
+    at each evaluation (the same steps in every seed); the target is the dense runs' mean final accuracy."""
+    def mean_curve(name):
+        evals = [runs[name]["evals"] for runs in seeds]
+        return {"evals": [{"seconds": fmean(e[i]["seconds"] for e in evals),
+                           "accuracy": fmean(e[i]["accuracy"] for e in evals)} for i in range(len(evals[0]))]}
+    curves = {name: mean_curve(name) for name in seeds[0]}
+    target = curves["dense"]["evals"][-1]["accuracy"]
+    return {name: time_to_accuracy_speedup(curves["dense"], curve, target) for name, curve in curves.items()}
+
+
+def sd(values: list[float]) -> float:
+    """The standard deviation over the seeds (0 for one seed; nan where a value is, e.g. a retention of a dense
+    run that answered nothing right)."""
+    if len(values) < 2:
+        return 0.0
+    return stdev(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
 def spread(values: list[float]) -> str:
-    return f"{fmean(values):.3f} ± {stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    return f"{fmean(values):.3f} ± {sd(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def summarize(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    """Per policy, over the seeds: means (and standard deviations) of each per-seed figure."""
+def summarize(per_seed: list[dict[str, dict]], mean_curves: dict[str, float | None]) -> dict[str, dict]:
+    """Per policy, over the seeds: means (and standard deviations) of each per-seed figure; per time-to-accuracy
+    target, the per-seed speed-ups, how many seeds reached it and their mean (None unless every seed did)."""
     summary = {}
     for name in per_seed[0]:
         rows = [figures[name] for figures in per_seed]
-        summary[name] = {key: fmean(r[key] for r in rows) for key in rows[0] if key not in ("reached_at",
-                                                                                             "time_to_accuracy_speedup")}
-        summary[name].update({f"{key} sd": stdev(r[key] for r in rows) if len(rows) > 1 else 0.0
-                              for key in ("accuracy", "retention", "speedup")})
-        reached = [r["time_to_accuracy_speedup"] for r in rows if r["time_to_accuracy_speedup"] is not None]
-        summary[name]["reached"] = len(reached)
-        summary[name]["time_to_accuracy_speedup"] = fmean(reached) if len(reached) == len(rows) else None
-        summary[name]["time_to_accuracy_speedups"] = [r["time_to_accuracy_speedup"] for r in rows]
+        summary[name] = {key: fmean(r[key] for r in rows) for key in rows[0] if key not in ("reached_at", "to accuracy")}
+        summary[name].update({f"{key} sd": sd([r[key] for r in rows]) for key in ("accuracy", "retention", "speedup")})
+        summary[name]["to accuracy"] = {}
+        for label in TARGETS:
+            speedups = [r["to accuracy"][label] for r in rows]
+            reached = [x for x in speedups if x is not None]
+            summary[name]["to accuracy"][label] = {"per_seed": speedups, "reached": len(reached),
+                                                   "mean": fmean(reached) if len(reached) == len(rows) else None}
+        summary[name]["to accuracy"]["dense, mean curve"] = mean_curves[name]
     return summary
 
 
-def table(per_seed: list[dict[str, dict]]) -> list[str]:
+def table(per_seed: list[dict[str, dict]], summary: dict[str, dict]) -> list[str]:
     rows = [f"{'policy':<9} {'accuracy':>15} {'retention':>15} {'speed-up':>15} {'align':>6} {'instr':>6} "
-            f"{'tok al':>6} {'tok in':>6} {'lay in':>6} {'to dense acc':>13}"]
+            f"{'tok al':>6} {'tok in':>6} {'lay in':>6} {'to dense acc':>15} {'to 0.99 dense':>15} {'mean curve':>10}"]
     for name in per_seed[0]:
         figures = [f[name] for f in per_seed]
-        tta = [f["time_to_accuracy_speedup"] for f in figures]
-        reached = [t for t in tta if t is not None]
-        to_accuracy = (spread(reached) + "x" if len(reached) == len(tta) else f"{len(reached)}/{len(tta)} reached")
+        to_accuracy = summary[name]["to accuracy"]
+        per_target = []
+        for label in TARGETS:
+            speedups, reached = to_accuracy[label]["per_seed"], to_accuracy[label]["reached"]
+            per_target.append(spread(speedups) + "x" if reached == len(speedups) else f"{reached}/{len(speedups)} reached")
+        mean_curve = to_accuracy["dense, mean curve"]
         rows.append(f"{name:<9} {spread([f['accuracy'] for f in figures]):>15} "
                     f"{spread([f['retention'] for f in figures]):>15} {spread([f['speedup'] for f in figures]) + 'x':>15} "
                     + " ".join(f"{fmean(f[key] for f in figures):>6.2f}" for key in (
                         "alignment speedup", "instruction speedup", "alignment tokens", "instruction tokens",
-                        "instruction layers")) + f" {to_accuracy:>13}")
+                        "instruction layers")) + "".join(f" {text:>15}" for text in per_target)
+                    + f" {f'{mean_curve:.3f}x' if mean_curve else 'not reached':>10}")
     return rows
 
 
@@ -561,6 +662,17 @@ def plot(seeds: list[dict], path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def threads(count: int):
+    """Run something with ``count`` torch threads, then go back to the threads before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _progress(line: str) -> None:
     print(f"\r\033[K{line}", end="" if line else "", file=sys.stderr, flush=True)
 
@@ -572,7 +684,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     parser.add_argument("--images", type=int, default=None, help="training images per stage (default 3200)")
     parser.add_argument("--eval-images", type=int, default=None, help="held-out images (default 1000)")
-    parser.add_argument("--eval-every", type=int, default=None, help="instruction steps between evaluations (default: a fifth of the stage)")
+    parser.add_argument("--eval-every", type=int, default=None, help="instruction steps between evaluations (default: a tenth of the stage)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="steps of each pretraining (default 300)")
     parser.add_argument("--profile-batches", type=int, default=None,
                         help="training batches stsc.profile measures on (default 2; --quick 1)")
@@ -585,8 +697,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr-alignment", type=float, default=1e-3)
     parser.add_argument("--lr-instruction", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: with 2 threads on 2 shared cores a step slowed up to 30x "
-                             "whenever another process held a core, with 1 thread about 2x)")
+                        help="torch threads of the timed training steps (default 1: with 2 threads on 2 shared cores "
+                             "a step slowed up to 30x whenever another process held a core, with 1 thread about 2x)")
+    parser.add_argument("--untimed-threads", type=int, default=TORCH_THREADS,
+                        help="torch threads of what is not timed: pretraining and profiles (default: "
+                             f"torch's default here, {TORCH_THREADS}; 1 on a busy machine)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args(argv)
     args.policies = args.policies.split(",")
@@ -599,20 +714,22 @@ def main(argv=None) -> dict:
     args.pretrain_steps = args.pretrain_steps or (4 if args.quick else 300)
     args.profile_batches = args.profile_batches or (1 if args.quick else 2)
     args.profile_methods = ("uniform", "random") if args.quick else COMPRESSION_METHODS  # --quick: a quicker profile
-    args.eval_every = args.eval_every or max(1, args.images // args.batch // 5)
+    args.eval_every = args.eval_every or max(1, args.images // args.batch // 10)
     start = time.perf_counter()
 
     model = build_model(args)
-    measures = pretrain(args, model)
+    with threads(args.untimed_threads):
+        measures = pretrain(args, model)
     tokens = model.config.tokens_per_image
-    held_out = make_batches("instruction", args.eval_images, 50, HELD_OUT_SEED, tokens)
-    print(f"shapes task: {args.images} images per stage, batch {args.batch}, {len(held_out) * 50} held-out questions; "
-          f"decoder {args.layers} x {args.hidden}, {tokens} visual tokens, {torch.get_num_threads()} threads; "
+    print(f"shapes task: {args.images} images per stage, batch {args.batch}, {args.eval_images // 50 * 50} held-out "
+          f"questions (evaluated in a worker process); "
+          f"decoder {args.layers} x {args.hidden}, {tokens} visual tokens, {args.threads} thread(s) timed, "
+          f"{args.untimed_threads} untimed; "
           f"{args.seeds} seed(s)")
     print(f"pretrained parts ({'loaded from' if measures['loaded'] else 'written to'} {measures['cache']}, "
           f"{measures['seconds']:.0f} s, not timed): vision encoder probe accuracy {measures['encoder_probe_accuracy']:.3f} "
           f"(per token: its quadrant's colour and shape, and the quadrant; held out); decoder text-only answer loss {measures['decoder_text_loss']:.3f}")
-    sequence = held_out[0]["input_ids"].shape[1]
+    sequence = 1 + tokens + TEXT_TOKENS  # bos, the visual tokens, the text
     flops = flop_report(model, sequence)
     for name, shares in flops.items():
         print(f"step FLOPs, {name:<12} " + "; ".join(
@@ -620,8 +737,9 @@ def main(argv=None) -> dict:
             for stage, parts in shares.items()))
 
     seeds, per_seed = [], []
+    evaluator = Evaluator(args)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        result = train_seed(args, model.state_dict(), seed, held_out, profile_stages=seed == args.first_seed)
+        result = train_seed(args, model.state_dict(), seed, evaluator, profile_stages=seed == args.first_seed)
         figures = seed_figures(result["runs"])
         per_seed.append(figures)
         seeds.append(result)
@@ -629,16 +747,19 @@ def main(argv=None) -> dict:
             f"{name} {f['accuracy']:.3f} in {f['seconds']:.1f} s" + (
                 f" (dense accuracy at {f['reached_at']:.1f} s)" if f["reached_at"] is not None else " (not reached)")
             for name, f in figures.items()))
+    evaluator.close()
     profiles = seeds[0]["profiles"]
     print("per-stage profiles (first seed; stsc.profile on the stage's first training batches):")
     print(compare(profiles))
     print("proposed by stsc profile at the start of training (first seed):")
     print(profiles["alignment start"].proposal.yaml().rstrip())
     print(f"over {args.seeds} seed(s) (mean ± sd; speed-up: dense / policy training wall-clock; align/instr: per "
-          f"stage; tok/lay: decoder positions / blocks run vs dense; to dense acc: time-to-dense-accuracy speed-up)")
-    rows = table(per_seed)
+          f"stage; tok/lay: decoder positions / blocks run vs dense; to dense acc, to 0.99 dense: speed-up of the "
+          f"time to the dense run's final accuracy, and to 0.99 of it, per seed; mean curve: the time to the dense "
+          f"runs' mean final accuracy on the accuracy curves averaged over the seeds)")
+    summary = summarize(per_seed, mean_curve_speedups([seed["runs"] for seed in seeds]))
+    rows = table(per_seed, summary)
     print("\n".join(rows))
-    summary = summarize(per_seed)
     best = best_policy(summary)
     result = {"accuracy_dense": summary["dense"]["accuracy"], "accuracy_sts": summary["sts"]["accuracy"],
               "retention": summary["sts"]["retention"], "speedup": summary["sts"]["speedup"], "best_policy": best,
@@ -653,6 +774,12 @@ def main(argv=None) -> dict:
     if plot(seeds, args.out / "two_stage.png"):
         print(f"wrote {args.out / 'two_stage.png'} and {args.out / 'two_stage.json'}")
     print(f"total wall-clock {time.perf_counter() - start:.0f} s (pretraining, training, evaluation and profiles)")
+    to_accuracy = summary[best]["to accuracy"]
+    print(f"time to accuracy, {best}: " + "; ".join(
+        f"to {label}: " + (f"{entry['mean']:.3f}x" if entry["mean"] else f"{entry['reached']}/{args.seeds} seeds reached")
+        for label, entry in to_accuracy.items() if isinstance(entry, dict))
+        + "; dense, mean curve: " + (f"{to_accuracy['dense, mean curve']:.3f}x" if to_accuracy["dense, mean curve"]
+                                     else "not reached"))
     print("RESULT " + " ".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.3f}" for k, v in result.items()))
     return {"result": result, "summary": summary, "per_seed": per_seed, "seeds": seeds, "pretrained": measures}
 

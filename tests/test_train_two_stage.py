@@ -41,6 +41,46 @@ def test_step_flops_put_the_decoder_first_as_in_llava():
         assert shares["instruction"]["decoder"] > shares["alignment"]["decoder"]  # weight gradients too
 
 
+def _run(evals, seconds=None):
+    """A run's result as train_seed gives it: ``evals`` as (wall-clock, accuracy) pairs, one stage."""
+    seconds = seconds or evals[-1][0]
+    return {"accuracy": evals[-1][1], "seconds": seconds, "evals": [{"seconds": t, "accuracy": a} for t, a in evals],
+            "stages": {"instruction": {"seconds": seconds, "tokens": 100, "layers": 8, "steps": 4}}}
+
+
+def test_time_to_accuracy_is_read_from_the_first_evaluation_reaching_each_target():
+    dense = _run([(10, 0.5), (20, 0.8), (30, 0.79)])  # final 0.79, first reached at 20 s
+    fast = _run([(5, 0.6), (10, 0.785), (15, 0.795)])  # 0.79 at 15 s; 0.99 * 0.79 = 0.7821 at 10 s
+    never = _run([(5, 0.6), (10, 0.7), (15, 0.78)])
+    figures = train_two_stage.seed_figures({"dense": dense, "fast": fast, "never": never})
+    assert figures["dense"]["to accuracy"] == {"dense": 1.0, "0.99 dense": 1.0}
+    assert figures["fast"]["to accuracy"] == {"dense": pytest.approx(20 / 15), "0.99 dense": pytest.approx(20 / 10)}
+    assert figures["fast"]["reached_at"] == 15 and figures["fast"]["speedup"] == 2.0
+    assert figures["never"]["to accuracy"] == {"dense": None, "0.99 dense": None}
+
+
+def test_mean_curve_time_to_accuracy_averages_the_seeds_curves():
+    seeds = [{"dense": _run([(10, 0.70), (20, 0.80)]), "fast": _run([(5, 0.76), (10, 0.79)])},
+             {"dense": _run([(12, 0.74), (22, 0.76)]), "fast": _run([(7, 0.70), (12, 0.79)])}]
+    # per seed, fast misses dense's 0.80 in the first seed; the mean curves: dense 0.72 then 0.78 (at 21 s),
+    # fast 0.73 then 0.79 (at 11 s)
+    per_seed = [train_two_stage.seed_figures(runs) for runs in seeds]
+    assert [f["fast"]["to accuracy"]["dense"] for f in per_seed] == [None, pytest.approx(22 / 12)]
+    mean = train_two_stage.mean_curve_speedups(seeds)
+    assert mean == {"dense": 1.0, "fast": pytest.approx(21 / 11)}
+    summary = train_two_stage.summarize(per_seed, mean)
+    assert summary["fast"]["to accuracy"]["dense"] == {"per_seed": [None, pytest.approx(22 / 12)], "reached": 1,
+                                                        "mean": None}
+    assert summary["fast"]["to accuracy"]["dense, mean curve"] == pytest.approx(21 / 11)
+
+
+def test_untimed_work_runs_with_its_own_threads():
+    before = torch.get_num_threads()
+    with train_two_stage.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """One --quick run, recording each run's weights as it enters each stage."""
@@ -103,6 +143,7 @@ def test_quick_run_writes_the_result_json_and_plot(quick):
     assert result["result"]["best_policy"] in ("sts", "profile", "sts_fast")
     saved = json.loads((out / "two_stage.json").read_text())
     assert saved["result"]["best_policy"] == result["result"]["best_policy"]
+    assert set(saved["summary"]["sts_fast"]["to accuracy"]) == {"dense", "0.99 dense", "dense, mean curve"}
     assert set(saved["profiles"]) == {"alignment start", "alignment end (dense)", "instruction start (dense)",
                                       "instruction start (sts)", "instruction end (dense)", "instruction end (sts)"}
     assert (out / "two_stage.png").read_bytes()[:4] == b"\x89PNG"
