@@ -644,15 +644,18 @@ def plot(seeds: list[dict], path: Path) -> bool:
                       title=f"accuracy vs wall-clock ({len(seeds)} seeds; first seed bold)")
     accuracy_axes.legend()
     window = 25
+
+    def trailing_mean(values: list[float]) -> list[float]:
+        return [fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
     for name, run in seeds[0]["runs"].items():
         steps = [e["step"] for e in run["log"]]
-        rates = [e["skip_rate"] for e in run["log"]]
-        skip_axes.plot(steps, [fmean(rates[max(0, i - window + 1):i + 1]) for i in range(len(rates))],
-                       color=colours[name], label=name)
-        length_axes.plot(steps, [e["sequence"] for e in run["log"]], color=colours[name], label=name)
+        skip_axes.plot(steps, trailing_mean([e["skip_rate"] for e in run["log"]]), color=colours[name], label=name)
+        length_axes.plot(steps, trailing_mean([e["sequence"] for e in run["log"]]), color=colours[name], label=name)
     skip_axes.set(xlabel="step", ylabel=f"decoder blocks skipped ({window}-step mean)", ylim=(0, 1),
                   title="skip rate over training (first seed)")
-    length_axes.set(xlabel="step", ylabel="positions entering the decoder", title="decoder sequence length (first seed)")
+    length_axes.set(xlabel="step", ylabel=f"positions entering the decoder ({window}-step mean)",
+                    title="decoder sequence length (first seed)")
     for axes in (skip_axes, length_axes):
         axes.axvline(len(seeds[0]["runs"]["dense"]["log"]) / 2, color="grey", linewidth=0.8)
         axes.legend()

@@ -1,6 +1,7 @@
 """The CI-sized two-stage benchmark: the LLaVA recipe's pipeline works (every policy trains, compression and
 skipping happen, the encoder stays frozen, alignment trains the projector alone), and its outputs are written."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def test_mean_curve_time_to_accuracy_averages_the_seeds_curves():
     assert summary["fast"]["to accuracy"]["dense, mean curve"] == pytest.approx(21 / 11)
 
 
+def test_a_failing_evaluation_worker_is_reported_not_waited_for():
+    args = argparse.Namespace(hidden=32, layers=1, eval_images=50)
+    evaluator = train_two_stage.Evaluator(args)
+    evaluator.submit(torch.nn.Linear(2, 2), {"accuracy": None})  # not the model's weights: loading them fails
+    with pytest.raises(RuntimeError, match=r"^the evaluation worker exited \(code 1\)$"):
+        evaluator.collect(wait=True)
+
+
 def test_untimed_work_runs_with_its_own_threads():
     before = torch.get_num_threads()
     with train_two_stage.threads(1):
@@ -106,7 +115,7 @@ def test_quick_run_trains_every_policy_and_the_sparse_ones_compress_and_skip(qui
     assert list(runs) == ["dense", "sts", "profile", "sts_fast"]
     for run in runs.values():
         assert [e["stage"] for e in run["log"]] == ["alignment"] * 4 + ["instruction"] * 4
-        assert len(run["evals"]) >= 2 and 0 <= run["accuracy"] <= 1
+        assert len(run["evals"]) >= 2 and all(0 <= e["accuracy"] <= 1 for e in run["evals"])  # every one filled in
     stages = {name: run["stages"] for name, run in runs.items()}
     dense = stages["dense"]
     assert stages["sts"]["alignment"]["tokens"] < dense["alignment"]["tokens"]  # compressed
