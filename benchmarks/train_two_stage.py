@@ -388,6 +388,10 @@ class Run:
         self.evals.append({"step": step, "seconds": self.clock, "accuracy": None})
         self.evaluator.submit(self.sparse.model, self.evals[-1])
 
+    def latest_accuracy(self) -> list[float]:
+        """The latest accuracy the evaluator has filled in (an empty list before the first)."""
+        return [e["accuracy"] for e in reversed(self.evals) if e["accuracy"] is not None][:1]
+
     def profile(self, batches: list[dict], label: str, methods: tuple[str, ...]) -> stsc.Profile:
         """``stsc.profile`` of the model as it is now (its passes removed; the next step puts them back)."""
         with threads(self.untimed_threads):
@@ -500,7 +504,7 @@ def train_seed(args, pretrained: dict, seed: int, evaluator: Evaluator, profile_
                     run.evaluate(step)
             evaluator.collect(wait=False)
             _progress(f"seed {seed}: {stage} {position + 1}/{len(batches)}  " + "  ".join(
-                f"{name} {run.clock:.0f} s" + "".join(f" {e['accuracy']:.3f}" for e in run.evals[-1:] if e["accuracy"])
+                f"{name} {run.clock:.0f} s" + "".join(f" {accuracy:.3f}" for accuracy in run.latest_accuracy())
                 for name, run in runs.items()))
         if stage == "alignment":
             for run in runs.values():
