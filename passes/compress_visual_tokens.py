@@ -66,8 +66,8 @@ from stsc.savings import Savings
 from stsc.schedules import StepClock, seeded_generator
 
 __all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "Plan", "SequenceCompactor", "apply",
-           "compact", "compact_hidden", "estimate", "expand", "gather_dims", "index_along", "kept_count", "plan",
-           "select", "uniform_indices"]
+           "compact", "compact_hidden", "estimate", "expand", "forward_draws", "gather_dims", "index_along",
+           "kept_count", "plan", "select", "uniform_indices"]
 
 METHODS = ("uniform", "random", "text_guided", "pool", "merge")
 SELECTING = ("uniform", "random", "text_guided")  # methods that keep a subset (the others average)
@@ -319,6 +319,15 @@ def expand(value, plan_: Plan, batch: int):
 
 
 # ------------------------------------------------------------------------------------- runtimes
+def forward_draws(config: CompressVisualTokensConfig, step: int, micro_step: int) -> tuple[bool, torch.Generator]:
+    """A training forward's draws: whether it runs dense (``dense_fraction`` > 0: the first draw of the generator
+    seeded by ``(seed, step, micro step)`` decides) and that generator, which draws the rest (``random``)."""
+    generator = seeded_generator(config.seed, step, micro_step)
+    dense = bool(config.dense_fraction) and float(
+        torch.rand((), generator=generator, dtype=torch.float64)) < config.dense_fraction
+    return dense, generator
+
+
 class _Runtime:
     """What both compressor runtimes share: the step clock seeding their draws, and their hooks."""
 
@@ -328,13 +337,9 @@ class _Runtime:
     _trying = False  # in sparsify's trial step, which always compresses
 
     def _draws(self) -> torch.Generator | None:
-        """This training forward's generator, seeded by ``(seed, step, micro step)``; None when the forward is
-        drawn dense (``dense_fraction``: the generator's first draw decides)."""
-        generator = seeded_generator(self.config.seed, *self.clock.tick())
-        if self._trying or not self.config.dense_fraction:
-            return generator
-        return None if float(torch.rand((), generator=generator, dtype=torch.float64)) < self.config.dense_fraction \
-            else generator
+        """This training forward's generator (:func:`forward_draws`); None when the forward is drawn dense."""
+        dense, generator = forward_draws(self.config, *self.clock.tick())
+        return None if dense and not self._trying else generator
 
     def set_progress(self, *, step: int | None = None, epoch: float | None = None) -> None:
         if step is not None:

@@ -137,7 +137,7 @@ def _transform(args) -> int:
     if args.out:
         _write_out(args.out, sparse, policy, checks, graphs)
         print(f"wrote {args.out}/report.json, {args.out}/policy.yaml and, per stage the graph lowering supports, "
-              f"stage_<name>.py and stage_<name>.pt2")
+              f"stage_<name>.py and stage_<name>.pt2 (and stage_<name>_dense.* where some forwards are drawn dense)")
     failed = [c["stage"] for c in checks if not (c["eval_equals_dense"] and c["loss_finite"]
                                                   and c.get("equals_modules", True))]
     if failed:
@@ -237,6 +237,12 @@ def _write_out(out: Path, sparse: SparseModel, policy, checks: list[dict], graph
             (out / f"stage_{name}.py").write_text("\n".join(header) + "\n"
                                                   + graph.graph_module.print_readable(print_output=False))
             torch.export.save(graph.exported, out / f"stage_{name}.pt2")
+            if graph.exported_dense is not None:  # the graph the forwards drawn dense run
+                header[0] = header[0].replace("a rewritten graph", "a rewritten graph without the compression, for "
+                                              "the forwards drawn dense")
+                (out / f"stage_{name}_dense.py").write_text(
+                    "\n".join(header) + "\n" + graph.exported_dense.module().print_readable(print_output=False))
+                torch.export.save(graph.exported_dense, out / f"stage_{name}_dense.pt2")
 
 
 # ------------------------------------------------------------------------------------- profile

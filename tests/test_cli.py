@@ -91,8 +91,8 @@ def test_transform_bundled_example_with_sts_preset(tmp_path):
     assert "verified 'alignment' (modules lowering): train step ran (loss " in result.stdout
     assert "decoder sequence 45, blocks skipped [], 72/72 parameters got gradients); eval equals dense: yes" \
         in result.stdout
-    assert ("graph lowering of 'instruction': skip_layers: +21 nodes (1 stsc_skip, 4 select_int, 4 stsc_identity, "
-            "4 stsc_block, 4 cond, 4 getitem), -192 nodes, 0 uses redirected") in result.stdout
+    assert ("graph lowering of 'instruction': skip_layers: +25 nodes (1 stsc_skip, 4 select_int, 4 stsc_identity, "
+            "4 stsc_block, 4 cond, 4 getitem, 4 view_as_default), -192 nodes, 0 uses redirected") in result.stdout
     assert "verified 'instruction'" in result.stdout and "eval equals dense: NO" not in result.stdout
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
@@ -107,11 +107,14 @@ def test_transform_bundled_example_with_sts_preset(tmp_path):
 
 
 @pytest.mark.slow
-def test_transform_verifies_the_graph_lowering_against_the_module_lowering():
-    result = stsc("transform", EXAMPLE, "sts", "--lowering", "graph")
+@pytest.mark.parametrize("policy", ["sts", "sts_fast"])
+def test_transform_verifies_the_graph_lowering_against_the_module_lowering(policy, tmp_path):
+    result = stsc("transform", EXAMPLE, policy, "--lowering", "graph", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(graph lowering): train step ran") == 2
     assert result.stdout.count("loss equals the module lowering's: yes); eval equals dense: yes") == 2
+    dense = sorted(path.name for path in tmp_path.glob("stage_*_dense.*"))  # the graph of the forwards drawn dense
+    assert dense == ([] if policy == "sts" else ["stage_instruction_dense.pt2", "stage_instruction_dense.py"])
 
 
 @pytest.mark.slow

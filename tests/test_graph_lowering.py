@@ -95,6 +95,79 @@ def test_loss_and_every_gradient_equal_the_module_lowering(family):
 
 
 @pytest.mark.parametrize("family", ["tiny", *(pytest.param(f, marks=pytest.mark.slow)
+                                              for f in ("llava", "paligemma", "idefics3", "gemma3", "lfm2_vl"))])
+def test_a_stage_that_compresses_with_dense_forwards_and_skips_equals_the_module_lowering(family):
+    """sts_fast's instruction stage: compaction, a third of the forwards drawn dense, skipped blocks. A forward
+    drawn dense runs the graph lowered without the compression; every step's loss and gradients equal the
+    module lowering's, and both lowerings draw the same forwards dense. (LFM2-VL: each image's token grid comes
+    from an input, ``spatial_shapes``, which the graph's plan reads too.)"""
+    model, inputs = build(family)
+    reference = copy.deepcopy(model)
+    graph = transform(model, "sts_fast", inputs, stage="instruction")["instruction"]
+    assert graph.training_notes == []  # every guarded block of both graphs saves its activations
+    dense_code = graph.exported_dense.module().code
+    assert "torch.ops.stsc.compact.default" not in dense_code and "torch.ops.higher_order.cond" in dense_code
+    sparse = sparsify(reference, "sts_fast", inputs, stage="instruction")
+    drawn_dense = []
+    for step in range(8):
+        for lowering in (graph, sparse):
+            lowering.set_progress(epoch=0.2, step=step)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        graph_loss, module_loss = loss_of(graph(**inputs)), loss_of(sparse(**inputs))
+        graph_loss.backward()
+        module_loss.backward()
+        assert graph.runtime.last_dense == (not sparse.runtimes["compress_visual_tokens"].last_plan.drops)
+        assert graph.last_skipped == sparse.runtimes["skip_layers"].last_skipped
+        drawn_dense.append(graph.runtime.last_dense)
+        torch.testing.assert_close(graph_loss, module_loss, rtol=1e-6, atol=1e-6)
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            assert (param.grad is None) == (expected.grad is None)
+            if param.grad is not None:
+                torch.testing.assert_close(param.grad, expected.grad, rtol=1e-6, atol=1e-6)
+    assert drawn_dense == [False, False, True, False, False, True, False, False]  # seed 0's draws
+
+
+def test_a_stage_counted_in_steps_moves_its_schedule_with_the_step():
+    policy = parse_policy("version: 1\nstages:\n  - {name: s, steps: 10, passes: {skip_layers: "
+                          "{schedule: sts, alpha: 0.6, eps: 0.5}}}\n")
+    model, inputs = build("tiny")
+    graph = transform(model, policy, inputs)["s"]
+    sparse = sparsify(copy.deepcopy(model), policy, inputs)
+    for lowering in (graph, sparse):
+        lowering.set_progress(step=4)
+    assert graph.runtime.probabilities() == sparse.runtimes["skip_layers"].probabilities()
+    assert graph.runtime.probabilities() == pytest.approx([0.108, 0.18, 0.252, 0.324])  # 0.6 * (6/10)^2 * (...)
+
+
+@pytest.mark.slow
+def test_blocks_that_cannot_run_under_torch_cond_are_refused_by_name():
+    model, inputs = hf_models.aria()  # MoE decoder blocks
+    with pytest.raises(GraphLoweringUnavailable, match=r"^skip_layers: model.language_model.layers.0, "
+                                                       r"model.language_model.layers.1, model.language_model.layers.2 "
+                                                       r"cannot run under torch.cond"):
+        transform(model, "sts", inputs, stage="instruction")
+
+
+@pytest.mark.slow
+def test_the_forwards_drawn_dense_compile_to_a_second_graph():
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    model, inputs = build("tiny")
+    graph = transform(model, "sts_fast", inputs, stage="instruction")["instruction"]
+    compiled = []
+    torch._dynamo.reset()
+    graph.compile(backend=lambda gm, example_inputs: compiled.append(gm) or aot_eager(gm, example_inputs),
+                  dynamic=False)
+    kinds = set()
+    for step in range(12):
+        graph.set_progress(epoch=0.0, step=step)
+        loss_of(graph(**inputs)).backward()
+        kinds.add(graph.runtime.last_dense)
+    assert kinds == {False, True} and len(compiled) == 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["tiny", *(pytest.param(f, marks=pytest.mark.slow)
                                               for f in ("llava", "paligemma", "idefics3", "gemma3"))])
 def test_a_running_block_runs_its_forward_once_and_a_skipped_block_nothing(family):
     """torch.cond's own backward runs the taken branch's forward again; the training graph's guarded blocks
@@ -237,9 +310,6 @@ def test_a_model_that_does_not_export_says_so():
 
 @pytest.mark.parametrize("params, reason", [
     ("{method: pool}", "method 'pool' averages tokens; the graph compacts by selection (uniform, random, text_guided)"),
-    ("{keep_ratio: 0.25, dense_fraction: 0.2}",
-     "dense_fraction 0.2 runs some steps on the whole sequence; the graph is built for one number of positions "
-     "dropped per row"),
 ])
 def test_compressions_the_graph_cannot_express_are_refused_with_the_reason(params, reason):
     model, inputs = build("tiny")
@@ -278,15 +348,22 @@ def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
 
 
 # ------------------------------------------------------------------------------ torch.compile backend
-@pytest.mark.parametrize("stage, dynamic, pattern", [("instruction", None, [1, 2]),
-                                                     pytest.param("alignment", True, None, marks=pytest.mark.slow)])
-def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_lowering(stage, dynamic, pattern):
+QUARTER_WITH_DENSE_FORWARDS = parse_policy(
+    "version: 1\nstages:\n  - {name: alignment, steps: 10, passes: {compress_visual_tokens: "
+    "{keep_ratio: 0.25, dense_fraction: 0.35}}}\n")
+
+
+@pytest.mark.parametrize("policy, stage, dynamic, pattern", [
+    ("sts", "instruction", None, [1, 2]),
+    pytest.param("sts", "alignment", True, None, marks=pytest.mark.slow),
+    (QUARTER_WITH_DENSE_FORWARDS, "alignment", True, None)])  # on the image grid; step 2 is drawn dense
+def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_lowering(policy, stage, dynamic, pattern):
     model, inputs = build("tiny")
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    rewriter = backend(model, "sts", inputs, stage=stage, compiler="aot_eager")
+    rewriter = backend(model, policy, inputs, stage=stage, compiler="aot_eager")
     compiled = torch.compile(model, backend=rewriter, dynamic=dynamic)
-    sparse = sparsify(reference, "sts", inputs, stage=stage)
+    sparse = sparsify(reference, policy, inputs, stage=stage)
     for step in range(3):
         for lowering in (rewriter, sparse):
             lowering.set_progress(epoch=0.0, step=step)
@@ -303,10 +380,18 @@ def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_loweri
             assert (param.grad is None) == (expected.grad is None)
             if param.grad is not None:
                 torch.testing.assert_close(param.grad, expected.grad, rtol=1e-6, atol=1e-6)
-    assert rewriter.graphs and all(g.startswith(("skip_layers: +21 nodes", "compress_visual_tokens: +8 nodes"))
+    assert rewriter.graphs and all(g.startswith(("skip_layers: +25 nodes", "compress_visual_tokens: +8 nodes"))
                                    for g in rewriter.graphs)
+    assert rewriter.runtime.last_dense == (policy is QUARTER_WITH_DENSE_FORWARDS)  # step 2
     rewriter.remove()
     torch._dynamo.reset()
+
+
+def test_the_compile_backend_refuses_a_stage_that_compresses_and_skips():
+    model, inputs = build("tiny")
+    with pytest.raises(ValueError, match=r"^stage 'instruction' compresses visual tokens and skips blocks: the "
+                                         r"compile backend does one of them per stage"):
+        backend(model, "sts_fast", inputs, stage="instruction")
 
 
 @pytest.mark.slow

@@ -6,7 +6,10 @@ parameters and the call's inputs) and rewritten as :mod:`stsc.lowering.graph` re
 for one stage of the policy: ``torch.cond`` around each decoder block the graph holds, and the compression of
 the decoder-entry region when the merge and the decoder are in the same graph. The runtime values (the step,
 the skip flags) are extra trailing inputs of the rewritten graph, filled once per model forward (a hook on
-the model), so every skip pattern runs the same compiled code. What was done with each graph, or why it was
+the model), so every skip pattern runs the same compiled code. With the compression's ``dense_fraction``, each
+graph is also compiled as it is, for the forwards drawn dense (the module lowering's draw). A stage that both
+compresses and skips is refused (the compression needs dynamic shapes, under which ``torch.cond`` cannot take
+the compacted sequence): :func:`stsc.transform` lowers it. What was done with each graph, or why it was
 left as it was (a graph without the blocks, a graph compiled for eval, a model compiled without
 ``dynamic=True`` for the compression, ...), is in :attr:`CompileBackend.graphs`; the model is never broken
 silently. A stage is fixed per backend: compile the model again with another backend for the next stage.
@@ -43,12 +46,17 @@ class CompileBackend:
             raise ValueError(f"a compile backend rewrites for one stage; name it with stage= "
                              f"({', '.join(s.name for s in policy.stages)})")
         self.stage, self.model, self.compiler = stages[0], model, compiler
+        if {"compress_visual_tokens", "skip_layers"} <= {entry.name for entry in self.stage.passes}:
+            raise ValueError(f"stage {self.stage.name!r} compresses visual tokens and skips blocks: the compile "
+                             f"backend does one of them per stage (the compression needs dynamic shapes, under which "
+                             f"torch.cond cannot take the compacted sequence); use stsc.transform(...) and "
+                             f"GraphStage.compile(), or sparsify(...) and torch.compile")
         self.inputs = forward_kwargs(model, example_inputs)[0]
         self.structure = capture_and_match(model, example_inputs)[0]
         skip = self.stage.pass_config("skip_layers")
         blocks = self.structure.blocks
         guarded = [skip.may_skip(b) for b in blocks] if skip else []
-        self.runtime = GraphRuntime(model, skip, guarded, [b.path for b in blocks])
+        self.runtime = GraphRuntime(model, self.stage, guarded, [b.path for b in blocks])
         self.set_progress, self.force = self.runtime.set_progress, self.runtime.force
         self.graphs: list[str] = []  # per graph dynamo handed over: what was rewritten, or why not
         self._call: dict = {}
@@ -74,17 +82,25 @@ class CompileBackend:
             self.graphs.append("left as it is: compiled for eval or without gradients (the dense model)")
             return inner(gm, example_inputs)
         flags = Flags(as_inputs=True)
-        gm = _copy(gm)  # dynamo keeps reading the graph it handed over: rewrite a copy
+        rewritten = _copy(gm)  # dynamo keeps reading the graph it handed over: rewrite a copy
         try:
-            rewrites = self._rewrite(gm, example_inputs, flags)
+            rewrites = self._rewrite(rewritten, example_inputs, flags)
         except GraphLoweringUnavailable as exc:
             self.graphs.append(f"left as it is: {exc}")
             return inner(gm, example_inputs)
+        names = [n.target for n in rewritten.graph.nodes if n.op == "placeholder"][len(example_inputs):]
+        compiled = inner(rewritten, [*example_inputs, *(self._flags[name] for name in names)])
+        dense = None
+        compress = self.runtime.compress
+        if compress is not None and compress.dense_fraction:  # the stage's one pass; dense forwards skip it
+            dense = inner(gm, example_inputs)
+            rewrites[0].note = (f"the forwards drawn dense (dense_fraction {compress.dense_fraction:g}) run the "
+                                f"graph as it is")
         self.graphs.append("; ".join(r.summary() for r in rewrites))
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"][len(example_inputs):]
-        compiled = inner(gm, [*example_inputs, *(self._flags[name] for name in names)])
 
         def run(*args):
+            if dense is not None and self.runtime.last_dense:
+                return dense(*args)
             return compiled(*args, *(self._flags[name] for name in names))
 
         return run
@@ -97,8 +113,10 @@ class CompileBackend:
         if not any(module_region(gm, block.path) for block in self.structure.blocks):
             raise GraphLoweringUnavailable("this graph holds no decoder blocks" + (
                 " but the merge: a graph break puts the merge and the decoder in different graphs" if merge else ""))
-        boundary = merge and dataclasses.replace(found.boundary,
-                                                 decoder_entry=self.structure.boundary.decoder_entry)
+        known = self.structure.boundary  # what this graph alone cannot show: the entry module, the images' grid
+        boundary = merge and dataclasses.replace(found.boundary, decoder_entry=known.decoder_entry, grid=known.grid,
+                                                 rows_layout=known.rows_layout, grid_input=known.grid_input,
+                                                 grid_scale=known.grid_scale)
         structure = dataclasses.replace(self.structure, boundary=boundary or None)
         rewrites = []
         for entry in self.stage.passes:

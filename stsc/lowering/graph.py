@@ -17,6 +17,11 @@ rewrites its graph module (``ep.module()``: the caller's own parameters, as attr
   the runtime fills before each forward. Sizes the block reads are recomputed inside it from its hidden
   input (``torch.cond`` takes tensor operands only).
 
+With the compression's ``dense_fraction`` > 0, the stage is lowered a second time without the compression (the
+other passes applied): the forwards the runtime draws dense run that graph. Guarded blocks return their hidden
+state flattened (and the caller views it back), because ``torch.cond`` cannot reason about the strides of a
+compacted sequence's tensors (``Max(1, length - dropped)``).
+
 After each pass the graph module is exported again, so its metadata (shapes, the ops' fake results) is
 consistent and it can be saved with ``torch.export.save`` (the ops are registered when ``stsc`` is imported).
 
@@ -42,7 +47,7 @@ from torch.export import Dim
 from stsc.capture import KeywordCall, exported_capture, first_line, forward_kwargs, module_paths
 from stsc.layout import images_in
 from stsc.match import Structure, match
-from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, kept_count
+from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, forward_draws, kept_count
 from stsc.passes.skip_layers import SkipLayersConfig
 from stsc.policy import Policy, Stage, load_policy
 from stsc.report import capture_and_match
@@ -67,6 +72,7 @@ class RewriteInfo:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     replaced: int = 0
+    note: str = ""  # what else the rewrite means for the stage
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -75,7 +81,7 @@ class RewriteInfo:
             kinds[kind] = kinds.get(kind, 0) + 1
         added = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
         return (f"{self.name}: +{len(self.added)} nodes ({added or 'none'}), -{len(self.removed)} nodes, "
-                f"{self.replaced} uses redirected")
+                f"{self.replaced} uses redirected" + (f", {self.note}" if self.note else ""))
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -121,11 +127,12 @@ def module_region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
 
 # --------------------------------------------------------------------------- compress_visual_tokens
 def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.Node, token_ids: fx.Node,
-                   step: fx.Node, plan_args: tuple, removed: int) -> RewriteInfo:
+                   step: fx.Node, plan_args: tuple) -> RewriteInfo:
     """Compact everything entering the ``entry`` region of ``gm`` at the kept positions, expand what leaves it.
 
-    ``step``: a node holding ``[step, micro step]`` (seeds the random draws); ``plan_args``: the
-    ``stsc::compress_plan`` scalars (method, keep_ratio, kernel, seed, grid, rows_layout).
+    ``step``: a node holding ``[step, micro step]`` (seeds the random draws); ``plan_args``: the other
+    ``stsc::compress_plan`` arguments (method, keep_ratio, kernel, seed, grid, rows_layout, removed, dense_fraction,
+    image_grids, grid_scale).
     """
     info = RewriteInfo("compress_visual_tokens")
     graph = gm.graph
@@ -136,7 +143,7 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
         raise GraphLoweringUnavailable("the exported graph specialized the sequence length to a constant")
     with graph.inserting_before(region[0]):
         plan = graph.call_function(torch.ops.stsc.compress_plan.default,
-                                   (hidden, visual, token_ids, step, *plan_args, removed))
+                                   (hidden, visual, token_ids, step, *plan_args))
         index = graph.call_function(operator.getitem, (plan, 0))
         restore = graph.call_function(operator.getitem, (plan, 1))
         length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
@@ -207,9 +214,6 @@ def _compress_problem(structure: Structure, config: CompressVisualTokensConfig, 
         return "the merging module calls the decoder blocks itself: there is no decoder-entry region to compact"
     if config.method not in SELECTING:
         return f"method {config.method!r} averages tokens; the graph compacts by selection ({', '.join(SELECTING)})"
-    if config.dense_fraction:
-        return (f"dense_fraction {config.dense_fraction:g} runs some steps on the whole sequence; the graph is built "
-                f"for one number of positions dropped per row")
     dropped = set(_dropped_per_row(b, config, inputs))
     if len(dropped) != 1:
         return (f"the example's rows drop different numbers of positions {sorted(dropped)}; the graph is built "
@@ -235,9 +239,14 @@ def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig
     b = structure.boundary
     nodes = {node.name: node for node in gm.graph.nodes}
     node_of = lambda key: nodes[key.split(":", 1)[1]]  # noqa: E731 - data-flow key -> the node of gm
-    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, list(b.grid or ()), b.rows_layout)
+    grids = placeholders.get(b.grid_input) if b.grid_input else None
+    if b.grid_input and grids is None:
+        raise GraphLoweringUnavailable(f"the images' token grids come from the input {b.grid_input!r}, which this "
+                                       f"graph does not take")
+    plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, list(b.grid or ()), b.rows_layout,
+                 _dropped_per_row(b, config, inputs)[0], config.dense_fraction, grids, b.grid_scale or 1)
     return compact_region(gm, b.decoder_entry, node_of(b.merge_node), node_of(b.positions.source),
-                          placeholders[b.token_input], flags.step(gm), plan_args, _dropped_per_row(b, config, inputs)[0])
+                          placeholders[b.token_input], flags.step(gm), plan_args)
 
 
 def graph_problem(capture_method: str, fallback_reason: str | None, structure: Structure, stage: Stage,
@@ -271,6 +280,8 @@ def guard_blocks(gm: fx.GraphModule, paths: list[str], skippable: list[bool], sk
 def _guard_block(gm: fx.GraphModule, index: int, path: str, skip: fx.Node, info: RewriteInfo) -> bool:
     graph = gm.graph
     region = module_region(gm, path)
+    sizes_from_outside = _size_arithmetic(region)
+    region = [n for n in region if n not in sizes_from_outside]
     inside = set(region)
     outputs = [n for n in region if any(user not in inside for user in n.users)]
     inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
@@ -296,10 +307,13 @@ def _guard_block(gm: fx.GraphModule, index: int, path: str, skip: fx.Node, info:
         env[size] = block.call_function(torch.ops.aten.sym_size.int, (env[hidden], dim))
     for node in region:
         env[node] = block.node_copy(node, env.__getitem__)
-    block.output((env[outputs[0]],))
+    # both branches return the hidden state flattened: torch.cond reasons about the strides of its outputs, and
+    # those of a compacted sequence (``Max(1, length - dropped)``) it cannot
+    block.output((block.call_function(torch.ops.aten.flatten.using_ints, (env[outputs[0]], 0, -1)),))
     identity = fx.Graph()
     placeholders = [identity.placeholder(operand.name) for operand in tensors]
-    identity.output((identity.call_function(torch.ops.aten.clone.default, (placeholders[0],)),))
+    flat = identity.call_function(torch.ops.aten.flatten.using_ints, (placeholders[0], 0, -1))
+    identity.output((identity.call_function(torch.ops.aten.clone.default, (flat,)),))
     gm.add_submodule(f"stsc_block_{index}", fx.GraphModule(gm, block))
     gm.add_submodule(f"stsc_identity_{index}", fx.GraphModule(gm, identity))
     with graph.inserting_before(region[0]):
@@ -307,21 +321,39 @@ def _guard_block(gm: fx.GraphModule, index: int, path: str, skip: fx.Node, info:
         skip_branch = graph.get_attr(f"stsc_identity_{index}")
         run_branch = graph.get_attr(f"stsc_block_{index}")
         cond = graph.call_function(torch.ops.higher_order.cond, (flag, skip_branch, run_branch, tuple(tensors)))
-        result = graph.call_function(operator.getitem, (cond, 0))
+        flat = graph.call_function(operator.getitem, (cond, 0))
+        result = graph.call_function(torch.ops.aten.view_as.default, (flat, hidden))
     result.meta["val"] = _val(outputs[0])
     outputs[0].replace_all_uses_with(result)
     for node in reversed(region):
         graph.erase_node(node)
-    info.added += [n.name for n in (flag, skip_branch, run_branch, cond, result)]
+    info.added += [n.name for n in (flag, skip_branch, run_branch, cond, flat, result)]
     info.removed += [n.name for n in region]
     return True
+
+
+def _size_arithmetic(region: list[fx.Node]) -> set[fx.Node]:
+    """The nodes of ``region`` computing sizes from values outside it only: export places such arithmetic (e.g. a
+    compacted length, from the input's) in the first module that reads it, though it belongs to no block."""
+    inside, found = set(region), set()
+    for node in region:
+        if isinstance(_val(node), (int, torch.SymInt)) and all(a in found or a not in inside
+                                                              for a in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _lower_skip(gm, structure: Structure, config: SkipLayersConfig, inputs: dict, placeholders: dict[str, fx.Node],
                 flags: Flags):
     paths = [b.path for b in structure.blocks]
     allowed = [config.may_skip(b) for b in structure.blocks]
-    return guard_blocks(gm, paths, allowed, flags.skip(gm, len(paths)))
+    info, guarded = guard_blocks(gm, paths, allowed, flags.skip(gm, len(paths)))
+    unguarded = [path.removeprefix("inner.") for path, may, done in zip(paths, allowed, guarded)
+                 if may and not done and module_region(gm, path)]  # in this graph, yet not guarded
+    if unguarded:  # the module lowering would skip them: the graph would draw other decisions
+        raise GraphLoweringUnavailable(f"skip_layers: {', '.join(unguarded)} cannot run under torch.cond (a guarded "
+                                       f"block returns only its hidden state and reads only sizes of it)")
+    return info, guarded
 
 
 class Flags:
@@ -355,25 +387,34 @@ class Flags:
 # ------------------------------------------------------------------------------------------ runtime
 class GraphRuntime:
     """What a rewritten graph reads before each training forward, drawn as the module lowering draws it: the
-    step (seeding the compression's random draws) and the skip flags. It also gives a skipped block's
-    parameters ``None`` gradients when the block was skipped in every micro-batch of the step (``torch.cond``'s
-    backward gives zeros), the module lowering's semantics: AdamW leaves such a block alone."""
+    step (seeding the compression's random draws), the skip flags, and whether the forward is drawn dense
+    (``last_dense``: the compression's ``dense_fraction``; such a forward runs the graph without the compression).
+    It also gives a skipped block's parameters ``None`` gradients when the block was skipped in every micro-batch
+    of the step (``torch.cond``'s backward gives zeros), the module lowering's semantics: AdamW leaves such a block
+    alone."""
 
-    def __init__(self, model: nn.Module, skip: SkipLayersConfig | None, guarded: list[bool], paths: list[str]):
-        self.model, self.skip, self.guarded, self.paths = model, skip, guarded, paths
+    def __init__(self, model: nn.Module, stage: Stage, guarded: list[bool], paths: list[str]):
+        self.model, self.guarded, self.paths = model, guarded, paths
+        self.skip: SkipLayersConfig | None = stage.pass_config("skip_layers")
+        self.compress: CompressVisualTokensConfig | None = stage.pass_config("compress_visual_tokens")
+        self.counts_steps = stage.unit == "steps"  # the schedule's progress is the step
         self.clock, self.progress = StepClock(), 0.0
         self.forced: list[int] | None = None
         self.last_skipped: list[int] = []
+        self.last_dense = False
         self._skipped_all_step = [False] * len(paths)
         self._params = [list(model.get_submodule(path).parameters()) for path in paths]
         self._pending: list = []  # gradient hooks armed by the last forward, for the blocks it skipped
 
     def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
-        """Move the schedule: ``epoch`` into the stage (fractional), ``step`` the global step."""
-        if epoch is not None:
+        """Move the schedule: ``epoch`` into the stage (fractional), ``step`` the global step (the progress too,
+        for a stage counted in steps, as :meth:`stsc.SparseModel.set_progress` does for one stage)."""
+        if epoch is not None and not self.counts_steps:
             self.progress = float(epoch)
         if step is not None:
             self.clock.set_step(step)
+            if self.counts_steps:
+                self.progress = float(step)
 
     def force(self, skipped: list[int] | None) -> None:
         """Skip exactly these blocks in every training forward (``None``: back to the schedule)."""
@@ -383,9 +424,10 @@ class GraphRuntime:
         return layer_probabilities(self.skip.skip_schedule(), len(self.paths), self.progress, self.guarded)
 
     def next_flags(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(step, skip)`` for this training forward: ``[step, micro step]`` and one flag per block; arms the
-        gradient reset of the blocks it skips for the backward of this forward."""
+        """``(step, skip)`` for this training forward: ``[step, micro step]`` and one flag per block; sets
+        ``last_dense``; arms the gradient reset of the blocks it skips for the backward of this forward."""
         step, micro_step = self.clock.tick()
+        self.last_dense = self.compress is not None and forward_draws(self.compress, step, micro_step)[0]
         skipped = []
         if self.skip is not None:
             skipped = self.forced if self.forced is not None else draw_skips(
@@ -425,33 +467,48 @@ class GraphStage(nn.Module):
     ``torch.cond`` per guarded block); ``exported`` the exported program of it (``torch.export.save``-able);
     ``training_module`` what trains: the same graph with each ``torch.cond`` partitioned so that a block's
     backward reads the activations its forward saved (``training_notes``: the blocks left as they were, and
-    why); ``rewrites`` what each pass did; ``runtime`` the decisions (:class:`GraphRuntime`). ``forward``
-    takes the model's keyword inputs; ``set_progress`` and ``force`` move the schedule as
+    why); ``rewrites`` what each pass did; ``runtime`` the decisions (:class:`GraphRuntime`). With the
+    compression's ``dense_fraction`` > 0, the forwards drawn dense run ``exported_dense`` (trained as
+    ``dense_training_module``): the stage's graph without the compression, the other passes applied; otherwise
+    it is None. ``forward`` takes the model's keyword inputs; ``set_progress`` and ``force`` move the schedule as
     :meth:`stsc.SparseModel.set_progress` does. In ``eval()`` it runs the caller's dense model.
     """
 
     def __init__(self, model: nn.Module, call: KeywordCall, stage: Stage, exported: torch.export.ExportedProgram,
-                 rewrites: list[RewriteInfo], runtime: GraphRuntime):
+                 rewrites: list[RewriteInfo], runtime: GraphRuntime,
+                 exported_dense: torch.export.ExportedProgram | None = None):
         super().__init__()
         object.__setattr__(self, "graph_module", exported.module())  # for reading; training_module trains
         object.__setattr__(self, "dense", model)  # eval runs the caller's model; not a submodule (no second copy
         object.__setattr__(self, "call", call)  # of its parameters in state_dict); call orders the inputs
-        self.stage, self.exported, self.rewrites, self.runtime = stage, exported, rewrites, runtime
+        self.stage, self.exported, self.exported_dense = stage, exported, exported_dense
+        self.rewrites, self.runtime = rewrites, runtime
         self.set_progress, self.force = runtime.set_progress, runtime.force
         self._compile_kwargs: dict | None = None
         self._lower_for_training()
 
     def _lower_for_training(self) -> None:
-        """The graph that trains: ``graph_module`` with each guarded block's ``torch.cond`` partitioned so that its
-        backward reads the activations its forward saved (:mod:`stsc.lowering.saved_activations`), for the
-        parameters that train now."""
+        """The graphs that train: ``graph_module`` (and the dense forwards' graph) with each guarded block's
+        ``torch.cond`` partitioned so that its backward reads the activations its forward saved
+        (:mod:`stsc.lowering.saved_activations`), for the parameters that train now."""
         self.training_module = self.exported.module()
         self.training_notes = keep_activations(self.training_module)
+        self.dense_training_module = None
+        if self.exported_dense is not None:
+            self.dense_training_module = self.exported_dense.module()
+            self.training_notes += [f"in the dense forwards' graph: {note}"
+                                    for note in keep_activations(self.dense_training_module)]
         self._trainable = self._trainable_now()
-        self._flags = dict(self.training_module.named_buffers())  # stsc_step, stsc_skip: filled before each forward
-        self._run = self.training_module
-        if self._compile_kwargs is not None:
-            self._run = torch.compile(self.training_module, **self._compile_kwargs)
+        self._prepare_runs()
+
+    def _prepare_runs(self) -> None:
+        """Per kind of forward (compressed or drawn dense): what runs it (compiled after :meth:`compile`) and the
+        flag buffers (``stsc_step``, ``stsc_skip``) filled before each forward."""
+        self._runs = {}
+        for dense, module in ((False, self.training_module), (True, self.dense_training_module)):
+            if module is not None:
+                run = module if self._compile_kwargs is None else torch.compile(module, **self._compile_kwargs)
+                self._runs[dense] = run, dict(module.named_buffers())
 
     def _trainable_now(self) -> list[bool]:
         return [p.requires_grad for p in self.dense.parameters()]
@@ -473,15 +530,17 @@ class GraphStage(nn.Module):
         if self._trainable_now() != self._trainable:
             self._lower_for_training()  # other parameters train now: the blocks' backwards are partitioned again
         step, skip = self.runtime.next_flags()
+        run, flags = self._runs[self.runtime.last_dense]
         for name, value in (("stsc_step", step), ("stsc_skip", skip)):
-            if name in self._flags:
-                self._flags[name].copy_(value)
-        return self._run(*self.call.values(kwargs))
+            if name in flags:
+                flags[name].copy_(value)
+        return run(*self.call.values(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the training graph: one graph serves every skip pattern and compression draw."""
+        """``torch.compile`` the training graph: one graph serves every skip pattern and compression draw (and one
+        more the forwards drawn dense)."""
         self._compile_kwargs = compile_kwargs
-        self._run = torch.compile(self.training_module, **compile_kwargs)
+        self._prepare_runs()
 
 
 GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
@@ -493,30 +552,41 @@ def _dynamic(values: tuple, token_shape: tuple) -> tuple:
 
 
 def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
-    """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes."""
+    """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes (and, when the
+    compression leaves some forwards dense, a second graph without it)."""
     call = KeywordCall(model, forward_kwargs(model, inputs)[0])
     values = call.values(inputs)
     dynamic = _dynamic(values, tuple(inputs[structure.token_input].shape))
     exported = torch.export.export(call, values, dynamic_shapes={"values": dynamic}, strict=False)
-    rewrites, skip, guarded = [], None, []
-    for entry in stage.passes:
+    rewritten, rewrites, guarded = _rewrite_stage(exported, stage.passes, call, values, dynamic, inputs)
+    compress, exported_dense = stage.pass_config("compress_visual_tokens"), None
+    if compress is not None and compress.dense_fraction:
+        passes = [entry for entry in stage.passes if entry.name != "compress_visual_tokens"]
+        exported_dense = _rewrite_stage(exported, passes, call, values, dynamic, inputs)[0]
+        rewrites[[r.name for r in rewrites].index("compress_visual_tokens")].note = (
+            f"the forwards drawn dense (dense_fraction {compress.dense_fraction:g}) run the graph without it")
+    runtime = GraphRuntime(model, stage, guarded, [b.path for b in structure.blocks])
+    return GraphStage(model, call, stage, rewritten, rewrites, runtime, exported_dense)
+
+
+def _rewrite_stage(exported: torch.export.ExportedProgram, passes, call: KeywordCall, values: tuple, dynamic: tuple,
+                   inputs: dict) -> tuple[torch.export.ExportedProgram, list[RewriteInfo], list[bool]]:
+    """``exported`` rewritten by ``passes``, exported again after each; what each did, and the guarded blocks."""
+    rewrites, guarded = [], []
+    for entry in passes:
         gm = exported.module()  # positional inputs, in call.names order; module paths under "inner."
         exported_structure = match(exported_capture(exported, dict(zip(call.names, values)), input_names=call.names))
         placeholders = dict(zip(call.names, (n for n in gm.graph.nodes if n.op == "placeholder")))
         result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs, placeholders,
                                              Flags(as_inputs=False))
-        if entry.name == "skip_layers":
-            (info, guarded), skip = result, entry.config
-        else:
-            info = result
+        info, guarded = result if entry.name == "skip_layers" else (result, guarded)
         rewrites.append(info)
         try:
             exported = torch.export.export(gm, values, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphLoweringUnavailable(f"the rewritten graph does not export again: {type(exc).__name__}: "
                                            f"{first_line(exc)}") from exc
-    runtime = GraphRuntime(model, skip, guarded, [b.path for b in structure.blocks])
-    return GraphStage(model, call, stage, exported, rewrites, runtime)
+    return exported, rewrites, guarded
 
 
 def transform(model: nn.Module, policy: Policy | str, example_inputs: dict, stage: str | None = None

@@ -5,7 +5,10 @@
   Compressor keeps in a batch (:func:`stsc.passes.compress_visual_tokens.plan`): ``index [B, T - removed]``,
   the kept positions, and ``restore [B, T]``, the kept slot each position takes its output from. ``removed``
   (positions dropped per row) is fixed when the graph is built, so every shape downstream is ``T - removed``
-  with ``T`` the dynamic sequence length: no data-dependent size enters the graph.
+  with ``T`` the dynamic sequence length: no data-dependent size enters the graph. ``dense_fraction``: the
+  pass's, for the draws to follow the module lowering's (a forward drawn dense runs another graph, without
+  these ops); ``image_grids`` / ``grid_scale``: the model input holding each image's ``[.., height, width]``
+  and its divisor, where the images' token grids come from one (else ``grid``, one for every image).
 * ``stsc::compact(x, index, batch_dim, dims) -> x`` gathered at ``index`` along ``dims``;
 * ``stsc::expand(x, restore) -> x`` gathered back to the full length along dim 1.
 """
@@ -15,19 +18,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stsc.layout import images_in
-from stsc.passes.compress_visual_tokens import CompressVisualTokensConfig, gather_dims, index_along, plan
-from stsc.schedules import seeded_generator
+from stsc.layout import images_in, metadata_grids
+from stsc.passes.compress_visual_tokens import CompressVisualTokensConfig, forward_draws, gather_dims, index_along, plan
 
 __all__ = ["compact", "compress_plan", "expand"]
 
 
 @torch.library.custom_op("stsc::compress_plan", mutates_args=())
 def compress_plan(hidden: Tensor, visual: Tensor, token_ids: Tensor, step: Tensor, method: str, keep_ratio: float,
-                  kernel: int, seed: int, grid: list[int], rows_layout: bool, removed: int) -> tuple[Tensor, Tensor]:
-    config = CompressVisualTokensConfig(method, keep_ratio, kernel, seed)
-    images = images_in(visual, token_ids, rows_layout, (), tuple(grid) if grid else None)
-    p = plan(hidden.detach(), visual, images, config, seeded_generator(seed, *step.tolist()))
+                  kernel: int, seed: int, grid: list[int], rows_layout: bool, removed: int,
+                  dense_fraction: float = 0.0, image_grids: Tensor | None = None,
+                  grid_scale: int = 1) -> tuple[Tensor, Tensor]:
+    config = CompressVisualTokensConfig(method, keep_ratio, kernel, seed, dense_fraction)
+    grids = metadata_grids(image_grids, grid_scale) if image_grids is not None else ()
+    images = images_in(visual, token_ids, rows_layout, grids, tuple(grid) if grid else None)
+    p = plan(hidden.detach(), visual, images, config, forward_draws(config, *step.tolist())[1])
     dropped = sorted(set((visual.shape[1] - p.lengths).tolist()))
     if dropped != [removed]:
         raise ValueError(f"stsc graph lowering: this graph drops {removed} positions in every row (the example's "
@@ -37,7 +42,8 @@ def compress_plan(hidden: Tensor, visual: Tensor, token_ids: Tensor, step: Tenso
 
 
 @compress_plan.register_fake
-def _(hidden, visual, token_ids, step, method, keep_ratio, kernel, seed, grid, rows_layout, removed):
+def _(hidden, visual, token_ids, step, method, keep_ratio, kernel, seed, grid, rows_layout, removed,
+      dense_fraction=0.0, image_grids=None, grid_scale=1):
     batch, length = visual.shape
     return visual.new_empty((batch, length - removed), dtype=torch.long), visual.new_empty((batch, length),
                                                                                            dtype=torch.long)

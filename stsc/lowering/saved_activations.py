@@ -111,8 +111,17 @@ def _evaluate(size, symbols: dict):
 
 
 def _symbols(tensors) -> dict:
-    return {size.node.expr: size for t in tensors for size in t.shape
-            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol}
+    """Basic symbol -> a traced SymInt, read off the sizes of ``tensors`` that are a symbol, or else a symbol plus a
+    constant (the length of a compacted sequence: the full length minus the positions dropped)."""
+    symbols = {}
+    for size in (size for t in tensors for size in t.shape if isinstance(size, torch.SymInt)):
+        expr = size.node.expr
+        if expr.is_Symbol:
+            symbols[expr] = size
+        elif len(expr.free_symbols) == 1 and (expr - next(iter(expr.free_symbols))).is_Integer:
+            symbol = next(iter(expr.free_symbols))
+            symbols.setdefault(symbol, size - int(expr - symbol))
+    return symbols
 
 
 def _base(node: fx.Node) -> fx.Node:
@@ -189,7 +198,8 @@ def _backward_core(forward: fx.GraphModule, backward: fx.GraphModule, grads: lis
 
 
 def partition_block(block: fx.GraphModule, operands: list[torch.Tensor], grads: list[bool]) -> PartitionedBlock:
-    """Partition ``block`` (operand 0 its hidden state, its output shaped like it) into the four branch graphs.
+    """Partition ``block`` (operand 0 its hidden state, its output the new hidden state, flattened as the
+    graph lowering's guarded blocks return it) into the four branch graphs.
 
     ``operands`` are the fake values of its operands (symbolic sizes: the graphs serve every sequence length),
     ``grads`` which of them get a gradient. The activations pass between the conds as their memory, flat (so
@@ -216,8 +226,8 @@ def partition_block(block: fx.GraphModule, operands: list[torch.Tensor], grads: 
     forward.graph.eliminate_dead_code()
     forward.recompile()
 
-    values = [b.meta["val"] for b in used]
-    shared = {_storage(output.meta["val"])}
+    values, output_value = [b.meta["val"] for b in used], output.meta["val"]
+    shared = {_storage(output_value)}
     copies = []  # a branch may not return two views of one storage: the later ones are copied
     for value in values:
         if not is_non_overlapping_and_dense_or_false(value) or value.storage_offset() != 0:
@@ -233,10 +243,10 @@ def partition_block(block: fx.GraphModule, operands: list[torch.Tensor], grads: 
         return (output, *(torch.as_strided(t.clone() if copy else t, (_numel(v, symbols),), (1,))
                           for t, v, copy in zip(saved, values, copies)))
 
-    def skip_forward(*operands):
+    def skip_forward(*operands):  # the hidden state, in the shape the block returns it (flat)
         symbols = _symbols(operands)
-        return (operands[0].clone(), *(torch.empty(_numel(v, symbols), dtype=v.dtype, device=v.device)
-                                       for v in values))
+        return (operands[0].reshape(_sizes(output_value.shape, symbols)).clone(),
+                *(torch.empty(_numel(v, symbols), dtype=v.dtype, device=v.device) for v in values))
 
     def block_backward(*inputs):
         operands, flat, grad = inputs[:len(fw_inputs)], inputs[len(fw_inputs):-1], inputs[-1]
@@ -248,7 +258,7 @@ def partition_block(block: fx.GraphModule, operands: list[torch.Tensor], grads: 
 
     def skip_backward(*inputs):
         operands, grad = inputs[:len(fw_inputs)], inputs[-1]
-        return tuple(grad.clone() if i == 0 else torch.zeros_like(operand)
+        return tuple(grad.reshape(operand.shape).clone() if i == 0 else torch.zeros_like(operand)
                      for i, (operand, wanted) in enumerate(zip(operands, grads)) if wanted)
 
     with fake_mode:
