@@ -28,7 +28,7 @@ from stsc.match import match
 from stsc.policy import Policy, load_policy
 from stsc.report import capture_and_match
 
-from .graph import GRAPH_LOWERINGS, Flags, GraphLoweringUnavailable, GraphRuntime, module_region
+from .graph import GRAPH_LOWERINGS, Flags, GraphLoweringUnavailable, GraphRuntime, dense_forwards_note, module_region
 
 __all__ = ["CompileBackend", "backend"]
 
@@ -94,8 +94,7 @@ class CompileBackend:
         compress = self.runtime.compress
         if compress is not None and compress.dense_fraction:  # the stage's one pass; dense forwards skip it
             dense = inner(gm, example_inputs)
-            rewrites[0].note = (f"the forwards drawn dense (dense_fraction {compress.dense_fraction:g}) run the "
-                                f"graph as it is")
+            rewrites[0].note = dense_forwards_note(compress)
         self.graphs.append("; ".join(r.summary() for r in rewrites))
 
         def run(*args):

@@ -563,10 +563,14 @@ def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: di
     if compress is not None and compress.dense_fraction:
         passes = [entry for entry in stage.passes if entry.name != "compress_visual_tokens"]
         exported_dense = _rewrite_stage(exported, passes, call, values, dynamic, inputs)[0]
-        rewrites[[r.name for r in rewrites].index("compress_visual_tokens")].note = (
-            f"the forwards drawn dense (dense_fraction {compress.dense_fraction:g}) run the graph without it")
+        rewrites[[r.name for r in rewrites].index("compress_visual_tokens")].note = dense_forwards_note(compress)
     runtime = GraphRuntime(model, stage, guarded, [b.path for b in structure.blocks])
     return GraphStage(model, call, stage, rewritten, rewrites, runtime, exported_dense)
+
+
+def dense_forwards_note(config: CompressVisualTokensConfig) -> str:
+    """What a compression's rewrite says of the forwards drawn dense (``dense_fraction``)."""
+    return f"the forwards drawn dense (dense_fraction {config.dense_fraction:g}) run the graph without it"
 
 
 def _rewrite_stage(exported: torch.export.ExportedProgram, passes, call: KeywordCall, values: tuple, dynamic: tuple,

@@ -118,9 +118,10 @@ def _symbols(tensors) -> dict:
         expr = size.node.expr
         if expr.is_Symbol:
             symbols[expr] = size
-        elif len(expr.free_symbols) == 1 and (expr - next(iter(expr.free_symbols))).is_Integer:
-            symbol = next(iter(expr.free_symbols))
-            symbols.setdefault(symbol, size - int(expr - symbol))
+        elif len(expr.free_symbols) == 1:
+            (symbol,) = expr.free_symbols
+            if (expr - symbol).is_Integer:
+                symbols.setdefault(symbol, size - int(expr - symbol))
     return symbols
 
 
