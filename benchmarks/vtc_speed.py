@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,19 +39,7 @@ import tiny_llava  # noqa: E402
 from stsc import sparsify, transform  # noqa: E402
 from stsc.policy import parse_policy  # noqa: E402
 from stsc.savings import decoder_flops  # noqa: E402
-
-
-def alternate(steps: list, repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each step function, run alternately ``repeats`` times after ``warmup`` rounds (the
-    median, not the mean: a step slowed by another process on the machine does not move it)."""
-    times = [[] for _ in steps]
-    for round_ in range(repeats + warmup):
-        for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            if round_ >= warmup:
-                record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
+from timing import alternate  # noqa: E402
 
 
 def model_step(model, inputs):
