@@ -65,10 +65,11 @@ KEPT = {
     "qwen2_5_vl": [1, 3],
     "llava_onevision": list(range(1, 36, 2)),  # 36 tokens (base tile + rows with newlines), no grid: 18 of 36
     "mistral3": list(range(1, 16, 2)),  # a 4 x 4 grid laid out as rows between break tokens: 4 rows x 2 columns
+    "qwen2_audio": list(range(1, 16, 2)),  # a clip of 16 audio tokens, no grid: an even spread in time, 8 of 16
 }
 
 
-@pytest.mark.parametrize("family", ACCEPTANCE)
+@pytest.mark.parametrize("family", ACCEPTANCE + [pytest.param("qwen2_audio", marks=pytest.mark.slow)])
 def test_loss_equals_a_hand_built_reference_with_known_kept_positions(family):
     """The dense model run on the sequence compacted by hand (inputs_embeds, mask and position ids gathered at the
     kept positions where they enter the language model), scored against the labels gathered the same way: every
