@@ -27,6 +27,25 @@ from stsc import UnsupportedModelError, sparsify  # noqa: E402
 from stsc.capture import forward_kwargs  # noqa: E402
 
 COLUMNS = ("family", "class", "capture", "inspect", "compress", "skip", "eval", "compile")
+# Families examples/hf_models.py builds whose structure the matcher does not handle yet (issue 23): left out of the
+# table until it does, each with what inspect / sparsify report and why.
+NOT_IN_TABLE = {
+    "kimi_k25": "no token input, so no blocks: the placeholder ids are replaced by 0 before the embedding lookup",
+    "granite_speech": "no token input, so no blocks: the placeholder ids are replaced by 0 before the embedding lookup",
+    "granite4_vision": "compression refused: the placeholders are zeroed and features added before blocks 0..5, "
+                       "the add merge's visual positions are not derived",
+    "musicflamingo": "compression refused: rotary time embeddings computed from the placeholder runs multiply the "
+                     "audio features before the merge, and that mul is taken as the boundary",
+    "qwen2_5_omni_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
+                            "buffer), and the traced data flow loses the audio input there",
+    "qwen3_omni_moe_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
+                              "buffer), and the traced data flow loses the audio input there",
+    "phi4_multimodal": "blocks reported as 'inner.model.layers.N' (a module shared by several parents turns on "
+                       "make_fx's attribute proxies, whose paths start at the capture wrapper): KeyError in the passes",
+    "phi4_multimodal_audio": "as phi4_multimodal",
+    "hy_v4_vl": "skipping refused: every block returns the indexer's top-k selection besides its hidden state, which "
+                "the next block reads",
+}
 BEGIN, END = "<!-- support table: measured by tests/test_support_table.py -->", "<!-- end of support table -->"
 
 
@@ -112,17 +131,21 @@ def format_row(row: dict) -> str:
     return "| " + " | ".join(f"`{row[c]}`" if c == "class" else row[c] for c in COLUMNS) + " |"
 
 
+def in_table() -> list[str]:
+    return [family for family in hf_models.BUILDERS if family not in NOT_IN_TABLE]
+
+
 def test_the_table_lists_every_family_the_tests_build():
-    assert list(readme_rows()) == list(hf_models.BUILDERS)
+    assert list(readme_rows()) == in_table()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(hf_models.BUILDERS))
+@pytest.mark.parametrize("family", in_table())
 def test_the_table_row_is_what_is_measured(family):
     assert measure(family) == readme_rows()[family]
 
 
 if __name__ == "__main__":
     print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
-    for name in sys.argv[1:] or list(hf_models.BUILDERS):
+    for name in sys.argv[1:] or in_table():
         print(format_row(measure(name)), flush=True)
