@@ -21,6 +21,9 @@ The sections, by how images enter the token sequence:
 (e) Mixed decoder stacks (blocks of several kinds): llama4, lfm2_vl, gemma3n.
 (f) Cross-attention to the image: mllama.
 (g) Text only: llama_text_only (not in ``BUILDERS``).
+(h) 2026 families: gemma4 (image ids rewritten before the lookup, a per-layer embedding table), molmo2 (features added
+    onto the placeholder embeddings; a low- and a high-resolution view per image, ``tokens_per_image`` lists the
+    views), granite4_vision (image embeddings zeroed, features added before several decoder layers).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -983,6 +986,100 @@ def llama_text_only(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers, "model.layers"), "none", 0, None))
 
 
+# ------------------------------------------------------------------------------------------- (h) 2026 families
+def gemma4(layers=4):
+    """Gemma4ForConditionalGeneration: image ids replaced by the pad id before the lookup, a second (per-layer)
+    embedding table indexed by the same ids, KV sharing (layers 2, 3 reuse the K/V of 0, 1), bidirectional attention
+    over the image; ``[bos, boi, image x 16, eoi, text]``, 8 x 8 patches pooled 2 x 2 by their positions."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    image_token, boi, eoi = 3, 4, 5
+    patch, side, kernel = 4, 8, 2
+    tokens = (side // kernel) ** 2
+    text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16, vocab_size_per_layer_input=VOCAB,
+                 layer_types=["sliding_attention", "full_attention"] * (layers // 2), hidden_size_per_layer_input=8,
+                 num_kv_shared_layers=2, use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, num_key_value_heads=4, head_dim=8, patch_size=patch, pooling_kernel_size=kernel,
+                  position_embedding_size=side)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
+                       boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
+                       eoa_token_index=9)
+    model = _seeded(Gemma4ForConditionalGeneration, cfg)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
+    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, side * side, 3 * patch * patch),
+                  image_position_ids=positions, attention_mask=mask, labels=labels,
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def molmo2(layers=3):
+    """Molmo2ForConditionalGeneration: each image a low-resolution view (4 x 4 tokens) then a high-resolution one
+    (4 x 8, two crops side by side), every row of patches ended by a column token; pooled features added onto the
+    patch embeddings; bidirectional attention over the image tokens. stsc compresses each view on its own grid, so
+    ``tokens_per_image`` lists the views."""
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    start, low_start, end, patch_token, column = 120, 121, 122, 123, 124  # the extra vocabulary after 120 text ids
+    patch, crop, pool = 4, 32, 2
+    side = crop // patch  # 8 x 8 patches per crop
+    views = [(side // pool, side // pool, low_start), (side // pool, 2 * side // pool, start)]  # (rows, cols, opener)
+    text = _text(layers=layers, vocab=120, additional_vocab_size=8, head_dim=16, pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, num_key_value_heads=4, head_dim=8, image_size=[crop, crop], patch_size=patch)
+    adapter = dict(vision_feature_layer=[-1, 0], hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   num_key_value_heads=4, head_dim=8, text_hidden_size=64)  # the last and the first ViT layer
+    cfg = Molmo2Config(text_config=text, vision_config=vision, adapter_config=adapter, image_start_token_id=start,
+                       low_res_image_start_token_id=low_start, image_end_token_id=end, image_patch_id=patch_token,
+                       frame_start_token_id=125, frame_end_token_id=126)
+    model = _seeded(Molmo2ForConditionalGeneration, cfg)
+    prompt = [BOS] + [i for rows, cols, opener in views for i in [opener] + ([patch_token] * cols + [column]) * rows
+                      + [end]]
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+
+    def pooled(crop_index, row, col):  # the 2 x 2 patches of crop ``crop_index`` under token (row, col)
+        return [crop_index * side * side + (pool * row + i) * side + pool * col + j for i in range(pool)
+                for j in range(pool)]
+
+    # crop 0 is the low-resolution view; crops 1 and 2 the left and right halves of the high-resolution one
+    pooling = [pooled(0, r, c) for r in range(views[0][0]) for c in range(views[0][1])]
+    pooling += [pooled(1 + c // (side // pool), r, c % (side // pool)) for r in range(views[1][0])
+                for c in range(views[1][1])]
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, side * side, 3 * patch * patch),
+                  image_token_pooling=torch.tensor(pooling * BATCH),
+                  image_grids=torch.tensor([[*views[0][:2], *views[1][:2]]] * BATCH),
+                  image_num_crops=torch.full((BATCH,), 3), attention_mask=mask, labels=labels,
+                  mm_token_type_ids=torch.isin(input_ids, torch.tensor([start, low_start, end, patch_token, column]))
+                  .long())
+    counts = [rows * cols for rows, cols, _ in views] * BATCH
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", counts, patch_token))
+
+
+def granite4_vision(layers=4):
+    """Granite4VisionForConditionalGeneration: image embeddings zeroed, then features of several vision layers
+    (Window Q-Former projections) added at the image positions before decoder layers 0 to 3; LLaVA-Next layout
+    (a 4 x 4 base view, then a 4 x 4 crop with a newline after each row: 36 tokens)."""
+    from transformers import CLIPVisionConfig, Granite4VisionConfig, Granite4VisionForConditionalGeneration
+
+    image_token, size, patch = 3, 16, 2
+    side = size // patch // 2  # 8 x 8 patches, downsampled 1/2 -> 4 x 4
+    # the Q-Former projectors have vision width / 64 heads
+    vision = _vit(CLIPVisionConfig, hidden_size=64, image_size=size, patch_size=patch, projection_dim=64)
+    qformer = dict(num_hidden_layers=1, intermediate_size=64, cross_attention_frequency=1, use_qformer_text_input=False,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    text = _text(layers=layers, model_type="granite4_vision_text")
+    cfg = Granite4VisionConfig(vision_config=vision, text_config=text, qformer_config=qformer,
+                               image_token_index=image_token, image_grid_pinpoints=[[size, size]],
+                               downsample_rate="1/2", deepstack_layer_map=[[-1, 0], [1, 2]],
+                               spatial_target_layers=[1, 3], projector_dropout=0.0, vision_feature_layer=-1)
+    model = _seeded(Granite4VisionForConditionalGeneration, cfg)
+    tokens = side * side + side * (side + 1)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (2, 3, size, size), _blocks(layers), tokens, image_token,
+                      image_sizes=torch.tensor([[size, size]] * BATCH))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1003,4 +1100,6 @@ BUILDERS = {
     "llama4": llama4, "lfm2_vl": lfm2_vl, "gemma3n": gemma3n,
     # (f) cross-attention
     "mllama": mllama,
+    # (h) 2026 families
+    "gemma4": gemma4, "molmo2": molmo2, "granite4_vision": granite4_vision,
 }
