@@ -59,6 +59,7 @@ class Report:
                 f"from module '{b.producer_module or '-'}'",
                 f"  per image       {b.tokens_per_image if b.tokens_per_image is not None else '-'} tokens, "
                 f"grid {grid}, {b.images if b.images is not None else '-'} images in the example{layout}",
+                *([f"  pictures        {_pictures(b.picture_views)}"] if b.picture_views else []),
                 f"  positions       {positions}",
                 f"  placeholder id  {b.placeholder_id if b.placeholder_id is not None else '-'}",
                 f"  pixel inputs    {', '.join(b.vision_inputs)}",
@@ -73,6 +74,14 @@ class Report:
         lines += [f"not found    {note}" for note in self.notes]
         lines += [f"support      {name}: {verdict}" for name, verdict in self.support.items()]
         return "\n".join(lines)
+
+
+def _pictures(views: list[tuple[int, int, int, int]]) -> str:
+    """``2 pictures of 2 views each (...): row 0 positions 2-66, row 1 positions 2-66``."""
+    counts = [n for *_, n in views]
+    each = f"{counts[0]} views each" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} views"
+    return (f"{len(views)} picture{'s' * (len(views) != 1)} of {each} (views opened by different markers): "
+            + ", ".join(f"row {row} positions {first}-{last}" for row, first, last, _ in views))
 
 
 def capture_and_match(model: nn.Module, example_inputs: dict) -> tuple[Structure, Report]:
