@@ -42,12 +42,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from .errors import CaptureError, first_line
+
 __all__ = ["Capture", "CaptureError", "KeywordCall", "add_graph", "capture", "exported_capture", "forward_kwargs",
            "frame_prefix", "module_paths"]
-
-
-class CaptureError(RuntimeError):
-    """Neither torch.export nor dynamo could trace the model with the given inputs."""
 
 
 @dataclass
@@ -195,11 +193,6 @@ def _export(model: nn.Module, kwargs: dict) -> torch.export.ExportedProgram | Ex
 
 
 # --------------------------------------------------------------------------------------- helpers
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 @contextlib.contextmanager
 def _quiet(*logger_names: str):
     """Silence torch's loggers and its stderr dump of partial graphs while a capture attempt may fail.

@@ -41,6 +41,7 @@ import torch
 from torch import fx
 
 from .capture import Capture
+from .errors import looking_for
 from .layout import images_in, metadata_grids, metadata_scale, pictures_in
 from .positions import PositionProgram, Slots, position_program, slots
 
@@ -138,7 +139,8 @@ def match(cap: Capture) -> Structure:
     flow = cap.dataflow
     order = sorted(flow.nodes, key=lambda k: flow.nodes[k]["order"])
     notes: list[str] = []
-    token_input, token_embedding = _token_input(flow, order)
+    with looking_for(f"match: looking for the token input ({TOKEN_INPUT})"):
+        token_input, token_embedding = _token_input(flow, order)
     inputs = list(dict.fromkeys(flow.nodes[k]["source"] for k in order if flow.nodes[k]["op"] == "input"))
     vision_inputs = [name for name in inputs if _is_float(flow, _input_node(flow, order, name))]
     if token_input is None:
@@ -148,7 +150,8 @@ def match(cap: Capture) -> Structure:
         name for name in inputs if name not in vision_inputs and flow.nodes[_input_node(flow, order, name)]["dtype"]
         not in (None, torch.bool)]
     taint = _taint(flow, order, token_stream, vision_inputs)
-    stacks = _stacks(flow, order)
+    with looking_for(f"match: looking for the decoder blocks ({DECODER_BLOCKS})"):
+        stacks = _stacks(flow, order)
     decoder = [s for s in stacks if any(taint[b.hidden_out] & TOKENS for b in s)]
     vision_stacks = [s for s in stacks if all(taint[b.hidden_out] == PIXELS for b in s)]
     vision = [b.path for s in vision_stacks for b in s]
@@ -158,8 +161,9 @@ def match(cap: Capture) -> Structure:
         notes.append(f"no decoder blocks found: looked for {DECODER_BLOCKS}")
     boundary = None
     if token_input is not None and vision_inputs:
-        boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks,
-                             vision_end, notes)
+        with looking_for(f"match: looking for the vision boundary ({VISION_BOUNDARY})"):
+            boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks,
+                                 vision_end, notes)
     elif token_input is not None:
         notes.append("no vision boundary found: the model has no floating-point input (pixels) besides tokens")
     hidden_shape = tuple(flow.nodes[blocks[0].hidden_in].get("shape") or ()) if blocks else None
@@ -276,9 +280,11 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
     visual = _visual_tokens(flow, operand, _enclosing(flow.nodes[merge]["module"], block_paths))
     shape = flow.nodes[visual]["shape"]
     placeholder = _placeholder_id(flow, merge, token_input) if kind == "scatter" else None
-    positions = _positions(cap, flow, merge, kind, operand, token_input, notes)
-    tokens_per_image, images, rows_layout, grid_input, scale, views = _images(cap, flow, merge, positions,
-                                                                              token_input, shape, notes)
+    with looking_for("match: looking for the visual positions of the merged sequence"):
+        positions = _positions(cap, flow, merge, kind, operand, token_input, notes)
+    with looking_for("match: looking for the images of the example inputs at those positions"):
+        tokens_per_image, images, rows_layout, grid_input, scale, views = _images(cap, flow, merge, positions,
+                                                                                  token_input, shape, notes)
     grid = _grid(flow, taint, visual, tokens_per_image, vision_end)
     return Boundary(kind, merge, op, tuple(flow.nodes[merge]["shape"]), visual, shape,
                     _producer_module(flow, visual, merge), tokens_per_image,

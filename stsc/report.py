@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .capture import capture
+from .errors import CaptureError, looking_for
 from .match import Block, Boundary, Structure, match
 from .registry import available_passes, get_pass
 
@@ -87,11 +88,13 @@ def _pictures(views: list[tuple[int, int, int, int]]) -> str:
 def capture_and_match(model: nn.Module, example_inputs: dict) -> tuple[Structure, Report]:
     """Capture ``model(**example_inputs)``, match it, and report what was found."""
     start = time.perf_counter()
-    cap = capture(model, example_inputs)
+    with looking_for("capture: a graph of the model's forward on the example inputs", CaptureError):
+        cap = capture(model, example_inputs)
     structure = match(cap)
     support = {}
     for name in available_passes():
-        problem = get_pass(name).check(structure) if get_pass(name).check else None
+        with looking_for(f"pass {name}: checking that the model has the structure it needs"):
+            problem = get_pass(name).check(structure) if get_pass(name).check else None
         support[name] = f"not supported: {problem}" if problem else "ok"
     report = Report(cap.method, len(cap.graphs), cap.fallback_reason, [b.path for b in structure.blocks],
                     structure.blocks, structure.block_kinds, structure.vision_blocks, structure.boundary,
