@@ -4,18 +4,24 @@ No class names, attribute names or model families are consulted: only the graph 
 data dependencies), the module hierarchy recorded on each node, and the example input values.
 
 **Token stream and pixels.** The token input is the integer model input that indexes an
-``embedding`` lookup. Pixel inputs are the floating-point model inputs.
+``embedding`` lookup, through data movement and the masking that rewrites ids before it (placeholder
+ids replaced by a pad id, ids clamped). Pixel inputs are the floating-point model inputs. Without a
+token input, the integer inputs stand for the token stream (blocks are still found).
 
 **Boundary.** Every node is tainted by what it depends on (pixels, tokens). The first floating-point
 node that depends on both is where visual features meet the token stream. Its op classifies it:
 ``masked_scatter`` / ``index_put`` / ``where``-like ops write features into placeholder positions
 (``scatter``); ``cat`` concatenates them with text embeddings (``concat``); attention ops take them
-as keys/values (``cross_attention``). Walking back from the pixel-only operand through pure data
-movement (views, casts, concatenation) gives the visual-token tensor and the module producing it.
+as keys/values (``cross_attention``). An additive merge computes ``sequence[positions] + features``
+and writes it back: the write is the merge, its pixel-only operand found through the sum. Walking back
+from the pixel-only operand through pure data movement (views, casts, concatenation) gives the
+visual-token tensor and the module producing it.
 Where the visual tokens sit in the merged sequence is sliced out of the graph as a small program over
 the model inputs (:mod:`stsc.positions`); on the example inputs it gives the images and their token
 counts (:mod:`stsc.layout`). The **decoder entry** is the outermost module that runs every decoder
-block but not the merge: its forward receives the merged sequence.
+block but not the merge: its forward receives the merged sequence (where every such module merges,
+e.g. adding features before several blocks, the outermost one that receives the sequence and not the
+computation of the visual tokens).
 
 **Blocks.** Sibling modules (children of one module in the call hierarchy) that run one after the
 other, each consuming the previous one's output, form a stack. A block's **kind** is the shapes of
