@@ -1,0 +1,84 @@
+"""Host syncs per training step: a compressing and a skipping stage, in both lowerings, at two depths.
+
+The bundled example (2 images, batch 2) on ``--device`` in ``--dtype``. Per stage (``compress``: uniform,
+keep_ratio 0.5; ``skip``: skip_layers, constant alpha 0.5), lowering (``modules``: ``sparsify``; ``graph``:
+``stsc.transform``) and depth (``--layers``, default 2 and 6 blocks): one warm-up step, then one training step
+(forward, backward, AdamW) counted by :func:`stsc.syncs.count_syncs`, with the lowered model and the batch as the
+roots. On the CPU the count is what would sync on a GPU; on a GPU, CUDA's sync debug mode counts too (the
+``cuda`` column, which should equal ``syncs``). Then where each stage's syncs come from, and the last line:
+
+    RESULT compress_modules=<n> compress_graph=<n> skip_modules=<n> skip_graph=<n> grows_with_blocks=<yes|no>
+
+    python benchmarks/sync_count.py [--device cuda --layers 2 6 --batch 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import tiny_llava  # noqa: E402
+
+from stsc import sparsify, transform  # noqa: E402
+from stsc.policy import parse_policy  # noqa: E402
+from stsc.syncs import count_syncs  # noqa: E402
+from timing import add_device_arguments, build_on, describe, device_and_dtype, on_device  # noqa: E402
+
+STAGES = {"compress": "{compress_visual_tokens: {keep_ratio: 0.5}}",
+          "skip": "{skip_layers: {schedule: constant, alpha: 0.5}}"}
+
+
+def counted_step(stage: str, lowering: str, layers: int, batch: int, device, dtype):
+    """The count of one training step of ``stage`` in ``lowering`` (after a warm-up step)."""
+    model = build_on(device, dtype, tiny_llava.build_model, layers=layers)
+    inputs = on_device(tiny_llava.example_inputs(model, batch=batch), device, dtype)
+    policy = parse_policy(f"version: 1\nstages:\n  - {{name: {stage}, epochs: 1, passes: {STAGES[stage]}}}\n",
+                          "sync_count")
+    run = sparsify(model, policy, inputs) if lowering == "modules" else transform(model, policy, inputs)[stage]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(number):
+        run.set_progress(step=number, epoch=0.0)
+        optimizer.zero_grad(set_to_none=True)
+        run(**inputs)["loss"].backward()
+        optimizer.step()
+
+    step(0)
+    with count_syncs(run, inputs) as count:
+        step(1)
+    return count
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6])
+    parser.add_argument("--batch", type=int, default=2)
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    device, dtype = device_and_dtype(args)
+    print(f"host syncs per training step, the example with {args.batch} images, {describe(device, dtype)}")
+    print(f"{'stage':<9} {'lowering':<9} {'blocks':>6} {'syncs':>6} {'cuda':>5}")
+    counts = {}
+    for stage in STAGES:
+        for lowering in ("modules", "graph"):
+            for layers in args.layers:
+                count = counts[stage, lowering, layers] = counted_step(stage, lowering, layers, args.batch, device,
+                                                                       dtype)
+                cuda = "-" if count.cuda_warnings is None else count.cuda_warnings
+                print(f"{stage:<9} {lowering:<9} {layers:>6} {count.total:>6} {cuda:>5}", flush=True)
+    deepest = max(args.layers)
+    for stage in STAGES:
+        for lowering in ("modules", "graph"):
+            print(f"{stage}, {lowering}, {deepest} blocks: {counts[stage, lowering, deepest].summary()}")
+    grows = any(counts[key].by_location() != counts[(*key[:2], deepest)].by_location() for key in counts)
+    print("RESULT " + " ".join(f"{stage}_{lowering}={counts[stage, lowering, deepest].total}" for stage in STAGES
+                               for lowering in ("modules", "graph")) + f" grows_with_blocks={'yes' if grows else 'no'}")
+    return counts
+
+
+if __name__ == "__main__":
+    main()
