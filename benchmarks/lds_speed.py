@@ -1,7 +1,7 @@
 """Layer Dynamic Skipper: dense vs skipped train step, measured side by side in one run, in both lowerings.
 
 Three copies of the bundled LLaVA-style example (same initialization), sized so that the decoder
-dominates the step (``--shape cpu``, the default: 8 x 256 for 2 CPU cores; ``--shape llava7b``: 8 blocks
+dominates the step (``--shape cpu``, the default: 8 x 256 for 2 CPU cores; ``--shape llava7b``: 6 blocks
 of LLaVA-1.5-7B's decoder, width 4096, 32 heads, MLP 11008, on 576 visual + 123 text tokens, batch 4, for
 a GPU), train with AdamW on the same batch, on ``--device`` in ``--dtype`` (bfloat16 on CUDA; the
 example's attention is SDPA): dense, skipping with the module lowering (``sparsify``: guards on the
@@ -45,7 +45,7 @@ from timing import describe, step_seconds  # noqa: E402
 
 SHAPES = {"cpu": {"layers": 8, "hidden": 256, "heads": 4, "intermediate": 682, "image_size": 32, "patch_size": 4,
                   "text_tokens": 64, "batch": 4, "steps": 60, "warmup": 5},
-          "llava7b": {**LLAVA_7B, "layers": 8, "text_tokens": 123, "batch": 4, "steps": 20, "warmup": 3}}
+          "llava7b": {**LLAVA_7B, "layers": 6, "text_tokens": 123, "batch": 4, "steps": 20, "warmup": 3}}
 
 
 def parse_args(argv=None):

@@ -8,6 +8,7 @@ roots. On the CPU the count is what would sync on a GPU; on a GPU, CUDA's sync d
 ``cuda`` column, which should equal ``syncs``). Then where each stage's syncs come from, and the last line:
 
     RESULT compress_modules=<n> compress_graph=<n> skip_modules=<n> skip_graph=<n> grows_with_blocks=<yes|no>
+           cuda_agrees=<yes|no, on a GPU: every count equals CUDA's; n/a on the CPU>
 
     python benchmarks/sync_count.py [--device cuda --layers 2 6 --batch 2]
 """
@@ -75,8 +76,11 @@ def main(argv=None):
         for lowering in ("modules", "graph"):
             print(f"{stage}, {lowering}, {deepest} blocks: {counts[stage, lowering, deepest].summary()}")
     grows = any(counts[key].by_location() != counts[(*key[:2], deepest)].by_location() for key in counts)
+    agrees = "n/a" if device.type != "cuda" else "yes" if all(
+        c.cuda_warnings == c.total for c in counts.values()) else "no"
     print("RESULT " + " ".join(f"{stage}_{lowering}={counts[stage, lowering, deepest].total}" for stage in STAGES
-                               for lowering in ("modules", "graph")) + f" grows_with_blocks={'yes' if grows else 'no'}")
+                               for lowering in ("modules", "graph"))
+          + f" grows_with_blocks={'yes' if grows else 'no'} cuda_agrees={agrees}")
     return counts
 
 

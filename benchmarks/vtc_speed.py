@@ -15,7 +15,7 @@ The ideal of the decoder part is the ratio of decoder FLOPs, dense / compressed:
 with the sequence length S, attention scores with S^2 (``stsc.savings.decoder_flops``). The ideal of
 the whole step is the ratio of the FLOPs one training step of each model performs, counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (the vision encoder, the projector and the LM head on
-the expanded sequence included). Last line (decoder part, keep_ratio 0.25):
+the expanded sequence included). Last line (decoder part, the last keep ratio, 0.25 by default):
 
     RESULT speedup=<measured> ideal=<analytic> fraction_of_ideal=<measured/ideal>
 
@@ -94,6 +94,7 @@ def main(argv=None):
     for name in ("layers", "hidden", "heads", "intermediate", "image_size", "patch_size", "text_tokens", "batch",
                  "steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int)
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd steps")
     add_device_arguments(parser)
     args = parse_with_shapes(parser, SHAPES, argv)
@@ -109,7 +110,7 @@ def main(argv=None):
     print(f"{'part':<8} {'lowering':<9} {'mode':<9} {'keep':>5} {'seq':>5} {'dense ms':>9} {'vtc ms':>8} "
           f"{'speedup':>8} {'ideal':>6} {'of ideal':>9}")
     rows = []
-    for keep_ratio in (0.5, 0.25):
+    for keep_ratio in args.keep_ratios:
         policy = parse_policy(f"version: 1\nstages:\n  - {{name: alignment, epochs: 1, passes: "
                               f"{{compress_visual_tokens: {{keep_ratio: {keep_ratio}}}}}}}\n", "vtc_speed")
         sparse = sparsify(copy.deepcopy(dense), policy, inputs)

@@ -269,7 +269,7 @@ class _DispatchMode(TorchDispatchMode):
             branch = true_fn if pred else false_fn
             with c.counting():  # the branch's ops, counted: what the dense kernel runs
                 return branch(*operands)
-        kernel = _python_kernel(func)
+        kernel = _python_kernel(func, args)
         if kernel is not None:  # a custom op's Python kernel, run with its ops counted
             with c.counting():
                 out = kernel(*args, **kwargs)
@@ -298,9 +298,12 @@ class _DispatchMode(TorchDispatchMode):
         return ""
 
 
-def _python_kernel(func):
-    """The Python kernel of a ``torch.library.custom_op`` (None for other ops)."""
+def _python_kernel(func, args):
+    """The Python kernel a ``torch.library.custom_op`` runs for ``args`` (None for other ops)."""
     from torch._library.custom_ops import OPDEFS
 
     opdef = OPDEFS.get(getattr(func, "_name", None)) if isinstance(func, torch._ops.OpOverload) else None
-    return None if opdef is None else opdef._init_fn
+    if opdef is None:
+        return None
+    device = next((a.device.type for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
+    return opdef._backend_fns.get(device) or opdef._backend_fns.get(None)

@@ -3,6 +3,7 @@ otherwise at the same small size: float32 and bfloat16, compiled, and with as ma
 whatever the number of decoder blocks. ``benchmarks/device_check.sh`` runs them on a GPU (``pytest -m cuda``)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ def test_a_training_step_makes_as_many_host_syncs_with_2_and_6_blocks(lowering):
     """Skip decisions and compaction make no sync per block: the step's syncs (on a GPU, or what would sync there,
     counted on the CPU) are the compaction plan's, once per step, and as many with 6 blocks as with 2. The lowered
     model is a root (its buffers on the device), as if it had been moved there after the lowering: the graph
-    lowering's skip flags stay on the host all the same."""
+    lowering's skip flags stay on the host all the same. (On a GPU, benchmarks/sync_count.py compares the count
+    with CUDA's sync debug mode.)"""
     counts = {}
     for layers in (2, 6):
         model, inputs = build(layers)
@@ -70,20 +72,9 @@ def test_a_training_step_makes_as_many_host_syncs_with_2_and_6_blocks(lowering):
         assert skipper(run).last_skipped == [1]
         counts[layers] = count
     assert counts[2].by_location() == counts[6].by_location(), (counts[2].summary(), counts[6].summary())
-    places = {s.where.split(":")[0] for s in counts[6].syncs}
-    assert places <= {"stsc/layout.py", "passes/compress_visual_tokens.py", "stsc/lowering/ops.py"}, places
+    places = {Path(s.where.split(":")[0]).name for s in counts[6].syncs}
+    assert places <= {"layout.py", "compress_visual_tokens.py", "ops.py"}, places  # the plan's, and ops.py's check
     assert counts[6].total > 0 and not any(s.kind == "cond" for s in counts[6].syncs)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
-@pytest.mark.parametrize("lowering", ["modules", "graph"])
-def test_the_count_equals_the_syncs_cudas_debug_mode_reports(lowering):
-    model, inputs = build(4)
-    run = lower(lowering, model, inputs)
-    train_step(run, model, inputs, [1])
-    with count_syncs(run, inputs) as count:
-        train_step(run, model, inputs, [1])
-    assert count.cuda_warnings == count.total, count.summary()
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.bfloat16],
