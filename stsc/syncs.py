@@ -49,7 +49,8 @@ _FACTORIES = _FROM_HOST | {torch.zeros, torch.ones, torch.empty, torch.full, tor
                            torch.randint, torch.randperm, torch.linspace, torch.eye, torch.scalar_tensor}
 _MOVES = {torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda}
 _SHAPE_OPS = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten._unique.default,
-              aten.unique_dim.default, aten.unique_consecutive.default, aten.bincount.default}
+              aten.unique_dim.default, aten.unique_consecutive.default, aten.bincount.default,
+              aten.masked_scatter_backward.default}  # the backward of masked_scatter: a masked_select inside
 _INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _SKIPPED = (str(Path(torch.__file__).parent), __file__, contextlib.__file__)
 _ROOT = Path(__file__).resolve().parents[1]

@@ -41,12 +41,16 @@ def test_host_tensors_make_no_sync():
     assert count.total == 0
 
 
-def test_a_boolean_mask_syncs_again_in_the_backward():
+def test_value_dependent_shapes_in_the_backward_are_counted():
+    """A boolean mask's backward indexes by it again; masked_scatter's backward (a Hugging Face-style merge of
+    visual tokens) selects the gradient at the mask inside one aten op."""
     x = torch.randn(4, 3, requires_grad=True)
     with count_syncs(x) as count:
         x[x.detach() > 0].sum().backward()
-    assert kinds(count) == [("shape", "aten.index.Tensor"), ("shape", "aten.index_put")]
-    assert count.syncs[1].where == "backward: IndexBackward0"
+        torch.zeros(4, 3).masked_scatter(torch.eye(4, 3, dtype=torch.bool), x).sum().backward()
+    assert kinds(count) == [("shape", "aten.index.Tensor"), ("shape", "aten.index_put"),
+                            ("shape", "aten.masked_scatter_backward")]
+    assert [s.where for s in count.syncs[1:]] == ["backward: IndexBackward0", "backward: MaskedScatterBackward0"]
 
 
 def test_a_list_index_syncs_once_per_list():

@@ -14,8 +14,8 @@ rewrites its graph module (``ep.module()``: the caller's own parameters, as attr
   old length are deleted, since the rewrite made them stale.
 * **skip_layers** -- each skippable block's nodes are outlined into a submodule ``stsc_block_<i>`` and called as
   ``torch.cond(stsc_skip[i], stsc_identity_<i>, stsc_block_<i>, operands)``, with ``stsc_skip`` a bool buffer
-  the runtime fills before each forward. Sizes the block reads are recomputed inside it from its hidden
-  input (``torch.cond`` takes tensor operands only).
+  the runtime sets to a host tensor before each forward (read on the host: no device sync per block). Sizes the
+  block reads are recomputed inside it from its hidden input (``torch.cond`` takes tensor operands only).
 
 With the compression's ``dense_fraction`` > 0, the stage is lowered a second time without the compression (the
 other passes applied): the forwards the runtime draws dense run that graph. Guarded blocks return their hidden
