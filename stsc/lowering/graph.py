@@ -14,8 +14,8 @@ rewrites its graph module (``ep.module()``: the caller's own parameters, as attr
   old length are deleted, since the rewrite made them stale.
 * **skip_layers** -- each skippable block's nodes are outlined into a submodule ``stsc_block_<i>`` and called as
   ``torch.cond(stsc_skip[i], stsc_identity_<i>, stsc_block_<i>, operands)``, with ``stsc_skip`` a bool buffer
-  the runtime fills before each forward. Sizes the block reads are recomputed inside it from its hidden
-  input (``torch.cond`` takes tensor operands only).
+  the runtime sets to a host tensor before each forward (read on the host: no device sync per block). Sizes the
+  block reads are recomputed inside it from its hidden input (``torch.cond`` takes tensor operands only).
 
 With the compression's ``dense_fraction`` > 0, the stage is lowered a second time without the compression (the
 other passes applied): the forwards the runtime draws dense run that graph. Guarded blocks return their hidden
@@ -503,12 +503,12 @@ class GraphStage(nn.Module):
 
     def _prepare_runs(self) -> None:
         """Per kind of forward (compressed or drawn dense): what runs it (compiled after :meth:`compile`) and the
-        flag buffers (``stsc_step``, ``stsc_skip``) filled before each forward."""
+        module whose flag buffers (``stsc_step``, ``stsc_skip``) are set before each forward."""
         self._runs = {}
         for dense, module in ((False, self.training_module), (True, self.dense_training_module)):
             if module is not None:
                 run = module if self._compile_kwargs is None else torch.compile(module, **self._compile_kwargs)
-                self._runs[dense] = run, dict(module.named_buffers())
+                self._runs[dense] = run, module
 
     def _trainable_now(self) -> list[bool]:
         return [p.requires_grad for p in self.dense.parameters()]
@@ -530,10 +530,10 @@ class GraphStage(nn.Module):
         if self._trainable_now() != self._trainable:
             self._lower_for_training()  # other parameters train now: the blocks' backwards are partitioned again
         step, skip = self.runtime.next_flags()
-        run, flags = self._runs[self.runtime.last_dense]
+        run, module = self._runs[self.runtime.last_dense]
         for name, value in (("stsc_step", step), ("stsc_skip", skip)):
-            if name in flags:
-                flags[name].copy_(value)
+            if name in module._buffers:  # set, not copied into: the flags stay on the host wherever the stage is
+                setattr(module, name, value)  # moved, so a torch.cond reads its flag without waiting for a GPU
         return run(*self.call.values(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
