@@ -48,6 +48,7 @@ from stsc.capture import KeywordCall, exported_capture, first_line, forward_kwar
 from stsc.layout import images_in
 from stsc.match import Structure, match
 from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, forward_draws, kept_count
+from stsc.passes.compress_visual_tokens import sequence_dims as aligned_dims
 from stsc.passes.skip_layers import SkipLayersConfig
 from stsc.policy import Policy, Stage, load_policy
 from stsc.report import capture_and_match
@@ -104,17 +105,9 @@ def _depends_on(value, symbol) -> bool:
 
 
 def sequence_dims(value, batch, sequence) -> tuple[int, list[int]] | None:
-    """``(batch_dim, dims)`` of a tensor aligned with the sequence: a batch dimension (``batch`` or 1) followed
-    by dimensions of the (symbolic) ``sequence`` length; None when it is not aligned."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    shape = value.shape
-    for batch_dim in range(min(2, len(shape) - 1)):
-        if _same(shape[batch_dim], batch) or _same(shape[batch_dim], 1):
-            dims = [d for d in range(batch_dim + 1, len(shape)) if _same(shape[d], sequence)]
-            if dims:
-                return batch_dim, dims
-    return None
+    """``(batch_dim, dims)`` of a tensor aligned with the sequence (:func:`stsc.passes.compress_visual_tokens.
+    sequence_dims`, with the (symbolic) ``sequence`` length); None when it is not aligned."""
+    return aligned_dims(value.shape, batch, sequence, _same) if isinstance(value, torch.Tensor) else None
 
 
 def module_region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
