@@ -330,6 +330,32 @@ def test_a_batch_whose_rows_drop_other_numbers_is_refused_by_the_graph():
         stages["alignment"](**fewer)
 
 
+def padded_beyond_the_longest_row(inputs: dict) -> dict:
+    """The example with one more padding position at the end of every row."""
+    return {k: torch.nn.functional.pad(v, (0, 1), value=-100 if k == "labels" else 0) if v.dim() == 2 else v
+            for k, v in inputs.items()}
+
+
+def test_a_batch_padded_in_every_row_is_refused_by_the_graph():
+    """The graph keeps padding (its length is fixed when it is built). The example (row 1 padded, row 0 not) is as
+    long in both lowerings; a batch padded in every row would be shorter in the module lowering, and is refused."""
+    model, inputs, stages = lowered("tiny")
+    padded = padded_beyond_the_longest_row(inputs)
+    with pytest.raises(Exception, match=r"stsc graph lowering: every row of this batch has padding; this graph keeps "
+                                        r"it \(46 positions\) where the module lowering \(sparsify\) removes it "
+                                        r"\(45\): use the module lowering for batches padded beyond their longest "
+                                        r"row"):
+        stages["alignment"](**padded)
+    reason = ("every row of the example has padding: the graph keeps padding (its length is fixed when it is built) "
+              "where the module lowering (sparsify) removes it")
+    fresh, _ = build("tiny")
+    assert sparsify(fresh, "sts", padded).report.stages[0].lowerings["graph"] == f"not available: {reason}"
+    with pytest.raises(GraphLoweringUnavailable) as err:
+        fresh, _ = build("tiny")
+        transform(fresh, "sts", padded)
+    assert str(err.value) == reason
+
+
 def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
     _, inputs, stages = lowered("tiny")
     path = tmp_path / "stage.pt2"

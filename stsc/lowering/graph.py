@@ -125,7 +125,7 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
 
     ``step``: a node holding ``[step, micro step]`` (seeds the random draws); ``plan_args``: the other
     ``stsc::compress_plan`` arguments (method, keep_ratio, kernel, seed, grid, rows_layout, removed, dense_fraction,
-    image_grids, grid_scale).
+    image_grids, grid_scale, padding).
     """
     info = RewriteInfo("compress_visual_tokens")
     graph = gm.graph
@@ -211,6 +211,10 @@ def _compress_problem(structure: Structure, config: CompressVisualTokensConfig, 
     if len(dropped) != 1:
         return (f"the example's rows drop different numbers of positions {sorted(dropped)}; the graph is built "
                 f"for rows that all drop the same number")
+    padding = inputs.get(b.padding_input) if b.padding_input else None
+    if isinstance(padding, torch.Tensor) and bool((padding == 0).any(dim=1).all()):
+        return ("every row of the example has padding: the graph keeps padding (its length is fixed when it is "
+                "built) where the module lowering (sparsify) removes it")
     return None
 
 
@@ -237,7 +241,8 @@ def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig
         raise GraphLoweringUnavailable(f"the images' token grids come from the input {b.grid_input!r}, which this "
                                        f"graph does not take")
     plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, list(b.grid or ()), b.rows_layout,
-                 _dropped_per_row(b, config, inputs)[0], config.dense_fraction, grids, b.grid_scale or 1)
+                 _dropped_per_row(b, config, inputs)[0], config.dense_fraction, grids, b.grid_scale or 1,
+                 placeholders.get(b.padding_input))
     return compact_region(gm, b.decoder_entry, node_of(b.merge_node), node_of(b.positions.source),
                           placeholders[b.token_input], flags.step(gm), plan_args)
 
