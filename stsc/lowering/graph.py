@@ -532,7 +532,7 @@ class GraphStage(nn.Module):
         for name, value in (("stsc_step", step), ("stsc_skip", skip)):
             if name in flags:
                 flags[name].copy_(value)
-        return run(*self.call.values(kwargs))
+        return run(**self.call.keywords(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
         """``torch.compile`` the training graph: one graph serves every skip pattern and compression draw (and one
@@ -544,23 +544,24 @@ class GraphStage(nn.Module):
 GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
 
 
-def _dynamic(values: tuple, token_shape: tuple) -> tuple:
+def _dynamic(keywords: dict, token_shape: tuple) -> dict:
     """Dim.AUTO on dim 1 of every input shaped like the token ids (the sequence length), static elsewhere."""
-    return tuple({1: Dim.AUTO} if tuple(v.shape) == token_shape else None for v in values)
+    return {name: {1: Dim.AUTO} if tuple(v.shape) == token_shape else None for name, v in keywords.items()}
 
 
 def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
     """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes (and, when the
-    compression leaves some forwards dense, a second graph without it)."""
+    compression leaves some forwards dense, a second graph without it). The programs take the model's tensor
+    inputs by keyword."""
     call = KeywordCall(model, forward_kwargs(model, inputs)[0])
-    values = call.values(inputs)
-    dynamic = _dynamic(values, tuple(inputs[structure.token_input].shape))
-    exported = torch.export.export(call, values, dynamic_shapes={"values": dynamic}, strict=False)
-    rewritten, rewrites, guarded = _rewrite_stage(exported, stage.passes, call, values, dynamic, inputs)
+    keywords = call.keywords(inputs)
+    dynamic = _dynamic(keywords, tuple(inputs[structure.token_input].shape))
+    exported = torch.export.export(call, (), keywords, dynamic_shapes=dynamic, strict=False)
+    rewritten, rewrites, guarded = _rewrite_stage(exported, stage.passes, call, keywords, dynamic, inputs)
     compress, exported_dense = stage.pass_config("compress_visual_tokens"), None
     if compress is not None and compress.dense_fraction:
         passes = [entry for entry in stage.passes if entry.name != "compress_visual_tokens"]
-        exported_dense = _rewrite_stage(exported, passes, call, values, dynamic, inputs)[0]
+        exported_dense = _rewrite_stage(exported, passes, call, keywords, dynamic, inputs)[0]
         rewrites[[r.name for r in rewrites].index("compress_visual_tokens")].note = dense_forwards_note(compress)
     runtime = GraphRuntime(model, stage, guarded, [b.path for b in structure.blocks])
     return GraphStage(model, call, stage, rewritten, rewrites, runtime, exported_dense)
@@ -571,20 +572,20 @@ def dense_forwards_note(config: CompressVisualTokensConfig) -> str:
     return f"the forwards drawn dense (dense_fraction {config.dense_fraction:g}) run the graph without it"
 
 
-def _rewrite_stage(exported: torch.export.ExportedProgram, passes, call: KeywordCall, values: tuple, dynamic: tuple,
+def _rewrite_stage(exported: torch.export.ExportedProgram, passes, call: KeywordCall, keywords: dict, dynamic: dict,
                    inputs: dict) -> tuple[torch.export.ExportedProgram, list[RewriteInfo], list[bool]]:
     """``exported`` rewritten by ``passes``, exported again after each; what each did, and the guarded blocks."""
     rewrites, guarded = [], []
     for entry in passes:
-        gm = exported.module()  # positional inputs, in call.names order; module paths under "inner."
-        exported_structure = match(exported_capture(exported, dict(zip(call.names, values)), input_names=call.names))
+        gm = exported.module()  # keyword inputs, placeholders in call.names order; module paths under "inner."
+        exported_structure = match(exported_capture(exported, keywords, input_names=call.names))
         placeholders = dict(zip(call.names, (n for n in gm.graph.nodes if n.op == "placeholder")))
         result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs, placeholders,
                                              Flags(as_inputs=False))
         info, guarded = result if entry.name == "skip_layers" else (result, guarded)
         rewrites.append(info)
         try:
-            exported = torch.export.export(gm, values, dynamic_shapes=dynamic, strict=False)
+            exported = torch.export.export(gm, (), keywords, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphLoweringUnavailable(f"the rewritten graph does not export again: {type(exc).__name__}: "
                                            f"{first_line(exc)}") from exc
