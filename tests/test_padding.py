@@ -132,7 +132,8 @@ def test_the_padding_mask_is_found_by_its_values_and_use_not_its_name():
     assert match(capture(model, inputs)).boundary.padding_input == "keep"
 
 
-@pytest.mark.parametrize("family", ["paligemma", "gemma3", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["paligemma", pytest.param("gemma3", marks=pytest.mark.slow),
+                                    pytest.param("qwen2_vl", marks=pytest.mark.slow)])
 def test_token_type_inputs_are_not_taken_for_the_padding_mask(family):
     """PaliGemma's token_type_ids are 0 on the image; Gemma3's and Qwen2-VL's type inputs are 0 on both sides of it."""
     model, inputs = hf_models.BUILDERS[family]()
@@ -182,7 +183,8 @@ def test_left_padded_rows_with_two_images_and_text_only(family):
         assert torch.equal(sparse(**inputs).logits, dense(**inputs).logits)
 
 
-@pytest.mark.parametrize("family, side", [("llava", "left"), ("qwen2_vl", "right"),
+@pytest.mark.parametrize("family, side", [("llava", "left"),
+                                          pytest.param("qwen2_vl", "right", marks=pytest.mark.slow),
                                           pytest.param("gemma3", "left", marks=pytest.mark.slow),
                                           pytest.param("mistral3", "right", marks=pytest.mark.slow)])
 def test_only_padding_removed_gives_the_dense_padded_loss(family, side):
