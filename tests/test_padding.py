@@ -11,6 +11,7 @@ from torch import nn
 import hf_models
 import tiny_llava
 from stsc import capture, match, sparsify
+from stsc.capture import forward_kwargs
 from stsc.layout import Image
 from stsc.passes.compress_visual_tokens import CompressVisualTokensConfig, Plan, plan
 from stsc.policy import parse_policy
@@ -247,3 +248,21 @@ def test_a_padding_mask_over_visual_positions_is_refused(tiny):
     with pytest.raises(ValueError, match="^compress_visual_tokens: the padding mask 'attention_mask' marks visual "
                                          "positions as padding$"):
         sparse(**inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["blip2", "smolvlm", "kosmos2", "llava_next_mixed", "qwen2_5_vl", "glm4v", "fuyu",
+                                    "lfm2_vl", "gemma3n"])
+def test_padding_found_and_removed_on_more_families(family):
+    """The family's example with its last 3 positions padding in every row, nothing visual dropped: the decoder sees
+    3 positions fewer and the loss is the dense padded model's (one family per way images enter the sequence)."""
+    model, example = hf_models.BUILDERS[family]()
+    dense = copy.deepcopy(model)
+    inputs = {**example, "attention_mask": example["attention_mask"].clone(), "labels": example["labels"].clone()}
+    inputs["attention_mask"][:, -3:] = 0
+    inputs["labels"][:, -3:] = -100
+    sparse = sparsify(model, keep_policy(1.0), example)
+    assert sparse.report.model.boundary.padding_input == "attention_mask"
+    loss = sparse(**forward_kwargs(model, inputs)[0]).loss
+    assert sparse.runtimes["compress_visual_tokens"].last_plan.length == inputs["input_ids"].shape[1] - 3
+    torch.testing.assert_close(loss, dense(**forward_kwargs(dense, inputs)[0]).loss, rtol=1e-5, atol=1e-5)
