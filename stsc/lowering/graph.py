@@ -23,7 +23,8 @@ state flattened (and the caller views it back), because ``torch.cond`` cannot re
 compacted sequence's tensors (``Max(1, length - dropped)``).
 
 After each pass the graph module is exported again, so its metadata (shapes, the ops' fake results) is
-consistent and it can be saved with ``torch.export.save`` (the ops are registered when ``stsc`` is imported).
+consistent and it can be saved with ``torch.export.save`` (the ops are registered when ``stsc`` is imported); the
+programs take the model's tensor inputs by keyword, so a loaded one runs as ``program.module()(**batch)``.
 
 :class:`GraphStage` runs the result: the same decisions as the module lowering for the same step (skip
 patterns from :func:`stsc.schedules.draw_skips`, compression draws from the same seeded generator), so loss
