@@ -366,11 +366,11 @@ def test_the_saved_program_takes_the_models_keyword_inputs(tmp_path):
         torch.export.save(graph.exported, tmp_path / f"stage_{name}.pt2")
         program = torch.export.load(tmp_path / f"stage_{name}.pt2").module()
         assert list(inspect.signature(program.forward).parameters) == list(inputs)
-        buffers = dict(program.named_buffers())
-        if skipped is not None:
-            buffers["stsc_skip"].copy_(torch.tensor([i in skipped for i in range(4)]))
+        if skipped is not None:  # set as the README says
+            program.stsc_skip = torch.tensor([i in skipped for i in range(4)])
         else:
-            buffers["stsc_step"].copy_(torch.tensor([3, 0]))
+            program.stsc_step = torch.tensor([3, 0])
+        assert {"stsc_skip" if skipped else "stsc_step"} <= set(dict(program.named_buffers()))
         graph.set_progress(step=3)
         graph.force(skipped)
         try:
