@@ -124,17 +124,19 @@ def _warm_up(model: nn.Module, kwargs: dict) -> None:
 
 
 class KeywordCall(nn.Module):
-    """``model(**inputs)`` as a module taking the tensor inputs positionally, in ``names`` order (what make_fx
-    and torch.export's dynamic shapes handle best); the non-tensor inputs are fixed."""
+    """``model(**inputs)`` as a module whose forward takes the tensor inputs positionally, in ``names`` order (what
+    make_fx traces), or by keyword: its signature names them, so torch.export records them by name and an exported
+    program's ``module()`` is called as the model is, ``(**batch)``. The non-tensor inputs are fixed."""
 
     def __init__(self, model: nn.Module, inputs: dict):
         super().__init__()
         self.inner = model
         self.names = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
         self.constants = {name: value for name, value in inputs.items() if name not in self.names}
+        self.forward = _named(self._call, self.names)
 
-    def forward(self, *values):
-        return self.inner(**dict(zip(self.names, values)), **self.constants)
+    def _call(self, *values, **named):
+        return self.inner(**dict(zip(self.names, values)), **named, **self.constants)
 
     def values(self, inputs: dict) -> tuple:
         """The positional arguments for a call with keyword ``inputs``."""
@@ -143,6 +145,20 @@ class KeywordCall(nn.Module):
             raise TypeError(f"missing inputs {', '.join(missing)}: this graph was built for "
                             f"{', '.join(self.names)}")
         return tuple(inputs[name] for name in self.names)
+
+    def keywords(self, inputs: dict) -> dict:
+        """The keyword arguments, in ``names`` order, for a call with ``inputs`` (the others are left out)."""
+        return dict(zip(self.names, self.values(inputs)))
+
+
+def _named(function, names: list[str]):
+    """``function(*values, **named)`` with a signature whose parameters are ``names``."""
+    def forward(*values, **named):
+        return function(*values, **named)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+    return forward
 
 
 def _trace(model: nn.Module, kwargs: dict) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
