@@ -89,6 +89,7 @@ def test_checkpointing_enabled_before_sparsify_trains_like_the_model_without(che
     assert_same_training("llava", checkpointing)
 
 
+@pytest.mark.slow
 def test_checkpointing_enabled_after_sparsify_trains_like_the_model_without():
     assert_same_training("llava", "non_reentrant", order="after")
 

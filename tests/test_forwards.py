@@ -15,7 +15,7 @@ def block_lengths(model, paths):
     return seen
 
 
-def test_a_forward_that_starts_at_the_backbone_is_compressed_and_skipped():
+def test_a_forward_may_start_at_the_backbone_and_counts_once():
     model, inputs = hf_models.llava()
     backbone_inputs = {key: value for key, value in inputs.items() if key != "labels"}
     length = inputs["input_ids"].shape[1]
@@ -27,6 +27,8 @@ def test_a_forward_that_starts_at_the_backbone_is_compressed_and_skipped():
     assert [seen[path] for path in blocks] == [[length - 8]] * 3  # 16 visual tokens per row, 8 kept
     assert hidden.shape[1] == length  # expanded back: aligned with the caller's labels
     assert compressor.clock.micro_step == 1
+    sparse(**inputs)  # the model's forward runs the backbone inside it: one forward, one draw
+    assert compressor.clock.micro_step == 2 and [seen[path] for path in blocks] == [[length - 8] * 2] * 3
 
     sparse.set_progress(epoch=1.0, step=1)
     skipper = sparse.runtimes["skip_layers"]
@@ -35,11 +37,3 @@ def test_a_forward_that_starts_at_the_backbone_is_compressed_and_skipped():
         value.clear()
     model.model(**backbone_inputs)
     assert skipper.last_skipped == [0, 2] and [len(seen[path]) for path in blocks] == [0, 1, 0]
-
-
-def test_a_model_forward_counts_once_though_the_backbone_runs_inside_it():
-    model, inputs = hf_models.llava()
-    sparse = sparsify(model, "sts", inputs, steps_per_epoch=1)
-    sparse(**inputs)
-    sparse(**inputs)
-    assert sparse.runtimes["compress_visual_tokens"].clock.micro_step == 2  # one draw per forward, not per module

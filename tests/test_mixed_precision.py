@@ -71,9 +71,14 @@ def assert_same_decisions(family, precision, loss_tolerance):
     assert abs(first - last) < loss_tolerance
 
 
-@pytest.mark.parametrize("precision", ["bf16", "autocast"])
-def test_bf16_makes_the_same_decisions_as_fp32(precision):
-    assert_same_decisions("llava", precision, loss_tolerance=0.05)
+def test_bf16_weights_make_the_same_decisions_as_fp32():
+    assert_same_decisions("llava", "bf16", loss_tolerance=0.05)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_makes_the_same_decisions_as_fp32():
+    """Also run by every recipe (Trainer's and TRL's ``bf16=True``, Accelerate's ``mixed_precision="bf16"``)."""
+    assert_same_decisions("llava", "autocast", loss_tolerance=0.05)
 
 
 def test_fp16_autocast_with_a_grad_scaler():
