@@ -330,18 +330,19 @@ def inline_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
             user.replace_all_uses_with(results[user.args[1]])
             flat.graph.erase_node(user)
         flat.graph.erase_node(node)
+    flat.graph.eliminate_dead_code(lambda n: n.op != "get_attr")  # only the references to the inlined subgraphs
     flat.recompile()
     return flat, aliases
 
 
 def _region(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple] | None:
-    """``(subgraph, operands)`` when ``node`` calls a region op whose results are only read by index."""
+    """``(subgraph, operands)`` when ``node`` calls a region op whose results are only read by index (its keyword
+    arguments are options, such as a checkpoint's ``use_reentrant``)."""
     if node.op != "call_function" or op_name(node) not in REGION_OPS:
         return None
     at = next((i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
                and isinstance(getattr(gm, a.target, None), fx.GraphModule)), None)
-    if at is None or node.kwargs or not all(u.target is operator.getitem and isinstance(u.args[1], int)
-                                            for u in node.users):
+    if at is None or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
         return None
     sub, operands = getattr(gm, node.args[at].target), node.args[at + 1:]
     if len(operands) != sum(n.op == "placeholder" for n in sub.graph.nodes):

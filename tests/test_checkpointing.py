@@ -6,9 +6,11 @@ import functools
 
 import pytest
 import torch
+from torch import nn
 
 import hf_models
 from stsc import inspect, sparsify
+from stsc.capture import REGION_OPS, inline_regions, module_paths, op_name
 
 SKIPPED = [0, 2]  # of the builds' 3 decoder blocks, forced in the instruction stage
 
@@ -100,6 +102,32 @@ def test_checkpointing_enabled_after_sparsify_trains_like_the_model_without():
 def test_checkpointing_before_sparsify_on_more_families(family, checkpointing):
     """Qwen2-VL is captured by the real-tensor trace, PaliGemma and Gemma3 by torch.export."""
     assert_same_training(family, checkpointing)
+
+
+class NoGradInside(nn.Module):
+    """A model that runs part of its forward under torch.no_grad() and, nested in it, torch.autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.head = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.frozen(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.frozen(y) * 2
+        return self.head(y.float() + x)
+
+
+def test_capture_inlines_the_regions_export_wraps_code_in():
+    exported = torch.export.export(NoGradInside(), (torch.randn(2, 4),), strict=False)
+    assert "wrap_with_set_grad_enabled" in [op_name(n) for n in exported.graph_module.graph.nodes]
+    flat, aliases = inline_regions(exported.graph_module)
+    nodes = [n for n in flat.graph.nodes if n.op == "call_function"]
+    assert not {op_name(n) for n in nodes} & REGION_OPS and all(n.op != "get_attr" for n in flat.graph.nodes)
+    assert [module_paths(n) for n in nodes if op_name(n) == "linear"] == [("frozen",), ("frozen",), ("head",)]
+    mul = next(n for n in nodes if op_name(n) == "mul")
+    assert list(aliases.values()) == [mul.name]  # the region's result is the nested region's product
 
 
 def structure(report) -> tuple:
