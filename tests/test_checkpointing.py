@@ -130,6 +130,19 @@ def test_capture_inlines_the_regions_export_wraps_code_in():
     assert list(aliases.values()) == [mul.name]  # the region's result is the nested region's product
 
 
+def test_capture_inlines_a_checkpoint_dynamo_tags():
+    """Dynamo (capture's last resort) records a non-reentrant checkpoint as tag_activation_checkpoint, its options
+    as keyword arguments."""
+    layer, head = nn.Linear(4, 4), nn.Linear(4, 4)
+    graphs = []
+    model = torch.compile(lambda x: head(torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)),
+                          backend=lambda gm, example: graphs.append(gm) or gm.forward)
+    model(torch.randn(2, 4, requires_grad=True))
+    assert [op_name(n) for n in graphs[0].graph.nodes if n.op == "call_function"][0] == "tag_activation_checkpoint"
+    flat, _ = inline_regions(graphs[0])
+    assert [op_name(n) for n in flat.graph.nodes if n.op == "call_function"] == ["linear", "linear"]
+
+
 def structure(report) -> tuple:
     b = report.boundary
     return (report.blocks, report.vision_blocks, b.kind, b.tokens_per_image, b.decoder_entry, b.grid,
