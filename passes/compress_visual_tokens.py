@@ -62,6 +62,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from stsc.capture import forward_kwargs
+from stsc.forwards import ForwardScope, forward_modules
 from stsc.layout import Image, images_in
 from stsc.positions import Slots
 from stsc.registry import PassInfo, register_pass
@@ -417,7 +418,8 @@ class RealisedPositions:
 
 class SequenceCompactor(_Runtime):
     """Module lowering of the pass for ``scatter`` / ``concat`` merges: hooks on the model (to read its
-    inputs), on the decoder entry (compact its arguments) and on the decoder exit (expand its output).
+    inputs; on its backbone too, when a forward starts there: :mod:`stsc.forwards`), on the decoder entry (compact
+    its arguments) and on the decoder exit (expand its output).
 
     ``hidden_path``: where the merged sequence sits among the entry's arguments (a pytree key path of
     ``(args, kwargs)``), found by one run of the example inputs. Where the matcher found the input marking padding
@@ -431,8 +433,8 @@ class SequenceCompactor(_Runtime):
         """(visual tokens kept, visual tokens) in the last training forward."""
         return self.last_plan.kept, self.last_plan.tokens
 
-    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, entries: list[nn.Module],
-                 exit_module: nn.Module, hidden_path):
+    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, starts: list[nn.Module],
+                 entries: list[nn.Module], exit_module: nn.Module, hidden_path):
         self.config, self.boundary = config, boundary
         self.clock = StepClock()
         self.last_plan: Plan | None = None  # the last training forward's plan
@@ -441,17 +443,14 @@ class SequenceCompactor(_Runtime):
         self._inputs: dict = {}
         self._plan: Plan | None = None
         self._memo: dict[int, object] = {}
-        self._hooks = [model.register_forward_pre_hook(self._read_inputs, with_kwargs=True),
-                       model.register_forward_hook(self._forget, always_call=True)]
+        self._hooks = [ForwardScope(starts, self._read_inputs, self._forget)]  # the model, or its backbone
         self._hooks += [entry.register_forward_pre_hook(self._compact_arguments, with_kwargs=True) for entry in entries]
         self._hooks.append(exit_module.register_forward_hook(self._expand_output))
 
-    @torch.compiler.disable
-    def _read_inputs(self, model, args, kwargs):
-        self._inputs = kwargs if model.training else {}
+    def _read_inputs(self, module, args, kwargs):
+        self._inputs = kwargs if module.training else {}
 
-    @torch.compiler.disable
-    def _forget(self, *_):
+    def _forget(self):
         """After each model forward: the decoder entry called on its own is not compacted."""
         self._inputs, self._plan, self._memo = {}, None, {}
 
@@ -680,7 +679,8 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
         entries = [modules[block.path] for block in structure.blocks]
         exit_module, where = entries[-1], f"each decoder block ({structure.blocks[0].path} ...)"
     hidden_path = _hidden_path(model, entries[0], example_inputs, b.merged_shape)
-    compactor = SequenceCompactor(model, b, config, entries, exit_module, hidden_path)
+    starts = forward_modules(model, structure)
+    compactor = SequenceCompactor(model, b, config, starts, entries, exit_module, hidden_path)
     padding = f"where {b.padding_input} is 0" if b.padding_input else "no (no padding mask found)"
     return compactor, PassInfo("compress_visual_tokens", 1, {
         "boundary": b.kind, "visual_positions": getattr(b.positions, "code", repr(b.positions)),
