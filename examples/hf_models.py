@@ -99,6 +99,59 @@ def _pixels(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
+def padded_batch(prompts, text_tokens, side="right", length=None, pad=0):
+    """A padded batch: row i is ``prompts[i]`` (ids) then ``text_tokens[i]`` random text tokens, padded with ``pad`` on
+    ``side`` (``"left"`` or ``"right"``) to the longest row, or to ``length`` (a collator's ``max_length`` padding).
+    Returns ``(input_ids, attention_mask, labels)``: the mask 0 on padding, labels ``IGNORE_INDEX`` on the prompt and
+    the padding."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.tensor(p, dtype=torch.long), torch.randint(*TEXT_IDS, (n,), generator=gen))
+            for p, n in zip(prompts, text_tokens)]
+    length = max([len(p) + len(t) for p, t in rows] + [length or 0])
+    ids, masks, labels = [], [], []
+    for prompt, text in rows:
+        pads = length - len(prompt) - len(text)
+        where = (pads, 0) if side == "left" else (0, pads)
+        ids.append(nn.functional.pad(torch.cat([prompt, text]), where, value=pad))
+        masks.append(nn.functional.pad(torch.ones(len(prompt) + len(text), dtype=torch.long), where))
+        labels.append(nn.functional.pad(torch.cat([torch.full_like(prompt, IGNORE_INDEX), text]), where,
+                                        value=IGNORE_INDEX))
+    return torch.stack(ids), torch.stack(masks), torch.stack(labels)
+
+
+PADDED_FAMILIES = ("llava", "gemma3", "mistral3", "qwen2_vl")
+
+
+def padded_inputs(family, rows, side="right", length=None):
+    """Inputs of a padded batch for the tiny ``family`` build (one of ``PADDED_FAMILIES``, default arguments): one
+    ``(images, text_tokens)`` per row, ``images`` the row's number of images (qwen2_vl: their ``(t, h, w)`` patch
+    grids, so images differ in size: ``t * h * w / 4`` tokens each): a bos, each image in the family's markup (LLaVA
+    puts a text token after each), then the text; rows padded on ``side`` to the longest or to ``length``
+    (:func:`padded_batch`). A row without images is text only; a batch without images has no pixel input."""
+    if family == "qwen2_vl":
+        grids = [grid for images, _ in rows for grid in images]
+        prompts = [[BOS] + sum(([3] + [5] * (t * h * w // MERGE ** 2) + [4] for t, h, w in images), [])
+                   for images, _ in rows]
+    else:
+        image = {"llava": [3] * 16 + [20], "gemma3": [5] + [3] * 16 + [6], "mistral3": _image_rows(4, 4, 10, 12, 13)}
+        prompts = [[BOS] + image[family] * images for images, _ in rows]
+        grids = [None] * sum(images for images, _ in rows)
+    input_ids, mask, labels = padded_batch(prompts, [text for _, text in rows], side, length)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
+    if family == "qwen2_vl":
+        inputs["mm_token_type_ids"] = (input_ids == 5).long()
+        if grids:
+            inputs.update(pixel_values=_pixels(sum(t * h * w for t, h, w in grids), 3 * TEMPORAL * PATCH * PATCH),
+                          image_grid_thw=torch.tensor(grids))
+    elif grids:
+        inputs["pixel_values"] = _pixels(len(grids), 3, 32, 32)
+        if family == "mistral3":
+            inputs["image_sizes"] = torch.tensor([[32, 32]] * len(grids))
+    if family == "gemma3":
+        inputs["token_type_ids"] = (input_ids == 3).long()
+    return inputs
+
+
 def _per_image(counts):
     """``tokens_per_image``: one number when every image has the same count, else the list."""
     return counts[0] if len(set(counts)) == 1 else counts
@@ -680,13 +733,16 @@ def _qwen_vl(config_cls, model_cls, text, vision, grids):
     return _finish(model, inputs, Expected(_blocks(text["num_hidden_layers"]), "scatter", tokens, image))
 
 
-def qwen2_vl(layers=3, grids=SAME_GRIDS):
-    """Qwen2VLForConditionalGeneration: M-RoPE positions ``[3, B, T]`` from the grid; flat pixel patches."""
+def qwen2_vl(layers=3, grids=SAME_GRIDS, hidden=64):
+    """Qwen2VLForConditionalGeneration: M-RoPE positions ``[3, B, T]`` from the grid; flat pixel patches. ``hidden``:
+    the text width (4 heads)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = _text(layers=layers, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, model_type="qwen2_vl",
-                 bos_token_id=1, eos_token_id=2)
-    vision = _qwen_vision(widths=dict(embed_dim=32, hidden_size=64))
+    section = hidden // 32  # M-RoPE sections [2, 2, 4] at width 64: the half head (hidden / 8) split 1:1:2
+    rope = {"type": "mrope", "mrope_section": [section, section, 2 * section]}
+    text = _text(hidden=hidden, layers=layers, rope_scaling=rope, model_type="qwen2_vl", bos_token_id=1,
+                 eos_token_id=2)
+    vision = _qwen_vision(widths=dict(embed_dim=32, hidden_size=hidden))
     return _qwen_vl(Qwen2VLConfig, Qwen2VLForConditionalGeneration, text, vision, grids)
 
 

@@ -23,6 +23,10 @@ keyed ``"g<graph>:<node name>"`` and carry:
 ``value``    for parameter, buffer and constant placeholders: the tensor (None elsewhere).
 ``order``    position in execution order across all graphs.
 
+Code that runs under ``torch.no_grad()`` or ``torch.autocast`` inside the model (a block under reentrant activation
+checkpointing, say) is a higher-order op in an exported graph, whose subgraph holds the region's nodes; the data flow
+holds those nodes in its place (:func:`inline_regions`), so matching sees through it.
+
 Graphs are traced on the model as given: parameters on the ``meta`` device are fine for export (no
 weights materialized); the example inputs are moved to the parameters' device for the trace.
 """
@@ -30,9 +34,11 @@ weights materialized); the example inputs are moved to the parameters' device fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import logging
+import operator
 import re
 import time
 from dataclasses import dataclass, field
@@ -89,7 +95,7 @@ def capture(model: nn.Module, example_inputs: dict) -> Capture:
             kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
             exported = _export(model, kwargs)
         if not isinstance(exported, Exception):
-            return exported_capture(exported, example_inputs, time.perf_counter() - start, notes)
+            return exported_capture(exported, example_inputs, time.perf_counter() - start, notes, inline=True)
         reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
         traced = _trace(model, kwargs)
         if not isinstance(traced, Exception):
@@ -122,17 +128,19 @@ def _warm_up(model: nn.Module, kwargs: dict) -> None:
 
 
 class KeywordCall(nn.Module):
-    """``model(**inputs)`` as a module taking the tensor inputs positionally, in ``names`` order (what make_fx
-    and torch.export's dynamic shapes handle best); the non-tensor inputs are fixed."""
+    """``model(**inputs)`` as a module whose forward takes the tensor inputs positionally, in ``names`` order (what
+    make_fx traces), or by keyword: its signature names them, so torch.export records them by name and an exported
+    program's ``module()`` is called as the model is, ``(**batch)``. The non-tensor inputs are fixed."""
 
     def __init__(self, model: nn.Module, inputs: dict):
         super().__init__()
         self.inner = model
         self.names = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
         self.constants = {name: value for name, value in inputs.items() if name not in self.names}
+        self.forward = _named(self._call, self.names)
 
-    def forward(self, *values):
-        return self.inner(**dict(zip(self.names, values)), **self.constants)
+    def _call(self, *values, **named):
+        return self.inner(**dict(zip(self.names, values)), **named, **self.constants)
 
     def values(self, inputs: dict) -> tuple:
         """The positional arguments for a call with keyword ``inputs``."""
@@ -141,6 +149,20 @@ class KeywordCall(nn.Module):
             raise TypeError(f"missing inputs {', '.join(missing)}: this graph was built for "
                             f"{', '.join(self.names)}")
         return tuple(inputs[name] for name in self.names)
+
+    def keywords(self, inputs: dict) -> dict:
+        """The keyword arguments, in ``names`` order, for a call with ``inputs`` (the others are left out)."""
+        return dict(zip(self.names, self.values(inputs)))
+
+
+def _named(function, names: list[str]):
+    """``function(*values, **named)`` with a signature whose parameters are ``names``."""
+    def forward(*values, **named):
+        return function(*values, **named)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+    return forward
 
 
 def _trace(model: nn.Module, kwargs: dict) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
@@ -172,7 +194,7 @@ def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> n
             sources[node.name] = named.get(id(value), ("constant", str(node.target)))
             values[node.name] = value
     flow = nx.DiGraph()
-    add_graph(flow, gm, 0, 0, sources, values)
+    add_graph(flow, gm, 0, 0, sources, values, inline=True)
     return flow
 
 
@@ -256,12 +278,14 @@ def module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tuple
 
 
 def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
-               values: dict, prefix: str = "", frame_root: str = "") -> dict[str, str]:
+               values: dict, prefix: str = "", frame_root: str = "", inline: bool = False) -> dict[str, str]:
     """Add one graph's nodes and edges to ``flow``; return fx node name -> data-flow key.
 
     ``sources``: placeholder name -> (kind, source); ``values``: placeholder name -> tensor (parameters,
-    buffers and constants).
+    buffers and constants). ``inline``: add the nodes inside region ops (:func:`inline_regions`) in their place, as
+    capture does for matching; the lowerings, which rewrite ``gm`` itself, match the nodes ``gm`` has.
     """
+    gm, aliases = inline_regions(gm) if inline else (gm, {})
     keys = {}
     for position, node in enumerate(gm.graph.nodes):
         key = f"g{index}:{node.name}"
@@ -273,18 +297,79 @@ def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int,
                       order=order_base + position)
         for arg in node.all_input_nodes:
             flow.add_edge(keys[arg.name], key)
+    keys.update({name: keys[replacement] for name, replacement in aliases.items()})
     return keys
 
 
+# higher-order ops that call their one subgraph once, on the operands that follow it: torch.export wraps code run
+# under torch.no_grad() or torch.autocast (a reentrant activation checkpoint runs its block under no_grad) in
+# them, dynamo a non-reentrant checkpoint
+REGION_OPS = frozenset({"wrap", "wrap_with_set_grad_enabled", "wrap_with_autocast", "tag_activation_checkpoint"})
+
+
+def inline_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``gm`` with every :data:`REGION_OPS` call replaced by the nodes of its subgraph, so the data flow shows what
+    the region computes (module stacks included) and not one opaque call; ``gm`` itself when it has none.
+
+    Returns the graph module and, for each node removed (the region's ``getitem`` results), the name of the node
+    now computing its value.
+    """
+    if not any(_region(node, gm) for node in gm.graph.nodes):
+        return gm, {}
+    graph, env = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    flat = fx.GraphModule(gm, graph)
+    aliases = {}
+    for node in list(flat.graph.nodes):
+        found = _region(node, flat)
+        if found is None:
+            continue
+        sub, operands = found
+        sub = inline_regions(sub)[0]  # regions nested in it
+        copied = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], operands))
+        with flat.graph.inserting_before(node):
+            results = flat.graph.graph_copy(sub.graph, copied)
+        for inner, outer in copied.items():
+            if inner.op == "get_attr":  # a tensor the region reads: the flat module holds it under a name of its own
+                outer.target = f"_{node.name}_{inner.target.replace('.', '_')}"
+                setattr(flat, outer.target, functools.reduce(getattr, inner.target.split("."), sub))
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        for user in list(node.users):
+            aliases[user.name] = results[user.args[1]].name
+            user.replace_all_uses_with(results[user.args[1]])
+            flat.graph.erase_node(user)
+        flat.graph.erase_node(node)
+    flat.graph.eliminate_dead_code(lambda n: n.op != "get_attr")  # only the references to the inlined subgraphs
+    flat.recompile()
+    return flat, aliases
+
+
+def _region(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple] | None:
+    """``(subgraph, operands)`` when ``node`` calls a region op whose results are only read by index (its keyword
+    arguments are options, such as a checkpoint's ``use_reentrant``)."""
+    if node.op != "call_function" or op_name(node) not in REGION_OPS:
+        return None
+    at = next((i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
+               and isinstance(getattr(gm, a.target, None), fx.GraphModule)), None)
+    if at is None or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+        return None
+    sub, operands = getattr(gm, node.args[at].target), node.args[at + 1:]
+    if len(operands) != sum(n.op == "placeholder" for n in sub.graph.nodes):
+        return None
+    return sub, operands
+
+
 def exported_capture(exported: torch.export.ExportedProgram, example_inputs: dict, seconds: float = 0.0,
-                     notes: list[str] | None = None, input_names: list[str] | None = None) -> Capture:
+                     notes: list[str] | None = None, input_names: list[str] | None = None,
+                     inline: bool = False) -> Capture:
     """The :class:`Capture` of an exported program. ``input_names``: the model input each user input of the
-    program stands for, in order (default: the program's own names)."""
-    return Capture("export", [exported.graph_module], _export_dataflow(exported, input_names), example_inputs,
+    program stands for, in order (default: the program's own names); ``inline``: see :func:`add_graph`."""
+    return Capture("export", [exported.graph_module], _export_dataflow(exported, input_names, inline), example_inputs,
                    seconds, None, notes or [], exported)
 
 
-def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[str] | None = None) -> nx.DiGraph:
+def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[str] | None = None,
+                     inline: bool = False) -> nx.DiGraph:
     sig = exported.graph_signature
     sources = {name: ("param", fqn) for name, fqn in sig.inputs_to_parameters.items()}
     sources.update({name: ("buffer", fqn) for name, fqn in sig.inputs_to_buffers.items()})
@@ -294,7 +379,7 @@ def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[s
     tensors = {**exported.state_dict, **exported.constants}
     values = {name: tensors.get(fqn) for name, (kind, fqn) in sources.items() if kind != "input"}
     flow = nx.DiGraph()
-    add_graph(flow, exported.graph_module, 0, 0, sources, values)
+    add_graph(flow, exported.graph_module, 0, 0, sources, values, inline=inline)
     return flow
 
 
@@ -336,7 +421,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
                 links[node.name] = produced[vid]
             else:
                 sources[node.name] = ("graph_input", None)
-        keys = add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
+        keys = add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF, inline=True)
         for name, producer in links.items():
             flow.add_edge(producer, keys[name])
         output = next(n for n in gm.graph.nodes if n.op == "output")

@@ -23,6 +23,13 @@ block but not the merge: its forward receives the merged sequence (where every s
 e.g. adding features before several blocks, the outermost one that receives the sequence and not the
 computation of the visual tokens).
 
+**Padding mask.** The model input that marks padding, where the merged sequence is aligned with the token
+input: an integer or bool input shaped like the token input, read by the model, whose example values are 0/1
+with a 1 at every visual position (images are never padding) and, in each row, zeros only as one run at the
+start or the end (left or right padding; none at all is the usual example). Token-type inputs fail this (zeros
+at visual positions, or on both sides of an image). Where several inputs qualify, the one that reaches an
+attention op; where that does not single one out, none (the compactor then keeps padding, as without a mask).
+
 **Blocks.** Sibling modules (children of one module in the call hierarchy) that run one after the
 other, each consuming the previous one's output, form a stack. A block's **kind** is the shapes of
 the parameters it reads (its op graph's Weisfeiler-Lehman hash when it reads none): robust to values
@@ -119,6 +126,7 @@ class Boundary:
     # (row, first position, last position, views) of each picture, where the layout says its images are views of
     # one picture (a global view plus slices, each opened by its marker: stsc.layout.pictures_in); else None
     picture_views: list[tuple[int, int, int, int]] | None = None
+    padding_input: str | None = None  # the model input marking padding positions with 0 (see the module docstring)
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
         """The grid of each image of a batch, in order, from the per-image metadata input (if found)."""
@@ -292,10 +300,11 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
         tokens_per_image, images, rows_layout, grid_input, scale, views = _images(cap, flow, merge, positions,
                                                                                   token_input, shape, notes)
     grid = _grid(flow, taint, visual, tokens_per_image, vision_end)
+    padding = _padding_input(cap, flow, token_input, positions, notes) if kind != "cross_attention" else None
     return Boundary(kind, merge, op, tuple(flow.nodes[merge]["shape"]), visual, shape,
                     _producer_module(flow, visual, merge), tokens_per_image,
                     images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
-                    _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views)
+                    _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views, padding)
 
 
 def _written_back(flow, taint, merge: str) -> str:
@@ -380,6 +389,43 @@ def _images(cap, flow, merge, positions, token_input, shape, notes):
                               if isinstance(value, torch.Tensor) and name != token_input
                               and (scale := metadata_scale(value, counts)) is not None), (None, None))
     return (counts[0] if len(set(counts)) == 1 else counts), len(counts), rows_layout, grid_input, scale, views
+
+
+def _padding_input(cap, flow, token_input, positions, notes) -> str | None:
+    """The model input marking padding (see the module docstring); None, with a note saying why, when none is."""
+    tokens = cap.example_inputs[token_input]
+    visual = positions(cap.example_inputs) if isinstance(positions, PositionProgram) else None
+    if visual is None or tokens.device.type == "meta":
+        notes.append("padding mask: looked for only where the visual positions are computed from the token input "
+                     "(the merged sequence aligned with it); padding stays in the compacted sequence")
+        return None
+    candidates = [key for key in flow if flow.nodes[key]["op"] == "input" and flow.nodes[key]["source"] != token_input
+                  and any(True for _ in flow.successors(key))
+                  and _marks_padding(cap.example_inputs.get(flow.nodes[key]["source"]), tokens.shape, visual)]
+    if len(candidates) > 1:
+        candidates = [key for key in candidates if any(flow.nodes[k]["op"] in ATTENTION_OPS
+                                                       for k in nx.descendants(flow, key))]
+    names = sorted({flow.nodes[key]["source"] for key in candidates})
+    if len(names) == 1:
+        return names[0]
+    notes.append(f"padding mask: {'several inputs qualify (' + ', '.join(names) + ')' if names else 'none found'}; "
+                 f"looked for an integer 0/1 model input shaped like the token input, 1 at every visual position, "
+                 f"zeros only at one end of a row; padding stays in the compacted sequence")
+    return None
+
+
+def _marks_padding(value, shape, visual: torch.Tensor) -> bool:
+    """``value`` could be a padding mask of a batch shaped ``shape`` whose visual positions are ``visual``."""
+    if not isinstance(value, torch.Tensor) or value.shape != shape or value.is_floating_point() or value.is_complex():
+        return False
+    real = value.long()
+    if not bool(((real == 0) | (real == 1)).all()) or not bool(real[visual.to(real.device)].all()):
+        return False
+    for row in real.bool().tolist():
+        ones = [i for i, one in enumerate(row) if one]
+        if not ones or (ones[0] > 0 and ones[-1] < len(row) - 1) or len(ones) != ones[-1] - ones[0] + 1:
+            return False  # no real position, zeros on both sides, or zeros inside
+    return True
 
 
 def _decoder_entry(flow, merge, visual, blocks: list[Block]) -> str | None:

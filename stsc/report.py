@@ -65,6 +65,7 @@ class Report:
                 f"  placeholder id  {b.placeholder_id if b.placeholder_id is not None else '-'}",
                 f"  pixel inputs    {', '.join(b.vision_inputs)}",
                 f"  decoder entry   {b.decoder_entry or '-'}",
+                f"  padding mask    {b.padding_input or '-'}",
             ]
         kinds = f", {self.block_kinds} kinds" if self.block_kinds > 1 else ""
         lines.append(f"decoder      {len(self.blocks)} blocks{kinds}")

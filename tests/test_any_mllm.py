@@ -257,7 +257,8 @@ def test_a_model_that_breaks_in_a_training_step_is_refused_at_sparsify():
     assert str(err.value).startswith(
         "stage 'alignment' (compress_visual_tokens): a training step on the example inputs failed: RuntimeError: "
         "shape '[2, 25, 64]' is invalid for input of size 1664 (found: compress_visual_tokens: boundary=scatter, "
-        "visual_positions=eq(input_ids, 3), compacted_at=model.language_model, method=uniform, tokens_per_image=16, "
+        "visual_positions=eq(input_ids, 3), compacted_at=model.language_model, padding_removed=where attention_mask is "
+        "0, method=uniform, tokens_per_image=16, "
         "kept_per_image=8)")
 
 
