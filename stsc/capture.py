@@ -107,7 +107,13 @@ def capture(model: nn.Module, example_inputs: dict) -> Capture:
         if not isinstance(traced, Exception):
             return Capture("trace", [traced[0]], traced[1], example_inputs, time.perf_counter() - start, reason, notes)
         reason += f"; the real-tensor trace failed: {type(traced).__name__}: {first_line(traced)}"
-        graphs, flow = _dynamo_capture(model, moved)
+        try:
+            graphs, flow = _dynamo_capture(model, moved)
+        except CaptureError as exc:
+            raise CaptureError(f"{reason}; {exc}" + (
+                "; the weights hold no data here, so the model was captured from their shapes alone: it cannot "
+                "compute from their values anything that decides its shapes or control flow" if shapes_only else "")
+            ) from exc
     return Capture("dynamo", graphs, flow, example_inputs, time.perf_counter() - start, reason, notes)
 
 

@@ -132,8 +132,10 @@ class SparseModel(nn.Module):
     # ------------------------------------------------------------------------------- public API
     @property
     def stage(self) -> str | None:
-        """Name of the active stage (None: dense, between or after the stages)."""
-        return self._active.name if self._active else None
+        """Name of the active stage (None: dense, between or after the stages); before the passes bind (at the first
+        training forward of a model matched from shapes), the stage they will bind in."""
+        stage = self._active if self.bound else self._selected_stage()
+        return stage.name if stage else None
 
     @property
     def structure(self):
@@ -320,9 +322,12 @@ class SparseModel(nn.Module):
                 f"stage {stage.name!r} ({', '.join(e.name for e in stage.passes)}): a training step on {on} "
                 f"failed: {type(exc).__name__}: {first_line(exc)} (found: {found})") from exc
 
+    def _selected_stage(self) -> Stage | None:
+        return self.fixed_stage or self.policy.stage_at(self.progress)
+
     def _sync(self) -> None:
         """Install the passes of the stage that the progress selects, and move their schedules."""
-        stage = self.fixed_stage or self.policy.stage_at(self.progress)
+        stage = self._selected_stage()
         if stage is None and self.progress >= self.policy.stages[-1].end and not self._warned_past_end:
             self._warned_past_end = True
             warnings.warn(f"progress {self.progress:g} {self.policy.unit} is past the end of the last stage "
