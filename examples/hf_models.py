@@ -102,8 +102,9 @@ def _per_image(counts):
 
 
 def _seeded(model_cls, cfg):
-    """``model_cls(cfg)``, seeded; once a DeepSpeed ZeRO-3 config is active (``TrainingArguments(deepspeed=...)``), built
-    as ``from_pretrained`` builds it then: under ``deepspeed.zero.Init``, each rank holding a partition of every weight."""
+    """``model_cls(cfg)``, seeded; once a DeepSpeed ZeRO-3 config is active (``TrainingArguments(deepspeed=...)``),
+    built as ``from_pretrained`` builds it then: under ``deepspeed.zero.Init``, each rank holding a partition of every
+    weight."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     torch.manual_seed(0)

@@ -41,6 +41,7 @@ import io
 import logging
 import re
 import time
+import types
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -92,33 +93,35 @@ def capture(model: nn.Module, example_inputs: dict) -> Capture:
         moved = _to_model_device(model, kwargs)
         if not shapes_only:
             _warm_up(model, moved)
-        try:
-            exported = _export(model, moved)
-        except TypeError as exc:
-            if "use_cache" not in str(exc) or "use_cache" not in kwargs:
-                raise
-            kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
-            moved = _to_model_device(model, kwargs)
-            exported = _export(model, moved)
-        if not isinstance(exported, Exception):
-            return exported_capture(exported, example_inputs, time.perf_counter() - start, notes)
-        reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
-        traced = _trace(model, kwargs if shapes_only else moved, shapes_only)
-        if not isinstance(traced, Exception):
-            return Capture("trace", [traced[0]], traced[1], example_inputs, time.perf_counter() - start, reason, notes)
-        reason += f"; the real-tensor trace failed: {type(traced).__name__}: {first_line(traced)}"
-        try:
-            graphs, flow = _dynamo_capture(model, moved)
-        except CaptureError as exc:
-            raise CaptureError(f"{reason}; {exc}" + (
-                "; the weights hold no data here, so the model was captured from their shapes alone: it cannot "
-                "compute from their values anything that decides its shapes or control flow" if shapes_only else "")
-            ) from exc
+        with _attributes_restored(model):  # what tracing caches on the model (fake tensors) is not kept
+            try:
+                exported = _export(model, moved)
+            except TypeError as exc:
+                if "use_cache" not in str(exc) or "use_cache" not in kwargs:
+                    raise
+                kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
+                moved = _to_model_device(model, kwargs)
+                exported = _export(model, moved)
+            if not isinstance(exported, Exception):
+                return exported_capture(exported, example_inputs, time.perf_counter() - start, notes)
+            reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
+            traced = _trace(model, kwargs if shapes_only else moved, shapes_only)
+            if not isinstance(traced, Exception):
+                return Capture("trace", [traced[0]], traced[1], example_inputs, time.perf_counter() - start, reason,
+                               notes)
+            reason += f"; the real-tensor trace failed: {type(traced).__name__}: {first_line(traced)}"
+            try:
+                graphs, flow = _dynamo_capture(model, moved)
+            except CaptureError as exc:
+                raise CaptureError(f"{reason}; {exc}" + (
+                    "; the weights hold no data here, so the model was captured from their shapes alone: it cannot "
+                    "compute from their values anything that decides its shapes or control flow"
+                    if shapes_only else "")) from exc
     return Capture("dynamo", graphs, flow, example_inputs, time.perf_counter() - start, reason, notes)
 
 
 def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """A tensor's full shape: its own, or a ZeRO-3 partitioned parameter's (whose own shape is that of its empty data)."""
+    """A tensor's full shape: its own, or a ZeRO-3 partitioned parameter's (its own is that of its empty data)."""
     return tuple(getattr(tensor, "ds_shape", tensor.shape))
 
 
@@ -152,6 +155,27 @@ def shape_stand_ins(model: nn.Module):
     finally:
         for store, name, tensor in replaced:
             store[name] = tensor
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: nn.Module):
+    """Put back the attributes of every module, and of the plain objects modules hold (a config, a vocabulary
+    mapping), as they were: values a model computes lazily at its first forward (``functools.cached_property``, a
+    rotary cache) are otherwise kept with the fake or meta tensors of the trace that computed them."""
+    owners = list(model.modules())
+    owners += [value for module in owners for value in vars(module).values() if _plain_object(value)]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, attributes in saved:
+            vars(owner).clear()
+            vars(owner).update(attributes)
+
+
+def _plain_object(value) -> bool:
+    return hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType,
+                                                                  types.FunctionType, types.MethodType))
 
 
 @contextlib.contextmanager

@@ -76,8 +76,8 @@ class SparseReport:
     def format(self) -> str:
         lines = [self.model.format(), ""]
         if self.checked_on is None:
-            lines.append("stages       not checked yet: the weights held no data at sparsify (matched from their shapes); "
-                         "the passes bind and each stage's trial step runs at the first training forward")
+            lines.append("stages       not checked yet: the weights held no data at sparsify (matched from their "
+                         "shapes); the passes bind and each stage's trial step runs at the first training forward")
         for s in self.stages:
             span = f"{s.unit} {s.start:g} to {s.end:g}"
             lines.append(f"stage {s.name!r}  ({span})")
@@ -125,9 +125,9 @@ class SparseModel(nn.Module):
         if example_inputs is not None:
             self._prepare(example_inputs)
         elif not holds_data(model):
-            raise ValueError("sparsify() of a model whose weights hold no data here (on the meta device, or partitioned "
-                             "by ZeRO-3) needs example_inputs, to capture it from their shapes before an engine wraps it: "
-                             "one batch's forward keyword arguments, real tensors or on the meta device")
+            raise ValueError("sparsify() of a model whose weights hold no data here (on the meta device, or "
+                             "partitioned by ZeRO-3) needs example_inputs, to capture it from their shapes before an "
+                             "engine wraps it: one batch's forward keyword arguments, real tensors or on the meta device")
 
     # ------------------------------------------------------------------------------- public API
     @property
