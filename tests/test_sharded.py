@@ -8,6 +8,8 @@ same model built directly: the same structure, the same decisions, the same loss
 import copy
 import dataclasses
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +249,17 @@ def test_a_model_that_computes_shapes_from_its_weights_values_cannot_be_matched_
     assert str(err.value).endswith("the weights hold no data here, so the model was captured from their shapes alone: "
                                    "it cannot compute from their values anything that decides its shapes or control "
                                    "flow")
+
+
+@pytest.mark.slow
+def test_llava_1_5_7b_and_qwen2_5_vl_72b_shapes_on_meta_are_matched():
+    """benchmarks/meta_scale.py, each config in its own process: the published shapes, built on meta, sparsified."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import meta_scale
+
+    rows = {row["config"]: row for row in meta_scale.main([])}
+    assert {name: (row["capture"], row["blocks"], row["boundary"], row["tokens_per_image"], row["decoder_entry"])
+            for name, row in rows.items()} == {"llava-1.5-7b": ("export", 32, "scatter", 576, "model.language_model"),
+                                               "qwen2.5-vl-72b": ("trace", 80, "scatter", 64, "model.language_model")}
+    assert all(row["support"] == {"compress_visual_tokens": "ok", "skip_layers": "ok"} for row in rows.values())
+    assert rows["qwen2.5-vl-72b"]["params_b"] > 72
