@@ -158,8 +158,13 @@ def _per_image(counts):
 
 
 def _seeded(model_cls, cfg):
+    """``model_cls(cfg)``, seeded; once a DeepSpeed ZeRO-3 config is active (``TrainingArguments(deepspeed=...)``),
+    built as ``from_pretrained`` builds it then: under ``deepspeed.zero.Init``, each rank holding a partition of every
+    weight."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     torch.manual_seed(0)
-    return model_cls(cfg)
+    return model_cls._from_config(cfg) if is_deepspeed_zero3_enabled() else model_cls(cfg)
 
 
 def _finish(model, inputs, expected):

@@ -532,8 +532,16 @@ def _replace_leaf(args, kwargs, path, new):
     return pytree.tree_unflatten([new if key == path else value for key, value in leaves], spec)
 
 
+def _merged_shape(boundary, inputs: dict) -> tuple:
+    """The merged sequence's shape ``[B, T, D]`` in a forward on ``inputs`` (shaped like the example the boundary was
+    matched on, or not): ``B`` and ``T`` those of the visual positions; a ``cat`` merge's ``T`` is None (any)."""
+    if isinstance(boundary.positions, Slots):
+        return inputs[boundary.token_input].shape[0], None, boundary.merged_shape[-1]
+    return (*boundary.positions(inputs).shape, boundary.merged_shape[-1])
+
+
 def _hidden_path(model: nn.Module, entry: nn.Module, example_inputs: dict, shape: tuple):
-    """Where a tensor of the merged sequence's ``shape`` sits among ``entry``'s arguments (one example run)."""
+    """Where a tensor of the merged sequence's ``shape`` (None: any size) sits among ``entry``'s arguments (one run)."""
     seen = []
     handle = entry.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)) if not seen else None,
                                              with_kwargs=True)
@@ -545,7 +553,8 @@ def _hidden_path(model: nn.Module, entry: nn.Module, example_inputs: dict, shape
     if not seen:
         raise ValueError("the decoder entry did not run on the example inputs")
     for path, value in pytree.tree_flatten_with_path(seen[0])[0]:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(shape):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == len(shape) \
+                and all(want in (None, size) for want, size in zip(shape, value.shape)):
             return path
     raise ValueError(f"no argument of the decoder entry has the merged sequence's shape {list(shape)}")
 
@@ -678,7 +687,7 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
     else:
         entries = [modules[block.path] for block in structure.blocks]
         exit_module, where = entries[-1], f"each decoder block ({structure.blocks[0].path} ...)"
-    hidden_path = _hidden_path(model, entries[0], example_inputs, b.merged_shape)
+    hidden_path = _hidden_path(model, entries[0], example_inputs, _merged_shape(b, example_inputs))
     starts = forward_modules(model, structure)
     compactor = SequenceCompactor(model, b, config, starts, entries, exit_module, hidden_path)
     padding = f"where {b.padding_input} is 0" if b.padding_input else "no (no padding mask found)"

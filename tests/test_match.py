@@ -70,7 +70,7 @@ def test_export_failure_falls_back_to_a_real_tensor_trace_and_is_reported():
 
 def test_dynamo_is_the_last_resort(monkeypatch):
     capture_module = importlib.import_module("stsc.capture")  # `stsc.capture` is also the function
-    monkeypatch.setattr(capture_module, "_trace", lambda model, kwargs: RuntimeError("no trace"))
+    monkeypatch.setattr(capture_module, "_trace", lambda *_: RuntimeError("no trace"))
     model, inputs = hf_models.qwen2_vl()
     report = inspect(model, inputs)
     assert report.capture_method == "dynamo" and report.graphs > 1
