@@ -165,17 +165,27 @@ def shape_stand_ins(model: nn.Module):
 @contextlib.contextmanager
 def _attributes_restored(model: nn.Module):
     """Put back the attributes of every module, and of the plain objects modules hold (a config, a vocabulary
-    mapping), as they were: values a model computes lazily at its first forward (``functools.cached_property``, a
-    rotary cache) are otherwise kept with the fake or meta tensors of the trace that computed them."""
+    mapping), that tracing set to values holding tensors: values a model computes lazily at its first forward
+    (``functools.cached_property``, a rotary cache) are otherwise kept with the fake or meta tensors of the trace that
+    computed them. Other changes stay: a flag saying hooks were installed goes with the hooks it counts."""
     owners = list(model.modules())
     owners += [value for module in owners for value in vars(module).values() if _plain_object(value)]
     saved = [(owner, dict(vars(owner))) for owner in owners]
     try:
         yield
     finally:
-        for owner, attributes in saved:
-            vars(owner).clear()
-            vars(owner).update(attributes)
+        for owner, before in saved:
+            attributes = vars(owner)
+            for name in [name for name, value in attributes.items()
+                         if (name not in before or before[name] is not value) and _holds_tensor(value)]:
+                if name in before:
+                    attributes[name] = before[name]
+                else:
+                    del attributes[name]
+
+
+def _holds_tensor(value) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 def _plain_object(value) -> bool:

@@ -159,7 +159,8 @@ def test_a_pass_that_breaks_fails_at_the_first_training_forward_with_sparsifys_e
     assert str(err.value).startswith(
         "stage 'alignment' (compress_visual_tokens): a training step on the first training batch failed: "
         "RuntimeError: shape '[2, 25, 64]' is invalid for input of size 1664 (found: compress_visual_tokens: "
-        "boundary=scatter, visual_positions=eq(input_ids, 3), compacted_at=model.language_model, method=random, "
+        "boundary=scatter, visual_positions=eq(input_ids, 3), compacted_at=model.language_model, "
+        "padding_removed=where attention_mask is 0, method=random, "
         "tokens_per_image=16, kept_per_image=8)")
     assert not sparse.bound and sparse.runtimes == {}
 
