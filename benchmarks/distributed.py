@@ -1,6 +1,6 @@
 """Distributed engines with skipped blocks, measured on 2 CPU ranks (gloo), dense baseline in the same run.
 
-    torchrun --nproc_per_node 2 benchmarks/distributed.py fsdp2 [--steps 40 --layers 8 --hidden 256 --quick]
+    torchrun --nproc_per_node 2 benchmarks/distributed.py fsdp2 [--steps 40 --layers 8 --hidden 256 --quick --meta-init]
     torchrun --nproc_per_node 2 benchmarks/distributed.py ddp [--steps 40 --layers 8 --hidden 256 --quick]
 
 Copies of the bundled example (same initialization, the decoder enlarged) train on the same batches,
@@ -12,6 +12,8 @@ comms on every block count the bytes each step moves for the decoder blocks (all
 gathered output; reduce-scatter: the reduced input), dense vs skipping, beside the fraction of blocks
 the skipping copy ran. One JSON line per step (``STEP {...}``), a table, and
 ``RESULT bytes_ratio=... blocks_run=... worst_step_excess=...`` (excess: bytes ratio minus fraction run).
+``--meta-init``: every copy is built on the meta device, sparsified (matched from its weights' shapes), sharded,
+materialized (``to_empty``) and loaded with the same weights (:func:`materialize`), the torchtitan order.
 
 ``ddp``: step time (forward, backward, SGD step) of ``DistributedDataParallel`` on a dense copy, and on
 two skipping copies making the same decisions: one with ``find_unused_parameters=True``, one without it
@@ -52,16 +54,22 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--eps", type=float, default=0.5)
     parser.add_argument("--quick", action="store_true", help="CI-sized: 4 layers of 64, 6 steps")
+    parser.add_argument("--meta-init", action="store_true", help="copies built on meta, materialized after sharding")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.text_tokens, args.steps, args.warmup = 4, 64, 12, 6, 1
     return args
 
 
+def build(args):
+    return tiny_llava.build_model(hidden_size=args.hidden, layers=args.layers, heads=max(args.hidden // 64, 1),
+                                  intermediate_size=int(args.hidden * 8 / 3))
+
+
 def copies(args, count: int):
-    """The dense copy and ``count`` skipping copies (``SparseModel``s), and this rank's batch."""
-    model = tiny_llava.build_model(hidden_size=args.hidden, layers=args.layers, heads=max(args.hidden // 64, 1),
-                                   intermediate_size=int(args.hidden * 8 / 3))
+    """The dense copy and ``count`` skipping copies (``SparseModel``s), this rank's batch, and the model whose weights
+    they have (with ``--meta-init`` the copies are on the meta device, to be materialized with them)."""
+    model = build(args)
     inputs = tiny_llava.example_inputs(model, batch=args.batch, text_tokens=args.text_tokens)
     inputs["pixel_values"] = inputs["pixel_values"] + dist.get_rank()  # each rank sees other data
     policy = parse_policy(f"""
@@ -69,8 +77,26 @@ version: 1
 stages:
   - {{name: instruction, epochs: 1, passes: {{skip_layers: {{alpha: {args.alpha}, eps: {args.eps}}}}}}}
 """, source="distributed")
-    skipping = [stsc.sparsify(copy.deepcopy(model), policy, inputs) for _ in range(count)]
-    return stsc.sparsify(model, "dense", inputs), skipping, inputs
+    if args.meta_init:
+        with torch.device("meta"):
+            fresh = [build(args) for _ in range(count + 1)]
+    else:
+        fresh = [copy.deepcopy(model) for _ in range(count)] + [model]
+    skipping = [stsc.sparsify(fresh[i], policy, inputs) for i in range(count)]
+    return stsc.sparsify(fresh[-1], "dense", inputs), skipping, inputs, model
+
+
+def materialize(model, full) -> None:
+    """A model built on the meta device and sharded with ``fully_shard``: its storage allocated (``to_empty``), then
+    ``full``'s weights loaded into its shards, and ``full``'s non-persistent buffers (no checkpoint holds them; the
+    model's own init computes them, as torchtitan's ``init_weights`` does) copied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device="cpu")
+    set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        for name, buffer in full.named_buffers():
+            model.get_buffer(name).copy_(buffer)
 
 
 def train_step(trained, optimizer, inputs) -> float:
@@ -117,7 +143,7 @@ class CountingComm:
 def fsdp2(args) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    dense, (sts,), inputs = copies(args, 1)
+    dense, (sts,), inputs, full = copies(args, 1)
     counts = {name: {"all_gather": 0, "reduce_scatter": 0} for name in ("dense", "sts")}
     for name, sparse in (("dense", dense), ("sts", sts)):
         for path in sparse.report.model.blocks:
@@ -125,6 +151,8 @@ def fsdp2(args) -> None:
             block.set_custom_all_gather(CountingComm("all_gather", counts[name]))
             block.set_custom_reduce_scatter(CountingComm("reduce_scatter", counts[name]))
         fully_shard(sparse.model)
+        if args.meta_init:
+            materialize(sparse.model, full)
     models = {name: (sparse, sparse, torch.optim.SGD(sparse.parameters(), lr=1e-3))
               for name, sparse in (("dense", dense), ("sts", sts))}
     rows: dict[int, dict] = {}
@@ -160,7 +188,7 @@ def fsdp2(args) -> None:
 def ddp(args) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    dense, (find_unused, attached), inputs = copies(args, 2)
+    dense, (find_unused, attached), inputs, _ = copies(args, 2)
     wrapped = {"dense": DistributedDataParallel(dense), "find_unused": DistributedDataParallel(find_unused,
                                                                                               find_unused_parameters=True),
                "attach": DistributedDataParallel(attached)}

@@ -1,17 +1,20 @@
 """Layer Dynamic Skipper: dense vs skipped train step, measured side by side in one run, in both lowerings.
 
 Three copies of the bundled LLaVA-style example (same initialization), sized so that the decoder
-dominates the step, train with AdamW on the same batch: dense, skipping with the module lowering
-(``sparsify``: guards on the blocks) and skipping with the graph lowering (``stsc.transform``: the
-exported graph with ``torch.cond`` around each block). Both skipping copies follow the paper's schedule
+dominates the step (``--shape cpu``, the default: 8 x 256 for 2 CPU cores; ``--shape llava7b``: 6 blocks
+of LLaVA-1.5-7B's decoder, width 4096, 32 heads, MLP 11008, on 576 visual + 123 text tokens, batch 4, for
+a GPU), train with AdamW on the same batch, on ``--device`` in ``--dtype`` (bfloat16 on CUDA; the
+example's attention is SDPA): dense, skipping with the module lowering (``sparsify``: guards on the
+blocks) and skipping with the graph lowering (``stsc.transform``: the exported graph with ``torch.cond``
+around each block). Both skipping copies follow the paper's schedule
 (``sts``, alpha, eps) over a simulated stage spanning the measured steps, so their mean skip fraction is
 about alpha / 3, and they draw the same patterns. Steps of the three copies alternate, so machine noise
 hits them alike.
 
 Printed per lowering and mode (eager; compiled with ``--compile``: the module lowering as
 ``sparse.compile()`` plus ``torch.compile(sparse)``, the graph lowering as ``torch.compile`` of its graph,
-the dense copy as ``torch.compile`` of the model): mean step times, measured speed-up over the dense
-copy in the same mode, the ideal ``1 / (1 - s)`` for the realized skip fraction s, and their ratio.
+the dense copy as ``torch.compile`` of the model): mean step times (CUDA events on a GPU), measured
+speed-up over the dense copy in the same mode, the ideal ``1 / (1 - s)`` for the realized skip fraction s, and their ratio.
 The graph lowering runs its training graph (``graph.training_module``: each block's ``torch.cond``
 partitioned so that its backward reads the activations its forward saved).
 Last line (module lowering, eager):
@@ -19,6 +22,7 @@ Last line (module lowering, eager):
     RESULT speedup=<measured> ideal=<analytic> fraction_of_ideal=<measured/ideal>
 
     python benchmarks/lds_speed.py [--layers 8 --hidden 256 --text-tokens 64 --steps 60 --compile]
+    python benchmarks/lds_speed.py --device cuda --shape llava7b [--dtype bfloat16 --compile]
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,20 +40,25 @@ import tiny_llava  # noqa: E402
 
 from stsc import sparsify, transform  # noqa: E402
 from stsc.policy import parse_policy  # noqa: E402
+from timing import LLAVA_7B, add_device_arguments, build_on, device_and_dtype, on_device, parse_with_shapes  # noqa: E402
+from timing import describe, step_seconds  # noqa: E402
+
+SHAPES = {"cpu": {"layers": 8, "hidden": 256, "heads": 4, "intermediate": 682, "image_size": 32, "patch_size": 4,
+                  "text_tokens": 64, "batch": 4, "steps": 60, "warmup": 5},
+          "llava7b": {**LLAVA_7B, "layers": 6, "text_tokens": 123, "batch": 4, "steps": 20, "warmup": 3}}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--text-tokens", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=60, help="measured steps per model")
-    parser.add_argument("--warmup", type=int, default=5)
+    for name in ("layers", "hidden", "heads", "intermediate", "image_size", "patch_size", "text_tokens", "batch",
+                 "warmup"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int)
+    parser.add_argument("--steps", type=int, help="measured steps per model")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--eps", type=float, default=0.5)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
-    return parser.parse_args(argv)
+    add_device_arguments(parser)
+    return parse_with_shapes(parser, SHAPES, argv)
 
 
 def train_step(model, optimizer, inputs):
@@ -59,10 +67,19 @@ def train_step(model, optimizer, inputs):
     optimizer.step()
 
 
+def build(args):
+    """The dense model on the device and a batch for it."""
+    device, dtype = device_and_dtype(args)
+    dense = build_on(device, dtype, tiny_llava.build_model, hidden_size=args.hidden, layers=args.layers,
+                     heads=args.heads, intermediate_size=args.intermediate, image_size=args.image_size,
+                     patch_size=args.patch_size)
+    return dense, on_device(tiny_llava.example_inputs(dense, batch=args.batch, text_tokens=args.text_tokens), device,
+                            dtype)
+
+
 def measure(args, compiled: bool) -> list[dict]:
-    dense = tiny_llava.build_model(hidden_size=args.hidden, layers=args.layers, heads=max(args.hidden // 64, 1),
-                                   intermediate_size=int(args.hidden * 8 / 3))
-    inputs = tiny_llava.example_inputs(dense, batch=args.batch, text_tokens=args.text_tokens)
+    dense, inputs = build(args)
+    device = inputs["input_ids"].device
     policy = parse_policy(f"""
 version: 1
 stages:
@@ -84,10 +101,9 @@ stages:
         for lowering in (modules, graph):
             lowering.set_progress(step=args.warmup + step, epoch=max(step, 0) / args.steps)
         for name, run in runs.items():
-            start = time.perf_counter()
-            train_step(run, optimizers[name], inputs)
+            seconds = step_seconds(lambda: train_step(run, optimizers[name], inputs), device)
             if step >= 0:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
         assert graph.last_skipped == modules.runtimes["skip_layers"].last_skipped  # the same decisions
         skipped += len(graph.last_skipped) if step >= 0 else 0
     fraction = skipped / (args.steps * args.layers)
@@ -103,8 +119,10 @@ stages:
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
-    print(f"decoder {args.layers} x {args.hidden}, sequence {64 + 1 + args.text_tokens} tokens, batch {args.batch}, "
-          f"sts schedule alpha={args.alpha} eps={args.eps} over {args.steps} steps, {torch.get_num_threads()} threads")
+    sequence = 1 + (args.image_size // args.patch_size) ** 2 + args.text_tokens
+    print(f"decoder {args.layers} x {args.hidden} ({args.heads} heads, MLP {args.intermediate}), sequence {sequence} "
+          f"tokens, batch {args.batch}, sts schedule alpha={args.alpha} eps={args.eps} over {args.steps} steps, "
+          f"{describe(*device_and_dtype(args))}")
     rows = measure(args, compiled=False) + (measure(args, compiled=True) if args.compile else [])
     print(f"{'lowering':<9} {'mode':<9} {'dense ms':>9} {'sts ms':>9} {'skipped':>8} {'expected':>9} {'speedup':>8} "
           f"{'ideal':>6} {'of ideal':>9}")

@@ -22,9 +22,10 @@ The sections, by how images enter the token sequence:
 (f) Cross-attention to the image: mllama.
 (g) Text only: llama_text_only (not in ``BUILDERS``).
 (h) This year's vision-language families (transformers 5.x): glm46v, glm4v_moe, glm_ocr, qwen3_5, qwen3_5_moe,
-    llava_onevision1_5, hunyuan_vl, kimi_k25, lfm3_vl, step3p7, granite4_vision, granite_docling, deepseek_ocr2,
-    deepseek_vl_hybrid, ernie4_5_vl_moe, ovis2_5, minicpmv4_6, minicpm_ocr, minicpmv4_7, phi4_multimodal,
-    minimax_m3_vl, hy_v4_vl, nemotron_h_omni. MiniCPM-V views (a global view and slices) count as images, as tiles do.
+    llava_onevision1_5, hunyuan_vl, kimi_k25, lfm3_vl, step3p7, gemma4, molmo2, granite4_vision, granite_docling,
+    deepseek_ocr2, deepseek_vl_hybrid, ernie4_5_vl_moe, ovis2_5, minicpmv4_6, minicpm_ocr, minicpmv4_7,
+    phi4_multimodal, minimax_m3_vl, hy_v4_vl, nemotron_h_omni. MiniCPM-V views (a global view and slices) count as
+    images, as tiles do; Molmo2's low- and high-resolution views too (``tokens_per_image`` lists the views).
 (i) Audio-language families, one clip per row (``input_features`` or the family's own name): qwen2_audio, voxtral,
     audioflamingo3, musicflamingo, glmasr, qwen3_asr, granite_speech, phi4_multimodal_audio, qwen2_5_omni_thinker,
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
@@ -105,14 +106,72 @@ def _pixels(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
+def padded_batch(prompts, text_tokens, side="right", length=None, pad=0):
+    """A padded batch: row i is ``prompts[i]`` (ids) then ``text_tokens[i]`` random text tokens, padded with ``pad`` on
+    ``side`` (``"left"`` or ``"right"``) to the longest row, or to ``length`` (a collator's ``max_length`` padding).
+    Returns ``(input_ids, attention_mask, labels)``: the mask 0 on padding, labels ``IGNORE_INDEX`` on the prompt and
+    the padding."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.tensor(p, dtype=torch.long), torch.randint(*TEXT_IDS, (n,), generator=gen))
+            for p, n in zip(prompts, text_tokens)]
+    length = max([len(p) + len(t) for p, t in rows] + [length or 0])
+    ids, masks, labels = [], [], []
+    for prompt, text in rows:
+        pads = length - len(prompt) - len(text)
+        where = (pads, 0) if side == "left" else (0, pads)
+        ids.append(nn.functional.pad(torch.cat([prompt, text]), where, value=pad))
+        masks.append(nn.functional.pad(torch.ones(len(prompt) + len(text), dtype=torch.long), where))
+        labels.append(nn.functional.pad(torch.cat([torch.full_like(prompt, IGNORE_INDEX), text]), where,
+                                        value=IGNORE_INDEX))
+    return torch.stack(ids), torch.stack(masks), torch.stack(labels)
+
+
+PADDED_FAMILIES = ("llava", "gemma3", "mistral3", "qwen2_vl")
+
+
+def padded_inputs(family, rows, side="right", length=None):
+    """Inputs of a padded batch for the tiny ``family`` build (one of ``PADDED_FAMILIES``, default arguments): one
+    ``(images, text_tokens)`` per row, ``images`` the row's number of images (qwen2_vl: their ``(t, h, w)`` patch
+    grids, so images differ in size: ``t * h * w / 4`` tokens each): a bos, each image in the family's markup (LLaVA
+    puts a text token after each), then the text; rows padded on ``side`` to the longest or to ``length``
+    (:func:`padded_batch`). A row without images is text only; a batch without images has no pixel input."""
+    if family == "qwen2_vl":
+        grids = [grid for images, _ in rows for grid in images]
+        prompts = [[BOS] + sum(([3] + [5] * (t * h * w // MERGE ** 2) + [4] for t, h, w in images), [])
+                   for images, _ in rows]
+    else:
+        image = {"llava": [3] * 16 + [20], "gemma3": [5] + [3] * 16 + [6], "mistral3": _image_rows(4, 4, 10, 12, 13)}
+        prompts = [[BOS] + image[family] * images for images, _ in rows]
+        grids = [None] * sum(images for images, _ in rows)
+    input_ids, mask, labels = padded_batch(prompts, [text for _, text in rows], side, length)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
+    if family == "qwen2_vl":
+        inputs["mm_token_type_ids"] = (input_ids == 5).long()
+        if grids:
+            inputs.update(pixel_values=_pixels(sum(t * h * w for t, h, w in grids), 3 * TEMPORAL * PATCH * PATCH),
+                          image_grid_thw=torch.tensor(grids))
+    elif grids:
+        inputs["pixel_values"] = _pixels(len(grids), 3, 32, 32)
+        if family == "mistral3":
+            inputs["image_sizes"] = torch.tensor([[32, 32]] * len(grids))
+    if family == "gemma3":
+        inputs["token_type_ids"] = (input_ids == 3).long()
+    return inputs
+
+
 def _per_image(counts):
     """``tokens_per_image``: one number when every image has the same count, else the list."""
     return counts[0] if len(set(counts)) == 1 else counts
 
 
 def _seeded(model_cls, cfg):
+    """``model_cls(cfg)``, seeded; once a DeepSpeed ZeRO-3 config is active (``TrainingArguments(deepspeed=...)``),
+    built as ``from_pretrained`` builds it then: under ``deepspeed.zero.Init``, each rank holding a partition of every
+    weight."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     torch.manual_seed(0)
-    return model_cls(cfg)
+    return model_cls._from_config(cfg) if is_deepspeed_zero3_enabled() else model_cls(cfg)
 
 
 def _finish(model, inputs, expected):
@@ -692,13 +751,16 @@ def _qwen_vl(config_cls, model_cls, text, vision, grids):
     return _finish(model, inputs, Expected(_blocks(text["num_hidden_layers"]), "scatter", tokens, image))
 
 
-def qwen2_vl(layers=3, grids=SAME_GRIDS):
-    """Qwen2VLForConditionalGeneration: M-RoPE positions ``[3, B, T]`` from the grid; flat pixel patches."""
+def qwen2_vl(layers=3, grids=SAME_GRIDS, hidden=64):
+    """Qwen2VLForConditionalGeneration: M-RoPE positions ``[3, B, T]`` from the grid; flat pixel patches. ``hidden``:
+    the text width (4 heads)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = _text(layers=layers, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, model_type="qwen2_vl",
-                 bos_token_id=1, eos_token_id=2)
-    vision = _qwen_vision(widths=dict(embed_dim=32, hidden_size=64))
+    section = hidden // 32  # M-RoPE sections [2, 2, 4] at width 64: the half head (hidden / 8) split 1:1:2
+    rope = {"type": "mrope", "mrope_section": [section, section, 2 * section]}
+    text = _text(hidden=hidden, layers=layers, rope_scaling=rope, model_type="qwen2_vl", bos_token_id=1,
+                 eos_token_id=2)
+    vision = _qwen_vision(widths=dict(embed_dim=32, hidden_size=hidden))
     return _qwen_vl(Qwen2VLConfig, Qwen2VLForConditionalGeneration, text, vision, grids)
 
 
@@ -1161,6 +1223,76 @@ def step3p7(layers=4):
     model = _seeded(Step3p7ForConditionalGeneration, cfg)
     return _same_rows(model, [BOS, im_start] + [image_token] * tokens + [im_end], (3, size, size), _blocks(layers),
                       tokens, image_token)
+
+
+def gemma4(layers=4):
+    """Gemma4ForConditionalGeneration: image ids replaced by the pad id before the lookup, a second (per-layer)
+    embedding table indexed by the same ids, KV sharing (layers 2, 3 reuse the K/V of 0, 1), bidirectional attention
+    over the image; ``[bos, boi, image x 16, eoi, text]``, 8 x 8 patches pooled 2 x 2 by their positions."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    image_token, boi, eoi = 3, 4, 5
+    patch, side, kernel = 4, 8, 2
+    tokens = (side // kernel) ** 2
+    text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16, vocab_size_per_layer_input=VOCAB,
+                 layer_types=["sliding_attention", "full_attention"] * (layers // 2), hidden_size_per_layer_input=8,
+                 num_kv_shared_layers=2, use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, num_key_value_heads=4, head_dim=8, patch_size=patch, pooling_kernel_size=kernel,
+                  position_embedding_size=side)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
+                       boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
+                       eoa_token_index=9)
+    model = _seeded(Gemma4ForConditionalGeneration, cfg)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
+    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, side * side, 3 * patch * patch),
+                  image_position_ids=positions, attention_mask=mask, labels=labels,
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def molmo2(layers=3):
+    """Molmo2ForConditionalGeneration: each image a low-resolution view (4 x 4 tokens) then a high-resolution one
+    (4 x 8, two crops side by side), every row of patches ended by a column token; pooled features added onto the
+    patch embeddings; bidirectional attention over the image tokens. stsc compresses each view on its own grid, so
+    ``tokens_per_image`` lists the views."""
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    start, low_start, end, patch_token, column = 120, 121, 122, 123, 124  # the extra vocabulary after 120 text ids
+    patch, crop, pool = 4, 32, 2
+    side = crop // patch  # 8 x 8 patches per crop
+    views = [(side // pool, side // pool, low_start), (side // pool, 2 * side // pool, start)]  # (rows, cols, opener)
+    text = _text(layers=layers, vocab=120, additional_vocab_size=8, head_dim=16, pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, num_key_value_heads=4, head_dim=8, image_size=[crop, crop], patch_size=patch)
+    adapter = dict(vision_feature_layer=[-1, 0], hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   num_key_value_heads=4, head_dim=8, text_hidden_size=64)  # the last and the first ViT layer
+    cfg = Molmo2Config(text_config=text, vision_config=vision, adapter_config=adapter, image_start_token_id=start,
+                       low_res_image_start_token_id=low_start, image_end_token_id=end, image_patch_id=patch_token,
+                       frame_start_token_id=125, frame_end_token_id=126)
+    model = _seeded(Molmo2ForConditionalGeneration, cfg)
+    prompt = [BOS] + [i for rows, cols, opener in views for i in [opener] + ([patch_token] * cols + [column]) * rows
+                      + [end]]
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+
+    def pooled(crop_index, row, col):  # the 2 x 2 patches of crop ``crop_index`` under token (row, col)
+        return [crop_index * side * side + (pool * row + i) * side + pool * col + j for i in range(pool)
+                for j in range(pool)]
+
+    # crop 0 is the low-resolution view; crops 1 and 2 the left and right halves of the high-resolution one
+    pooling = [pooled(0, r, c) for r in range(views[0][0]) for c in range(views[0][1])]
+    pooling += [pooled(1 + c // (side // pool), r, c % (side // pool)) for r in range(views[1][0])
+                for c in range(views[1][1])]
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, side * side, 3 * patch * patch),
+                  image_token_pooling=torch.tensor(pooling * BATCH),
+                  image_grids=torch.tensor([[*views[0][:2], *views[1][:2]]] * BATCH),
+                  image_num_crops=torch.full((BATCH,), 3), attention_mask=mask, labels=labels,
+                  mm_token_type_ids=torch.isin(input_ids, torch.tensor([start, low_start, end, patch_token, column]))
+                  .long())
+    counts = [rows * cols for rows, cols, _ in views] * BATCH
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", counts, patch_token))
 
 
 def granite4_vision(layers=6):
@@ -1712,7 +1844,7 @@ BUILDERS = {
     # (h) 2026 vision-language families
     "glm46v": glm46v, "glm4v_moe": glm4v_moe, "glm_ocr": glm_ocr, "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe,
     "llava_onevision1_5": llava_onevision1_5, "hunyuan_vl": hunyuan_vl, "kimi_k25": kimi_k25,
-    "lfm3_vl": lfm3_vl, "step3p7": step3p7,
+    "lfm3_vl": lfm3_vl, "step3p7": step3p7, "gemma4": gemma4, "molmo2": molmo2,
     "granite4_vision": granite4_vision, "granite_docling": granite_docling,
     "deepseek_ocr2": deepseek_ocr2, "deepseek_vl_hybrid": deepseek_vl_hybrid,
     "ernie4_5_vl_moe": ernie4_5_vl_moe, "ovis2_5": ovis2_5, "minicpmv4_6": minicpmv4_6, "minicpm_ocr": minicpm_ocr,

@@ -8,7 +8,10 @@ epoch: epoch 0 is the alignment stage (visual tokens compressed), epoch 1 the in
     torchrun --nproc_per_node 2 examples/hf_trainer.py --deepspeed ds_config.json   # DeepSpeed ZeRO
 
 Needs transformers (``pip install -e ".[test]"``). With ``--deepspeed``, the callback attaches
-:mod:`stsc.integrations.deepspeed` to the engine the Trainer builds.
+:mod:`stsc.integrations.deepspeed` to the engine the Trainer builds. The training arguments come first, as in
+LLaVA's ``train.py``: with a ZeRO-3 config the model is then built under ``deepspeed.zero.Init`` (each rank holding
+only its partition of every weight), ``sparsify`` matches it from its weights' shapes, and the passes bind at the
+first training forward, through the engine's parameter fetch.
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--deepspeed", help="a DeepSpeed config (JSON file), passed to TrainingArguments")
     args = parser.parse_args(argv)
 
-    model, batch = hf_models.llava(batch=args.samples)
-    dataset = [{key: value[i] for key, value in batch.items()} for i in range(args.samples)]
-    example = {key: value[:2] for key, value in batch.items()}
-    sparse = stsc.sparsify(model, args.policy, example)
-    callback = StscCallback(sparse)
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=4,
                                      learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
                                      use_cpu=True, seed=0, disable_tqdm=True, deepspeed=args.deepspeed)
+        model, batch = hf_models.llava(batch=args.samples)  # under zero.Init with a ZeRO-3 config (see above)
+        dataset = [{key: value[i] for key, value in batch.items()} for i in range(args.samples)]
+        example = {key: value[:2] for key, value in batch.items()}
+        sparse = stsc.sparsify(model, args.policy, example)
+        callback = StscCallback(sparse)
         trainer = Trainer(model=sparse, args=training, train_dataset=dataset, callbacks=[callback])
         result = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

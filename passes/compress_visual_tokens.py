@@ -13,7 +13,8 @@ written (vision encoder, projector, merge, position ids, masks), so no model-spe
 to be recomputed; then
 
 * each image keeps ``k = round(N * keep_ratio)`` of its N visual tokens (:func:`plan`), text tokens
-  all stay, and every argument of the decoder entry aligned with the sequence (hidden states,
+  all stay, padding goes (the positions the model input marking padding, ``Boundary.padding_input``, sets
+  to 0, when the call passes it), and every argument of the decoder entry aligned with the sequence (hidden states,
   attention masks of any rank, position ids of any rank such as M-RoPE's ``[3, B, T]``, per-position
   masks) is gathered at the kept positions, as is every argument aligned with the visual tokens
   (features added to them later inside the decoder): kept tokens keep the position ids the entry receives
@@ -23,13 +24,13 @@ to be recomputed; then
   before: every text label is predicted from the nearest kept position before it, exactly as in the
   compacted sequence.
 
-Rows whose compacted lengths differ are padded at the end with copies of their last position.
-Where the merging module calls the blocks itself (no decoder entry), the same happens at the first
+The compacted batch is as long as its longest row's kept positions; shorter rows are filled up at the end
+with copies of position ``T - 1`` (which a causal decoder's real positions never see). Where the merging module calls the blocks itself (no decoder entry), the same happens at the first
 block's entry, every later block's sequence-aligned arguments are gathered the same way, and the last
 block's output is expanded.
 
 ``dense_fraction`` > 0 leaves that fraction of the training forwards, drawn per step from the pass's seeded
-generator (the same on every rank), dense: every visual token kept, as DualSpeed mixes "slow mode" steps
+generator (the same on every rank), dense: every visual token kept (padding still goes), as DualSpeed mixes "slow mode" steps
 into token-pruned training, so the model keeps training on the full sequences it sees at inference.
 
 **Methods** (``keep_ratio`` in (0, 1]), per image:
@@ -50,7 +51,9 @@ into token-pruned training, so the model keeps training on the full sequences it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +62,16 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from stsc.capture import forward_kwargs
+from stsc.forwards import ForwardScope, forward_modules
 from stsc.layout import Image, images_in
 from stsc.positions import Slots
 from stsc.registry import PassInfo, register_pass
 from stsc.savings import Savings
 from stsc.schedules import StepClock, seeded_generator
 
-__all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "Plan", "SequenceCompactor", "apply",
-           "compact", "compact_hidden", "estimate", "expand", "forward_draws", "gather_dims", "index_along",
-           "kept_count", "plan", "select", "uniform_indices"]
+__all__ = ["METHODS", "CompressVisualTokensConfig", "KeyValueCompressor", "Plan", "RealisedPositions",
+           "SequenceCompactor", "apply", "compact", "compact_hidden", "estimate", "expand", "forward_draws",
+           "gather_dims", "index_along", "kept_count", "plan", "select", "sequence_dims", "uniform_indices"]
 
 METHODS = ("uniform", "random", "text_guided", "pool", "merge")
 SELECTING = ("uniform", "random", "text_guided")  # methods that keep a subset (the others average)
@@ -172,55 +176,63 @@ def select(features: torch.Tensor, config: CompressVisualTokensConfig, grid: tup
 class Plan:
     """How one batch's merged sequence ``[B, T, D]`` is compacted to ``[B, T', D]`` and expanded back.
 
-    Averaging methods (``pool``, ``merge``) put the mean of a group of visual tokens in the slot of its
-    first member: ``groups`` lists them as flat index tensors.
+    A row keeps its text positions and its kept visual tokens, and drops the rest and its padding; ``T'`` is the
+    longest row's kept count, and shorter rows are filled up with copies of position ``T - 1`` (padding in a
+    right-padded row; a causal decoder's real positions never see what comes after them). Averaging methods
+    (``pool``, ``merge``) put the mean of a group of visual tokens in the slot of its first member: ``groups``
+    lists them as flat index tensors.
     """
 
-    index: torch.Tensor  # [B, T'] source position of each kept slot (pads repeat the row's last position)
+    index: torch.Tensor  # [B, T'] source position of each kept slot (fillers: position T - 1)
     restore: torch.Tensor  # [B, T] the kept slot each original position takes its output from
     visual: torch.Tensor  # [B, T] bool: the visual positions
     kept_visual: torch.Tensor  # ranks (row-major order among the visual positions) of the kept visual tokens
     groups: tuple[torch.Tensor, ...] | None  # (rows, slots, kept_at, member_ranks, member_group) of averaged slots
-    lengths: torch.Tensor  # [B] kept positions of each row
+    lengths: torch.Tensor  # [B] kept positions of each row (padding not counted)
     tokens: int  # visual tokens in the batch
     kept: int  # visual tokens kept
 
     @property
     def length(self) -> int:
+        """Positions the decoder sees per row (``T'``)."""
         return self.index.shape[1]
 
     @property
     def drops(self) -> bool:
-        """Whether any visual token is dropped or averaged (else the sequence stays as it is)."""
-        return self.kept < self.tokens
+        """Whether the sequence changes: a visual token is dropped or averaged, or removing padding shortens it."""
+        return self.kept < self.tokens or self.length < self.restore.shape[1]
 
     @classmethod
-    def keep_all(cls, visual: torch.Tensor) -> "Plan":
-        """The plan of a dense forward: every position kept."""
-        batch, length = visual.shape
-        index = torch.arange(length, device=visual.device).expand(batch, length)
-        tokens = int(visual.sum())
-        return cls(index, index, visual, torch.arange(tokens, device=visual.device), None,
-                   torch.full((batch,), length, device=visual.device), tokens, tokens)
+    def keep_all(cls, visual: torch.Tensor, real: torch.Tensor | None = None) -> "Plan":
+        """The plan of a dense forward: every visual token kept, padding (``real`` False) dropped."""
+        keep = torch.ones_like(visual) if real is None else real.clone()
+        return _compaction(keep, visual, [], int(visual.sum()))
 
 
 def plan(hidden: torch.Tensor, visual: torch.Tensor, images: list[Image], config: CompressVisualTokensConfig,
-         generator: torch.Generator | None = None) -> Plan:
-    """Which positions of ``hidden`` ``[B, T, D]`` to keep, given its visual positions and their images."""
-    batch, length = visual.shape
-    device = visual.device
+         generator: torch.Generator | None = None, real: torch.Tensor | None = None) -> Plan:
+    """Which positions of ``hidden`` ``[B, T, D]`` to keep, given its visual positions and their images; ``real``
+    (``[B, T]`` bool, optional): the positions that are not padding (the others are dropped too)."""
+    text_positions = ~visual if real is None else ~visual & real
     rows, kept_positions, averaged = [], [], []  # averaged: (row, position of the first member, members)
     for image in images:
         positions = list(image.positions)
         count = kept_count(len(positions), config, image.grid)
-        text = hidden[image.row][~visual[image.row]] if config.method == "text_guided" else None
+        text = hidden[image.row][text_positions[image.row]] if config.method == "text_guided" else None
         for group in select(hidden[image.row, positions], config, image.grid, count, generator, text):
             rows.append(image.row)
             kept_positions.append(positions[group[0]])
             if len(group) > 1:
                 averaged.append((image.row, positions[group[0]], [positions[i] for i in group]))
-    keep = ~visual
+    keep = text_positions.clone()
     keep[rows, kept_positions] = True
+    return _compaction(keep, visual, averaged, len(rows))
+
+
+def _compaction(keep: torch.Tensor, visual: torch.Tensor, averaged: list, kept: int) -> Plan:
+    """The :class:`Plan` that keeps the positions ``keep`` ``[B, T]`` (``kept`` of them visual)."""
+    batch, length = visual.shape
+    device = visual.device
     lengths = keep.sum(dim=1)
     size = int(lengths.max()) if batch else 0
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :size]
@@ -233,7 +245,7 @@ def plan(hidden: torch.Tensor, visual: torch.Tensor, images: list[Image], config
     slot_ranks = rank.gather(1, index)[valid]
     kept_visual = slot_ranks[slot_ranks >= 0]
     return Plan(index, restore, visual, kept_visual, _groups(averaged, rank, restore, kept_visual), lengths, tokens,
-                len(rows))
+                kept)
 
 
 def _groups(averaged, rank: torch.Tensor, restore: torch.Tensor, kept_visual: torch.Tensor):
@@ -264,9 +276,9 @@ def compact(value, plan_: Plan, batch: int, length: int):
     """Gather a decoder-entry argument at the kept positions, if it is aligned with the sequence.
 
     Aligned: a batch dimension (size ``batch``, or 1 to be broadcast) followed by dimensions of size
-    ``length`` (all of them are gathered: a ``[B, 1, T, T]`` mask keeps kept rows and columns); or a
-    first dimension counting the batch's visual tokens (features added to them later), which keeps the
-    kept ones (averaged like the hidden states for averaging methods). Anything else is returned as is.
+    ``length`` (:func:`sequence_dims`; all of them are gathered: a ``[B, 1, T, T]`` mask keeps kept rows and
+    columns); or a first dimension counting the batch's visual tokens (features added to them later), which
+    keeps the kept ones (averaged like the hidden states for averaging methods). Anything else is returned as is.
     """
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
@@ -275,12 +287,19 @@ def compact(value, plan_: Plan, batch: int, length: int):
         if plan_.groups is None or not value.is_floating_point():
             return kept
         return kept.index_put((plan_.groups[2],), _means(value, plan_.groups))
-    batch_dim = next((d for d in range(min(2, value.dim() - 1)) if value.shape[d] in (batch, 1)
-                      and length in value.shape[d + 1:]), None)
-    if batch_dim is None:
-        return value
-    return gather_dims(value, plan_.index, batch_dim, [d for d in range(batch_dim + 1, value.dim())
-                                                      if value.shape[d] == length])
+    found = sequence_dims(value.shape, batch, length)
+    return value if found is None else gather_dims(value, plan_.index, *found)
+
+
+def sequence_dims(shape, batch, length, same=operator.eq) -> tuple[int, list[int]] | None:
+    """``(batch_dim, dims)`` of a tensor of ``shape`` aligned with the sequence: dimension 0 or 1 of size ``batch``
+    (the later one when both are: M-RoPE's ``[3, B, T]`` at batch 3), else of size 1 (broadcast), followed by the
+    dimensions ``dims`` of size ``length``; None when it is not aligned. ``same`` compares two sizes."""
+    candidates = [(d, [e for e in range(d + 1, len(shape)) if same(shape[e], length)])
+                  for d in range(min(2, len(shape) - 1))]
+    candidates = [(d, dims) for d, dims in candidates if dims]
+    exact = [(d, dims) for d, dims in candidates if same(shape[d], batch)]
+    return exact[-1] if exact else next(((d, dims) for d, dims in candidates if same(shape[d], 1)), None)
 
 
 def gather_dims(x: torch.Tensor, index: torch.Tensor, batch_dim: int, dims: list[int]) -> torch.Tensor:
@@ -367,12 +386,45 @@ class _Runtime:
             raise ValueError(f"no compression took place in a training forward: {self._trial_expectation}")
 
 
+@dataclass
+class RealisedPositions:
+    """Decoder sequence positions over the training forwards of a stage, summed over forwards (batch x length).
+
+    ``seen`` is what the decoder received: each batch as long as its longest row's kept positions, the shortest
+    a padded batch can be (with a padding mask; without one, padding counts as kept). ``kept``: the rows' kept
+    positions themselves, without the fill that pads shorter rows up to the longest (what a padding-free,
+    packed batch would hold).
+    """
+
+    forwards: int = 0
+    padded: int = 0  # the caller's padded batches
+    seen: int = 0  # what the decoder saw
+    kept: int = 0  # the rows' kept positions (text, kept visual tokens; no padding)
+
+    def add(self, plan_: Plan) -> None:
+        batch, length = plan_.restore.shape
+        self.forwards += 1
+        self.padded += batch * length
+        self.seen += batch * (plan_.length if plan_.drops else length)
+        self.kept += int(plan_.lengths.sum())
+
+    def format(self) -> str:
+        if not self.forwards:
+            return "decoder positions: no training forward yet"
+        return (f"decoder positions over {self.forwards} training forwards: {self.seen} of {self.padded} padded "
+                f"({100 * self.seen / self.padded:.1f} %); rows' kept positions {self.kept} "
+                f"(seen / kept {self.seen / max(self.kept, 1):.3f})")
+
+
 class SequenceCompactor(_Runtime):
     """Module lowering of the pass for ``scatter`` / ``concat`` merges: hooks on the model (to read its
-    inputs), on the decoder entry (compact its arguments) and on the decoder exit (expand its output).
+    inputs; on its backbone too, when a forward starts there: :mod:`stsc.forwards`), on the decoder entry (compact
+    its arguments) and on the decoder exit (expand its output).
 
     ``hidden_path``: where the merged sequence sits among the entry's arguments (a pytree key path of
-    ``(args, kwargs)``), found by one run of the example inputs.
+    ``(args, kwargs)``), found by one run of the example inputs. Where the matcher found the input marking padding
+    (``boundary.padding_input``) and a call passes it, padding positions are dropped with the visual tokens.
+    :meth:`realised` sums what the decoder saw.
     """
 
     _trial_expectation = "the decoder entry never received the merged sequence"
@@ -381,26 +433,24 @@ class SequenceCompactor(_Runtime):
         """(visual tokens kept, visual tokens) in the last training forward."""
         return self.last_plan.kept, self.last_plan.tokens
 
-    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, entries: list[nn.Module],
-                 exit_module: nn.Module, hidden_path):
+    def __init__(self, model: nn.Module, boundary, config: CompressVisualTokensConfig, starts: list[nn.Module],
+                 entries: list[nn.Module], exit_module: nn.Module, hidden_path):
         self.config, self.boundary = config, boundary
         self.clock = StepClock()
         self.last_plan: Plan | None = None  # the last training forward's plan
+        self._realised = RealisedPositions()
         self._model, self._entries, self._hidden_path = model, entries, hidden_path
         self._inputs: dict = {}
         self._plan: Plan | None = None
         self._memo: dict[int, object] = {}
-        self._hooks = [model.register_forward_pre_hook(self._read_inputs, with_kwargs=True),
-                       model.register_forward_hook(self._forget, always_call=True)]
+        self._hooks = [ForwardScope(starts, self._read_inputs, self._forget)]  # the model, or its backbone
         self._hooks += [entry.register_forward_pre_hook(self._compact_arguments, with_kwargs=True) for entry in entries]
         self._hooks.append(exit_module.register_forward_hook(self._expand_output))
 
-    @torch.compiler.disable
-    def _read_inputs(self, model, args, kwargs):
-        self._inputs = kwargs if model.training else {}
+    def _read_inputs(self, module, args, kwargs):
+        self._inputs = kwargs if module.training else {}
 
-    @torch.compiler.disable
-    def _forget(self, *_):
+    def _forget(self):
         """After each model forward: the decoder entry called on its own is not compacted."""
         self._inputs, self._plan, self._memo = {}, None, {}
 
@@ -414,6 +464,23 @@ class SequenceCompactor(_Runtime):
                              f"merged sequence [{batch}, {length}] entering the decoder")
         return mask
 
+    def real_mask(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """The positions of the batch that are not padding, from the call's padding mask input; None where there is
+        no such input, or no padding."""
+        name = self.boundary.padding_input
+        value = self._inputs.get(name) if name else None
+        if not isinstance(value, torch.Tensor) or value.shape != visual.shape:
+            return None
+        real = value.to(visual.device).bool()
+        padded, padded_visual = torch.stack([(~real).any(), (visual & ~real).any()]).tolist()
+        if padded_visual:
+            raise ValueError(f"compress_visual_tokens: the padding mask {name!r} marks visual positions as padding")
+        return real if padded else None
+
+    def realised(self) -> RealisedPositions:
+        """Decoder positions seen, padded and kept over this stage's training forwards so far."""
+        return dataclasses.replace(self._realised)
+
     @torch.compiler.disable
     def _compact_arguments(self, module, args, kwargs):
         if not self._model.training or not self._inputs:
@@ -423,16 +490,18 @@ class SequenceCompactor(_Runtime):
             hidden = _leaf(args, kwargs, self._hidden_path)
             batch, length = hidden.shape[:2]
             visual = self.visual_mask(batch, length, hidden.device)
+            real = self.real_mask(visual)
             generator = self._draws()
             if generator is None:
-                self._plan = Plan.keep_all(visual)
+                self._plan = Plan.keep_all(visual, real)
             else:
                 images = images_in(visual, self._inputs.get(self.boundary.token_input), self.boundary.rows_layout,
                                    self.boundary.image_grids(self._inputs), self.boundary.grid)
-                self._plan = plan(hidden.detach(), visual, images, self.config, generator)
+                self._plan = plan(hidden.detach(), visual, images, self.config, generator, real)
             self.last_plan, self._shape = self._plan, (batch, length)
+            self._realised.add(self._plan)
         if not self._plan.drops:
-            return None  # a dense forward: the entry runs on the sequence as it is
+            return None  # the entry runs on the sequence as it is (a dense forward without padding to remove)
         if first:
             args, kwargs = _replace_leaf(args, kwargs, self._hidden_path, compact_hidden(hidden, self._plan))
         batch, length = self._shape
@@ -463,8 +532,16 @@ def _replace_leaf(args, kwargs, path, new):
     return pytree.tree_unflatten([new if key == path else value for key, value in leaves], spec)
 
 
+def _merged_shape(boundary, inputs: dict) -> tuple:
+    """The merged sequence's shape ``[B, T, D]`` in a forward on ``inputs`` (shaped like the example the boundary was
+    matched on, or not): ``B`` and ``T`` those of the visual positions; a ``cat`` merge's ``T`` is None (any)."""
+    if isinstance(boundary.positions, Slots):
+        return inputs[boundary.token_input].shape[0], None, boundary.merged_shape[-1]
+    return (*boundary.positions(inputs).shape, boundary.merged_shape[-1])
+
+
 def _hidden_path(model: nn.Module, entry: nn.Module, example_inputs: dict, shape: tuple):
-    """Where a tensor of the merged sequence's ``shape`` sits among ``entry``'s arguments (one example run)."""
+    """Where a tensor of the merged sequence's ``shape`` (None: any size) sits among ``entry``'s arguments (one run)."""
     seen = []
     handle = entry.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)) if not seen else None,
                                              with_kwargs=True)
@@ -476,7 +553,8 @@ def _hidden_path(model: nn.Module, entry: nn.Module, example_inputs: dict, shape
     if not seen:
         raise ValueError("the decoder entry did not run on the example inputs")
     for path, value in pytree.tree_flatten_with_path(seen[0])[0]:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(shape):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == len(shape) \
+                and all(want in (None, size) for want, size in zip(shape, value.shape)):
             return path
     raise ValueError(f"no argument of the decoder entry has the merged sequence's shape {list(shape)}")
 
@@ -609,12 +687,14 @@ def apply(model: nn.Module, structure, config: CompressVisualTokensConfig, examp
     else:
         entries = [modules[block.path] for block in structure.blocks]
         exit_module, where = entries[-1], f"each decoder block ({structure.blocks[0].path} ...)"
-    hidden_path = _hidden_path(model, entries[0], example_inputs, b.merged_shape)
-    compactor = SequenceCompactor(model, b, config, entries, exit_module, hidden_path)
+    hidden_path = _hidden_path(model, entries[0], example_inputs, _merged_shape(b, example_inputs))
+    starts = forward_modules(model, structure)
+    compactor = SequenceCompactor(model, b, config, starts, entries, exit_module, hidden_path)
+    padding = f"where {b.padding_input} is 0" if b.padding_input else "no (no padding mask found)"
     return compactor, PassInfo("compress_visual_tokens", 1, {
         "boundary": b.kind, "visual_positions": getattr(b.positions, "code", repr(b.positions)),
-        "compacted_at": where, "method": config.method, "tokens_per_image": b.tokens_per_image,
-        "kept_per_image": kept[0] if len(set(kept)) == 1 else kept,
+        "compacted_at": where, "padding_removed": padding, "method": config.method,
+        "tokens_per_image": b.tokens_per_image, "kept_per_image": kept[0] if len(set(kept)) == 1 else kept,
     })
 
 

@@ -16,7 +16,8 @@ hidden-state input (the residual identity), inside the block's usual output stru
 sits before the block's hooks, so a skipped block runs none of them: FSDP2's pre-forward all-gather
 (and its post-backward reduce-scatter) and DeepSpeed ZeRO-3's parameter fetch are skipped with it.
 
-**Decisions** are drawn once per training forward, before the first block runs, from a generator
+**Decisions** are drawn once per training forward (of the model, or of its backbone where a trainer calls that
+directly: :mod:`stsc.forwards`), before the first block runs, from a generator
 seeded by ``(seed, step, micro_step)`` (:func:`stsc.schedules.draw_skips`): identical on every rank,
 reproducible after a resume. ``step`` is set with :meth:`LayerSkipper.set_progress`; ``micro_step``
 counts the training forwards since then. In ``eval()`` nothing is skipped: the model is the dense one.
@@ -43,6 +44,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from stsc.capture import forward_kwargs
+from stsc.forwards import ForwardScope, forward_modules
 from stsc.registry import PassInfo, register_pass
 from stsc.savings import Savings
 from stsc.schedules import SkipSchedule, StepClock, draw_skips, layer_probabilities, mean_skip_fraction
@@ -94,7 +96,7 @@ class _Binding:
 class LayerSkipper:
     """Runtime of the pass: schedule state, skip decisions, and the guarded blocks."""
 
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], bindings: list[_Binding | None],
+    def __init__(self, starts: list[nn.Module], blocks: list[tuple[str, nn.Module]], bindings: list[_Binding | None],
                  skippable: list[bool], config: SkipLayersConfig):
         self.config = config
         self.schedule = config.skip_schedule()
@@ -109,7 +111,7 @@ class LayerSkipper:
         for index, (module, binding) in enumerate(zip(self.modules, bindings)):
             if binding is not None:
                 module._call_impl = _GuardedCall(self, index, binding)
-        self._hook = model.register_forward_pre_hook(self._before_forward)
+        self._scope = ForwardScope(starts, self._before_forward)  # the model, or its backbone called directly
 
     # ----------------------------------------------------------------------------- schedule state
     def set_progress(self, *, epoch: float | None = None, step: int | None = None) -> None:
@@ -138,8 +140,7 @@ class LayerSkipper:
         self.clock.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------ runtime
-    @torch.compiler.disable
-    def _before_forward(self, module, args):
+    def _before_forward(self, module, args, kwargs):
         if not module.training:
             self._skip = [False] * len(self.modules)
             return
@@ -171,7 +172,7 @@ class LayerSkipper:
         """Undo the rewrite: blocks are called as before (hooks, then forward)."""
         for module in self.modules:
             module.__dict__.pop("_call_impl", None)
-        self._hook.remove()
+        self._scope.remove()
 
 
 class _GuardedCall:
@@ -268,7 +269,8 @@ def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs:
     blocks = [(b.path, modules[b.path]) for b in structure.blocks]
     bindings = bind_blocks(model, [m for _, m in blocks], example_inputs)
     reasons = [_not_skippable(block, binding, config) for block, binding in zip(structure.blocks, bindings)]
-    skipper = LayerSkipper(model, blocks, bindings, [reason is None for reason in reasons], config)
+    skippable = [reason is None for reason in reasons]
+    skipper = LayerSkipper(forward_modules(model, structure), blocks, bindings, skippable, config)
     if not any(p > 0 for p in skipper.probabilities_at(0.0)):
         skipper.remove()
         raise ValueError(f"no decoder block can be skipped: {len(blocks)} blocks, never_skip_first="

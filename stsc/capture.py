@@ -23,31 +23,44 @@ keyed ``"g<graph>:<node name>"`` and carry:
 ``value``    for parameter, buffer and constant placeholders: the tensor (None elsewhere).
 ``order``    position in execution order across all graphs.
 
-Graphs are traced on the model as given: parameters on the ``meta`` device are fine for export (no
-weights materialized); the example inputs are moved to the parameters' device for the trace.
+Code that runs under ``torch.no_grad()`` or ``torch.autocast`` inside the model (a block under reentrant activation
+checkpointing, say) is a higher-order op in an exported graph, whose subgraph holds the region's nodes; the data flow
+holds those nodes in its place (:func:`inline_regions`), so matching sees through it.
+
+**Structure from shapes.** A model whose weights hold no data where it is captured (parameters or buffers on the
+``meta`` device, or DeepSpeed ZeRO-3 partitions: ``numel`` 0 and the full shape in ``ds_shape``) is captured from
+shapes alone: while capturing, every parameter and buffer is stood in for by a ``meta`` tensor of its full shape
+(:func:`shape_stand_ins`), so no weight is gathered or materialized. Export then traces on the ``meta`` device with
+the inputs moved there; the real-tensor trace runs on the example inputs as given, computing what depends on the
+inputs alone for real (per-image sizes, positions) and everything that involves a weight on the ``meta`` device
+(:class:`_MetaWeights`). The example inputs may themselves be on the ``meta`` device (or fake) where nothing in the
+capture depends on their values. Otherwise graphs are traced on the model's device, the inputs moved there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import logging
+import operator
 import re
 import time
+import types
 from dataclasses import dataclass, field
+from unittest import mock
 
 import networkx as nx
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import CaptureError, first_line
 
 __all__ = ["Capture", "CaptureError", "KeywordCall", "add_graph", "capture", "exported_capture", "forward_kwargs",
-           "frame_prefix", "module_paths"]
-
-
-class CaptureError(RuntimeError):
-    """Neither torch.export nor dynamo could trace the model with the given inputs."""
+           "frame_prefix", "holds_data", "module_paths", "shape_stand_ins"]
 
 
 @dataclass
@@ -79,26 +92,105 @@ def forward_kwargs(model: nn.Module, example_inputs: dict) -> tuple[dict, list[s
 def capture(model: nn.Module, example_inputs: dict) -> Capture:
     """Trace ``model(**example_inputs)``: torch.export, else a real-tensor trace, else dynamo."""
     kwargs, notes = forward_kwargs(model, example_inputs)
-    kwargs = _to_model_device(model, kwargs)
     start = time.perf_counter()
-    with preserved(model):
-        _warm_up(model, kwargs)
-        try:
-            exported = _export(model, kwargs)
-        except TypeError as exc:
-            if "use_cache" not in str(exc) or "use_cache" not in kwargs:
-                raise
-            kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
-            exported = _export(model, kwargs)
-        if not isinstance(exported, Exception):
-            return exported_capture(exported, example_inputs, time.perf_counter() - start, notes)
-        reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
-        traced = _trace(model, kwargs)
-        if not isinstance(traced, Exception):
-            return Capture("trace", [traced[0]], traced[1], example_inputs, time.perf_counter() - start, reason, notes)
-        reason += f"; the real-tensor trace failed: {type(traced).__name__}: {first_line(traced)}"
-        graphs, flow = _dynamo_capture(model, kwargs)
+    with preserved(model), shape_stand_ins(model) as shapes_only:
+        moved = _to_model_device(model, kwargs)
+        if not shapes_only:
+            _warm_up(model, moved)
+        with _attributes_restored(model):  # what tracing caches on the model (fake tensors) is not kept
+            try:
+                exported = _export(model, moved)
+            except TypeError as exc:
+                if "use_cache" not in str(exc) or "use_cache" not in kwargs:
+                    raise
+                kwargs, notes = {k: v for k, v in kwargs.items() if k != "use_cache"}, []
+                moved = _to_model_device(model, kwargs)
+                exported = _export(model, moved)
+            if not isinstance(exported, Exception):
+                return exported_capture(exported, example_inputs, time.perf_counter() - start, notes,
+                                        inline=True)
+            reason = f"torch.export failed: {type(exported).__name__}: {first_line(exported)}"
+            traced = _trace(model, kwargs if shapes_only else moved, shapes_only)
+            if not isinstance(traced, Exception):
+                return Capture("trace", [traced[0]], traced[1], example_inputs, time.perf_counter() - start, reason,
+                               notes)
+            reason += f"; the real-tensor trace failed: {type(traced).__name__}: {first_line(traced)}"
+            try:
+                graphs, flow = _dynamo_capture(model, moved)
+            except CaptureError as exc:
+                raise CaptureError(f"{reason}; {exc}" + (
+                    "; the weights hold no data here, so the model was captured from their shapes alone: it cannot "
+                    "compute from their values anything that decides its shapes or control flow"
+                    if shapes_only else "")) from exc
     return Capture("dynamo", graphs, flow, example_inputs, time.perf_counter() - start, reason, notes)
+
+
+def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's full shape: its own, or a ZeRO-3 partitioned parameter's (its own is that of its empty data)."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+def holds_data(model: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``model`` holds its values here: none on the ``meta`` device and none
+    partitioned away (a DeepSpeed ZeRO-3 parameter outside its engine's fetch)."""
+    return not any(t.is_meta or tuple(t.shape) != _full_shape(t) for t in (*model.parameters(), *model.buffers()))
+
+
+@contextlib.contextmanager
+def shape_stand_ins(model: nn.Module):
+    """Unless ``model`` holds its data (:func:`holds_data`), stand in a ``meta`` tensor of its full shape for every
+    parameter and buffer (shared ones stay shared) until the block ends; yields whether it did."""
+    if holds_data(model):
+        yield False
+        return
+    stand_ins, replaced = {}, []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in stand_ins:
+                    meta = torch.empty(_full_shape(tensor), dtype=tensor.dtype, device="meta")
+                    stand_ins[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) \
+                        if isinstance(tensor, nn.Parameter) else meta
+                replaced.append((store, name, tensor))
+                store[name] = stand_ins[id(tensor)]
+    try:
+        yield True
+    finally:
+        for store, name, tensor in replaced:
+            store[name] = tensor
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: nn.Module):
+    """Put back the attributes of every module, and of the plain objects modules hold (a config, a vocabulary
+    mapping), that tracing set to values holding tensors: values a model computes lazily at its first forward
+    (``functools.cached_property``, a rotary cache) are otherwise kept with the fake or meta tensors of the trace that
+    computed them. Other changes stay: a flag saying hooks were installed goes with the hooks it counts."""
+    owners = list(model.modules())
+    owners += [value for module in owners for value in vars(module).values() if _plain_object(value)]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, before in saved:
+            attributes = vars(owner)
+            for name in [name for name, value in attributes.items()
+                         if (name not in before or before[name] is not value) and _holds_tensor(value)]:
+                if name in before:
+                    attributes[name] = before[name]
+                else:
+                    del attributes[name]
+
+
+def _holds_tensor(value) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+
+
+def _plain_object(value) -> bool:
+    return hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType,
+                                                                  types.FunctionType, types.MethodType))
 
 
 @contextlib.contextmanager
@@ -124,17 +216,19 @@ def _warm_up(model: nn.Module, kwargs: dict) -> None:
 
 
 class KeywordCall(nn.Module):
-    """``model(**inputs)`` as a module taking the tensor inputs positionally, in ``names`` order (what make_fx
-    and torch.export's dynamic shapes handle best); the non-tensor inputs are fixed."""
+    """``model(**inputs)`` as a module whose forward takes the tensor inputs positionally, in ``names`` order (what
+    make_fx traces), or by keyword: its signature names them, so torch.export records them by name and an exported
+    program's ``module()`` is called as the model is, ``(**batch)``. The non-tensor inputs are fixed."""
 
     def __init__(self, model: nn.Module, inputs: dict):
         super().__init__()
         self.inner = model
         self.names = [name for name, value in inputs.items() if isinstance(value, torch.Tensor)]
         self.constants = {name: value for name, value in inputs.items() if name not in self.names}
+        self.forward = _named(self._call, self.names)
 
-    def forward(self, *values):
-        return self.inner(**dict(zip(self.names, values)), **self.constants)
+    def _call(self, *values, **named):
+        return self.inner(**dict(zip(self.names, values)), **named, **self.constants)
 
     def values(self, inputs: dict) -> tuple:
         """The positional arguments for a call with keyword ``inputs``."""
@@ -144,20 +238,73 @@ class KeywordCall(nn.Module):
                             f"{', '.join(self.names)}")
         return tuple(inputs[name] for name in self.names)
 
+    def keywords(self, inputs: dict) -> dict:
+        """The keyword arguments, in ``names`` order, for a call with ``inputs`` (the others are left out)."""
+        return dict(zip(self.names, self.values(inputs)))
 
-def _trace(model: nn.Module, kwargs: dict) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
-    """A real-tensor ``make_fx`` trace of ``model(**kwargs)`` with module stacks; the exception if it fails."""
+
+def _named(function, names: list[str]):
+    """``function(*values, **named)`` with a signature whose parameters are ``names``."""
+    def forward(*values, **named):
+        return function(*values, **named)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+    return forward
+
+
+def _trace(model: nn.Module, kwargs: dict, meta_weights: bool) -> tuple[fx.GraphModule, nx.DiGraph] | Exception:
+    """A real-tensor ``make_fx`` trace of ``model(**kwargs)`` with module stacks; the exception if it fails.
+    ``meta_weights``: the weights are ``meta`` stand-ins and the inputs real (see :class:`_MetaWeights`)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     call = KeywordCall(model, kwargs)
     call._orig_mod = model  # make_fx records module paths relative to `_orig_mod`
     try:
-        with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"):
+        with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"), \
+                _no_stack_traces(), _one_fake_mode(), \
+                _MetaWeights() if meta_weights else contextlib.nullcontext():
             gm = make_fx(call, tracing_mode="real", record_module_stack=True,
                          _error_on_data_dependent_ops=False)(*call.values(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
         return exc
     return gm, _trace_dataflow(gm, model, call.names)
+
+
+_INDEXING = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                       torch.ops.aten._unsafe_index.Tensor, torch.ops.aten._index_put_impl_.default})
+
+
+class _MetaWeights(TorchDispatchMode):
+    """The real-tensor trace of a model whose weights are ``meta`` stand-ins, on real example inputs: an op on values
+    computed from the inputs alone runs for real, so the trace specializes to the example as the real-tensor trace
+    does (per-image sizes, positions, masks); an op that also reads a ``meta`` tensor (a weight, or anything computed
+    from one) runs on the ``meta`` device, real operands moved there (boolean index masks first made integer indices,
+    as their count is a shape). Moving a real value to the ``meta`` device keeps it real. An op that would write a
+    ``meta`` value into a real tensor fails (the trace falls back to dynamo, with the reason)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not any(t.is_meta for t in tensors) or all(t.is_meta for t in tensors):
+            if func is torch.ops.aten._to_copy.default and not args[0].is_meta and kwargs.get("device") is not None \
+                    and torch.device(kwargs["device"]).type == "meta":
+                kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+            return func(*args, **kwargs)
+        written = func._schema.arguments[0].alias_info
+        if written is not None and written.is_write and not args[0].is_meta:
+            raise RuntimeError(f"{func} writes a value computed from the weights into one computed from the inputs "
+                               f"alone: not traceable from the weights' shapes")
+        if func in _INDEXING:
+            indices = [part for index in args[1] for part in
+                       (index.nonzero(as_tuple=True) if _is_real_mask(index) else (index,))]
+            args = (args[0], indices, *args[2:])
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _is_real_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and not index.is_meta and index.dtype in (torch.bool, torch.uint8)
 
 
 def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> nx.DiGraph:
@@ -174,7 +321,7 @@ def _trace_dataflow(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> n
             sources[node.name] = named.get(id(value), ("constant", str(node.target)))
             values[node.name] = value
     flow = nx.DiGraph()
-    add_graph(flow, gm, 0, 0, sources, values)
+    add_graph(flow, gm, 0, 0, sources, values, inline=True)
     return flow
 
 
@@ -195,9 +342,20 @@ def _export(model: nn.Module, kwargs: dict) -> torch.export.ExportedProgram | Ex
 
 
 # --------------------------------------------------------------------------------------- helpers
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
+def _one_fake_mode():
+    """make_fx describes each real value of its trace by a fake tensor of a new fake mode (most of a large model's
+    tracing time); one shared mode describes them as well."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+
+
+def _no_stack_traces():
+    """make_fx records every node's Python stack (most of a large model's tracing time); matching reads none."""
+    import torch.fx.config
+
+    return mock.patch.object(torch.fx.config, "do_not_emit_stack_traces", True)
 
 
 @contextlib.contextmanager
@@ -263,12 +421,14 @@ def module_paths(node: fx.Node, prefix: str = "", frame_root: str = "") -> tuple
 
 
 def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int, sources: dict,
-               values: dict, prefix: str = "", frame_root: str = "") -> dict[str, str]:
+               values: dict, prefix: str = "", frame_root: str = "", inline: bool = False) -> dict[str, str]:
     """Add one graph's nodes and edges to ``flow``; return fx node name -> data-flow key.
 
     ``sources``: placeholder name -> (kind, source); ``values``: placeholder name -> tensor (parameters,
-    buffers and constants).
+    buffers and constants). ``inline``: add the nodes inside region ops (:func:`inline_regions`) in their place, as
+    capture does for matching; the lowerings, which rewrite ``gm`` itself, match the nodes ``gm`` has.
     """
+    gm, aliases = inline_regions(gm) if inline else (gm, {})
     keys = {}
     for position, node in enumerate(gm.graph.nodes):
         key = f"g{index}:{node.name}"
@@ -280,18 +440,79 @@ def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int,
                       order=order_base + position)
         for arg in node.all_input_nodes:
             flow.add_edge(keys[arg.name], key)
+    keys.update({name: keys[replacement] for name, replacement in aliases.items()})
     return keys
 
 
+# higher-order ops that call their one subgraph once, on the operands that follow it: torch.export wraps code run
+# under torch.no_grad() or torch.autocast (a reentrant activation checkpoint runs its block under no_grad) in
+# them, dynamo a non-reentrant checkpoint
+REGION_OPS = frozenset({"wrap", "wrap_with_set_grad_enabled", "wrap_with_autocast", "tag_activation_checkpoint"})
+
+
+def inline_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``gm`` with every :data:`REGION_OPS` call replaced by the nodes of its subgraph, so the data flow shows what
+    the region computes (module stacks included) and not one opaque call; ``gm`` itself when it has none.
+
+    Returns the graph module and, for each node removed (the region's ``getitem`` results), the name of the node
+    now computing its value.
+    """
+    if not any(_region(node, gm) for node in gm.graph.nodes):
+        return gm, {}
+    graph, env = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    flat = fx.GraphModule(gm, graph)
+    aliases = {}
+    for node in list(flat.graph.nodes):
+        found = _region(node, flat)
+        if found is None:
+            continue
+        sub, operands = found
+        sub = inline_regions(sub)[0]  # regions nested in it
+        copied = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], operands))
+        with flat.graph.inserting_before(node):
+            results = flat.graph.graph_copy(sub.graph, copied)
+        for inner, outer in copied.items():
+            if inner.op == "get_attr":  # a tensor the region reads: the flat module holds it under a name of its own
+                outer.target = f"_{node.name}_{inner.target.replace('.', '_')}"
+                setattr(flat, outer.target, functools.reduce(getattr, inner.target.split("."), sub))
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        for user in list(node.users):
+            aliases[user.name] = results[user.args[1]].name
+            user.replace_all_uses_with(results[user.args[1]])
+            flat.graph.erase_node(user)
+        flat.graph.erase_node(node)
+    flat.graph.eliminate_dead_code(lambda n: n.op != "get_attr")  # only the references to the inlined subgraphs
+    flat.recompile()
+    return flat, aliases
+
+
+def _region(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple] | None:
+    """``(subgraph, operands)`` when ``node`` calls a region op whose results are only read by index (its keyword
+    arguments are options, such as a checkpoint's ``use_reentrant``)."""
+    if node.op != "call_function" or op_name(node) not in REGION_OPS:
+        return None
+    at = next((i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
+               and isinstance(getattr(gm, a.target, None), fx.GraphModule)), None)
+    if at is None or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+        return None
+    sub, operands = getattr(gm, node.args[at].target), node.args[at + 1:]
+    if len(operands) != sum(n.op == "placeholder" for n in sub.graph.nodes):
+        return None
+    return sub, operands
+
+
 def exported_capture(exported: torch.export.ExportedProgram, example_inputs: dict, seconds: float = 0.0,
-                     notes: list[str] | None = None, input_names: list[str] | None = None) -> Capture:
+                     notes: list[str] | None = None, input_names: list[str] | None = None,
+                     inline: bool = False) -> Capture:
     """The :class:`Capture` of an exported program. ``input_names``: the model input each user input of the
-    program stands for, in order (default: the program's own names)."""
-    return Capture("export", [exported.graph_module], _export_dataflow(exported, input_names), example_inputs,
+    program stands for, in order (default: the program's own names); ``inline``: see :func:`add_graph`."""
+    return Capture("export", [exported.graph_module], _export_dataflow(exported, input_names, inline), example_inputs,
                    seconds, None, notes or [], exported)
 
 
-def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[str] | None = None) -> nx.DiGraph:
+def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[str] | None = None,
+                     inline: bool = False) -> nx.DiGraph:
     sig = exported.graph_signature
     sources = {name: ("param", fqn) for name, fqn in sig.inputs_to_parameters.items()}
     sources.update({name: ("buffer", fqn) for name, fqn in sig.inputs_to_buffers.items()})
@@ -301,7 +522,7 @@ def _export_dataflow(exported: torch.export.ExportedProgram, input_names: list[s
     tensors = {**exported.state_dict, **exported.constants}
     values = {name: tensors.get(fqn) for name, (kind, fqn) in sources.items() if kind != "input"}
     flow = nx.DiGraph()
-    add_graph(flow, exported.graph_module, 0, 0, sources, values)
+    add_graph(flow, exported.graph_module, 0, 0, sources, values, inline=inline)
     return flow
 
 
@@ -343,7 +564,7 @@ def _dynamo_capture(model: nn.Module, kwargs: dict) -> tuple[list[fx.GraphModule
                 links[node.name] = produced[vid]
             else:
                 sources[node.name] = ("graph_input", None)
-        keys = add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF)
+        keys = add_graph(flow, gm, index, index * 1_000_000, sources, values, prefix, _DYNAMO_SELF, inline=True)
         for name, producer in links.items():
             flow.add_edge(producer, keys[name])
         output = next(n for n in gm.graph.nodes if n.op == "output")

@@ -13,6 +13,13 @@ the active stage's passes installed:
   tuning as separate jobs); progress counts from the start of the stage.
 
 In ``eval()`` every pass is inactive: the model is the dense original.
+
+A model whose weights hold no data at ``sparsify`` (built on the ``meta`` device, or partitioned by DeepSpeed
+``zero.Init``) is captured and matched from its weights' shapes alone (:func:`stsc.capture.shape_stand_ins`). What
+needs data, the passes binding themselves to the model (each runs it once) and each stage's trial step, then runs at
+the first training forward, on that batch, through the engine's own parameter fetch (ZeRO-3's, FSDP2's), by the same
+code and with the same errors as at ``sparsify``. The engine owns the parameters' gradients there, so that trial
+step's backward computes the gradients of the floating-point inputs only (through every activation of the stage).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .capture import first_line, forward_kwargs
+from .capture import first_line, forward_kwargs, holds_data
+from .errors import UnsupportedModelError, looking_for
 from .lowering.graph import graph_problem
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
@@ -36,9 +44,7 @@ from .savings import stage_expectation
 
 __all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "model_loss", "sparsify"]
 
-
-class UnsupportedModelError(ValueError):
-    """A pass of the policy needs structure the matcher did not find in the model."""
+ON_EXAMPLE, ON_FIRST_BATCH = "the example inputs", "the first training batch"  # where the stages were checked
 
 
 @dataclass
@@ -59,12 +65,16 @@ class StageReport:
 class SparseReport:
     model: Report  # what capture and match found
     stages: list[StageReport] = field(default_factory=list)
+    checked_on: str | None = None  # ON_EXAMPLE or ON_FIRST_BATCH; None: not yet (the weights held no data)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
         lines = [self.model.format(), ""]
+        if self.checked_on is None:
+            lines.append("stages       not checked yet: the weights held no data at sparsify (matched from their "
+                         "shapes); the passes bind and each stage's trial step runs at the first training forward")
         for s in self.stages:
             span = f"{s.unit} {s.start:g} to {s.end:g}"
             lines.append(f"stage {s.name!r}  ({span})")
@@ -111,17 +121,29 @@ class SparseModel(nn.Module):
         self.forward = _Forward(self)
         if example_inputs is not None:
             self._prepare(example_inputs)
+        elif not holds_data(model):
+            raise ValueError("sparsify() of a model whose weights hold no data here (on the meta device, or "
+                             "partitioned by ZeRO-3) needs example_inputs, to capture it from their shapes before an "
+                             "engine wraps it: one batch's forward keyword arguments, real tensors or on the meta device")
 
     # ------------------------------------------------------------------------------- public API
     @property
     def stage(self) -> str | None:
-        """Name of the active stage (None: dense, between or after the stages)."""
-        return self._active.name if self._active else None
+        """Name of the active stage (None: dense, between or after the stages); before the passes bind (at the first
+        training forward of a model matched from shapes), the stage they will bind in."""
+        stage = self._active if self.bound else self._selected_stage()
+        return stage.name if stage else None
 
     @property
     def structure(self):
         """What the matcher found (:class:`stsc.Structure`; None before the first capture)."""
         return self._structure
+
+    @property
+    def bound(self) -> bool:
+        """Whether the passes are bound to the model (at sparsify, or at the first training forward when the weights
+        held no data at sparsify)."""
+        return self.report is not None and self.report.checked_on is not None
 
     @property
     def runtimes(self) -> dict[str, object]:
@@ -144,7 +166,7 @@ class SparseModel(nn.Module):
             self.progress = float(epoch)
         elif step is not None and self.steps_per_epoch:
             self.progress = step / self.steps_per_epoch
-        if self._structure is not None:
+        if self.bound:
             self._sync()
 
     def schedule_state(self) -> dict:
@@ -154,7 +176,7 @@ class SparseModel(nn.Module):
 
     def load_schedule_state(self, state: dict) -> None:
         self.progress, self.step = float(state["progress"]), int(state["step"])
-        if self._structure is None:
+        if not self.bound:
             self._pending_state = state
             return
         self._sync()
@@ -209,6 +231,8 @@ class SparseModel(nn.Module):
                                "skip_layers skips with stale or zero gradients: call "
                                "stsc.integrations.deepspeed.attach(engine, sparse) after deepspeed.initialize "
                                "(with the Hugging Face Trainer, StscCallback does it)")
+        if not self.bound and self.training:
+            self._bind(kwargs, ON_FIRST_BATCH)
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -222,12 +246,34 @@ class SparseModel(nn.Module):
     # --------------------------------------------------------------------------------- internals
     @torch.compiler.disable
     def _prepare(self, example_inputs: dict) -> None:
+        """Capture and match the model (from its weights' shapes when they hold no data), then bind if they do."""
         self._inputs = dict(example_inputs)
         self._structure, model_report = capture_and_match(self.model, self._inputs)
+        self.report = SparseReport(model_report)
         if self._compile_kwargs is not None:
             self._compile_blocks()
+        if holds_data(self.model):
+            self._bind(self._inputs, ON_EXAMPLE)
+
+    @torch.compiler.disable
+    def _bind(self, inputs: dict, on: str) -> None:
+        """Check every stage on ``inputs`` (its passes bind to the model, and its trial step runs), then install the
+        stage that the progress selects."""
+        if any(p.is_meta for p in self.model.parameters()):
+            raise RuntimeError("the model's weights are still on the meta device at its first training forward: "
+                               "materialize them (model.to_empty(device=...), then load the weights) before training")
+        self._inputs = dict(inputs)
+        self.report.checked_on = on
         stages = [self.fixed_stage] if self.fixed_stage else list(self.policy.stages)
-        self.report = SparseReport(model_report, [self._check_stage(stage, model_report) for stage in stages])
+        checked = []
+        try:
+            for stage in stages:
+                with looking_for(f"stage {stage.name!r}: applying its passes to the model and checking them"):
+                    checked.append(self._check_stage(stage, self.report.model))
+        except BaseException:
+            self.report.checked_on = None
+            raise
+        self.report.stages = checked
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_schedule_state(pending)
@@ -235,8 +281,8 @@ class SparseModel(nn.Module):
             self._sync()
 
     def _check_stage(self, stage: Stage, model_report: Report) -> StageReport:
-        """Apply the stage's passes once, run one training step on the example inputs with them, then remove
-        them: a pass that cannot work on this model fails now, not at training step N."""
+        """Apply the stage's passes once, run one training step on the inputs they bind on, then remove them: a pass
+        that cannot work on this model fails now, not at training step N."""
         infos = self._activate(stage)
         try:
             if self.verify:
@@ -254,26 +300,35 @@ class SparseModel(nn.Module):
             {"modules": "ok", "graph": f"not available: {graph}" if graph else "available (stsc.transform)"})
 
     def _trial_step(self, stage: Stage, infos: list[PassInfo]) -> None:
-        """One training forward and backward of ``stage`` on the example inputs (each pass in its most
-        demanding setting, e.g. every skippable block skipped); the model is left exactly as it was."""
+        """One training forward and backward of ``stage`` on the inputs it is checked on (each pass in its most
+        demanding setting, e.g. every skippable block skipped); the model is left exactly as it was. On the first
+        training batch the backward computes the floating-point inputs' gradients only (see the module docstring)."""
+        on = self.report.checked_on
         try:
-            with untouched(self.model), contextlib.ExitStack() as trials:
+            with untouched(self.model), torch.enable_grad(), contextlib.ExitStack() as trials:
                 for runtime in self._runtimes.values():
                     if hasattr(runtime, "trial"):
                         trials.enter_context(runtime.trial())
-                output = self.model(**forward_kwargs(self.model, self._inputs)[0])
-                loss = model_loss(output)
-                if loss.requires_grad:
+                inputs = forward_kwargs(self.model, self._inputs)[0]
+                probes = {name: value.detach().requires_grad_() for name, value in inputs.items()
+                          if on == ON_FIRST_BATCH and isinstance(value, torch.Tensor) and value.is_floating_point()}
+                loss = model_loss(self.model(**{**inputs, **probes}))
+                if on == ON_EXAMPLE and loss.requires_grad:
                     loss.backward()
+                elif probes and loss.requires_grad:
+                    torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
         except Exception as exc:  # noqa: BLE001 - whatever breaks, the user gets it now, with what was found
             found = "; ".join(f"{info.name}: {_summary(info)}" for info in infos)
             raise UnsupportedModelError(
-                f"stage {stage.name!r} ({', '.join(e.name for e in stage.passes)}): a training step on the example "
-                f"inputs failed: {type(exc).__name__}: {first_line(exc)} (found: {found})") from exc
+                f"stage {stage.name!r} ({', '.join(e.name for e in stage.passes)}): a training step on {on} "
+                f"failed: {type(exc).__name__}: {first_line(exc)} (found: {found})") from exc
+
+    def _selected_stage(self) -> Stage | None:
+        return self.fixed_stage or self.policy.stage_at(self.progress)
 
     def _sync(self) -> None:
         """Install the passes of the stage that the progress selects, and move their schedules."""
-        stage = self.fixed_stage or self.policy.stage_at(self.progress)
+        stage = self._selected_stage()
         if stage is None and self.progress >= self.policy.stages[-1].end and not self._warned_past_end:
             self._warned_past_end = True
             warnings.warn(f"progress {self.progress:g} {self.policy.unit} is past the end of the last stage "
@@ -291,11 +346,13 @@ class SparseModel(nn.Module):
         infos = []
         with eval_mode(self.model):  # passes that run the model to bind themselves see it dense
             for entry in stage.passes:
-                try:
-                    runtime, info = get_pass(entry.name).apply(self.model, self._structure, entry.config, self._inputs)
-                except ValueError as exc:
+                try:  # a pass says why it cannot work here with a ValueError
+                    with looking_for(f"stage {stage.name!r}, pass {entry.name}", as_is=(ValueError,)):
+                        runtime, info = get_pass(entry.name).apply(self.model, self._structure, entry.config,
+                                                                   self._inputs)
+                except UnsupportedModelError:
                     self._deactivate()
-                    raise UnsupportedModelError(f"stage {stage.name!r}, pass {entry.name}: {exc}") from exc
+                    raise
                 self._runtimes[entry.name] = runtime
                 infos.append(info)
         self._active = stage

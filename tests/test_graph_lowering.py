@@ -3,6 +3,7 @@ equal to the module lowering, compiled once for every skip pattern, saved and lo
 
 import collections
 import copy
+import inspect
 import subprocess
 import sys
 from functools import cache
@@ -330,6 +331,56 @@ def test_a_batch_whose_rows_drop_other_numbers_is_refused_by_the_graph():
         stages["alignment"](**fewer)
 
 
+def padded_beyond_the_longest_row(inputs: dict) -> dict:
+    """The example with one more padding position at the end of every row."""
+    return {k: torch.nn.functional.pad(v, (0, 1), value=-100 if k == "labels" else 0) if v.dim() == 2 else v
+            for k, v in inputs.items()}
+
+
+def test_a_batch_padded_in_every_row_is_refused_by_the_graph():
+    """The graph keeps padding (its length is fixed when it is built). The example (row 1 padded, row 0 not) is as
+    long in both lowerings; a batch padded in every row would be shorter in the module lowering, and is refused."""
+    model, inputs, stages = lowered("tiny")
+    padded = padded_beyond_the_longest_row(inputs)
+    with pytest.raises(Exception, match=r"stsc graph lowering: every row of this batch has padding; this graph keeps "
+                                        r"it \(46 positions\) where the module lowering \(sparsify\) removes it "
+                                        r"\(45\): use the module lowering for batches padded beyond their longest "
+                                        r"row"):
+        stages["alignment"](**padded)
+    reason = ("every row of the example has padding: the graph keeps padding (its length is fixed when it is built) "
+              "where the module lowering (sparsify) removes it")
+    fresh, _ = build("tiny")
+    assert sparsify(fresh, "sts", padded).report.stages[0].lowerings["graph"] == f"not available: {reason}"
+    with pytest.raises(GraphLoweringUnavailable) as err:
+        fresh, _ = build("tiny")
+        transform(fresh, "sts", padded)
+    assert str(err.value) == reason
+
+
+def test_the_saved_program_takes_the_models_keyword_inputs(tmp_path):
+    """``torch.export.load(path).module()(**batch)``: the skip flags filled in its ``stsc_skip`` buffer (a compressing
+    stage also reads ``[step, micro step]`` from ``stsc_step``): the loss of the stage for that pattern and step."""
+    model, inputs, stages = lowered("tiny")
+    for name, skipped in (("instruction", [1, 2]), ("alignment", None)):
+        graph = stages[name]
+        torch.export.save(graph.exported, tmp_path / f"stage_{name}.pt2")
+        program = torch.export.load(tmp_path / f"stage_{name}.pt2").module()
+        assert list(inspect.signature(program.forward).parameters) == list(inputs)
+        if skipped is not None:  # set as the README says
+            program.stsc_skip = torch.tensor([i in skipped for i in range(4)])
+        else:
+            program.stsc_step = torch.tensor([3, 0])
+        assert {"stsc_skip" if skipped else "stsc_step"} <= set(dict(program.named_buffers()))
+        graph.set_progress(step=3)
+        graph.force(skipped)
+        try:
+            expected = loss_of(graph(**inputs))
+        finally:
+            graph.force(None)
+        reordered = {k: inputs[k] for k in reversed(list(inputs))}
+        torch.testing.assert_close(program(**reordered)["loss"], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
     _, inputs, stages = lowered("tiny")
     path = tmp_path / "stage.pt2"
@@ -339,7 +390,7 @@ def test_the_saved_program_loads_in_a_fresh_process_and_trains(tmp_path):
     code = (f"import torch, stsc; program = torch.export.load({str(path)!r}).module(); "
             f"inputs = torch.load({saved_inputs!r}, weights_only=True); "
             "program.get_buffer('stsc_skip').copy_(torch.tensor([True, False, True, False])); "
-            "loss = program(*inputs.values())['loss']; loss.backward(); "
+            "loss = program(**inputs)['loss']; loss.backward(); "
             "print(round(loss.item(), 4), sum(p.grad is not None for p in program.parameters()))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -14,8 +14,8 @@ rewrites its graph module (``ep.module()``: the caller's own parameters, as attr
   old length are deleted, since the rewrite made them stale.
 * **skip_layers** -- each skippable block's nodes are outlined into a submodule ``stsc_block_<i>`` and called as
   ``torch.cond(stsc_skip[i], stsc_identity_<i>, stsc_block_<i>, operands)``, with ``stsc_skip`` a bool buffer
-  the runtime fills before each forward. Sizes the block reads are recomputed inside it from its hidden
-  input (``torch.cond`` takes tensor operands only).
+  the runtime sets to a host tensor before each forward (read on the host: no device sync per block). Sizes the
+  block reads are recomputed inside it from its hidden input (``torch.cond`` takes tensor operands only).
 
 With the compression's ``dense_fraction`` > 0, the stage is lowered a second time without the compression (the
 other passes applied): the forwards the runtime draws dense run that graph. Guarded blocks return their hidden
@@ -23,7 +23,8 @@ state flattened (and the caller views it back), because ``torch.cond`` cannot re
 compacted sequence's tensors (``Max(1, length - dropped)``).
 
 After each pass the graph module is exported again, so its metadata (shapes, the ops' fake results) is
-consistent and it can be saved with ``torch.export.save`` (the ops are registered when ``stsc`` is imported).
+consistent and it can be saved with ``torch.export.save`` (the ops are registered when ``stsc`` is imported); the
+programs take the model's tensor inputs by keyword, so a loaded one runs as ``program.module()(**batch)``.
 
 :class:`GraphStage` runs the result: the same decisions as the module lowering for the same step (skip
 patterns from :func:`stsc.schedules.draw_skips`, compression draws from the same seeded generator), so loss
@@ -45,9 +46,11 @@ from torch import fx, nn
 from torch.export import Dim
 
 from stsc.capture import KeywordCall, exported_capture, first_line, forward_kwargs, module_paths
+from stsc.errors import UnsupportedModelError, looking_for
 from stsc.layout import images_in
 from stsc.match import Structure, match
 from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, forward_draws, kept_count
+from stsc.passes.compress_visual_tokens import sequence_dims as aligned_dims
 from stsc.passes.skip_layers import SkipLayersConfig
 from stsc.policy import Policy, Stage, load_policy
 from stsc.report import capture_and_match
@@ -60,7 +63,7 @@ __all__ = ["GraphLoweringUnavailable", "GraphRuntime", "GraphStage", "RewriteInf
            "guard_blocks", "lower_stage", "transform"]
 
 
-class GraphLoweringUnavailable(ValueError):
+class GraphLoweringUnavailable(UnsupportedModelError):
     """The model or the stage cannot be lowered to a rewritten graph (the module lowering still works)."""
 
 
@@ -104,17 +107,9 @@ def _depends_on(value, symbol) -> bool:
 
 
 def sequence_dims(value, batch, sequence) -> tuple[int, list[int]] | None:
-    """``(batch_dim, dims)`` of a tensor aligned with the sequence: a batch dimension (``batch`` or 1) followed
-    by dimensions of the (symbolic) ``sequence`` length; None when it is not aligned."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    shape = value.shape
-    for batch_dim in range(min(2, len(shape) - 1)):
-        if _same(shape[batch_dim], batch) or _same(shape[batch_dim], 1):
-            dims = [d for d in range(batch_dim + 1, len(shape)) if _same(shape[d], sequence)]
-            if dims:
-                return batch_dim, dims
-    return None
+    """``(batch_dim, dims)`` of a tensor aligned with the sequence (:func:`stsc.passes.compress_visual_tokens.
+    sequence_dims`, with the (symbolic) ``sequence`` length); None when it is not aligned."""
+    return aligned_dims(value.shape, batch, sequence, _same) if isinstance(value, torch.Tensor) else None
 
 
 def module_region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
@@ -132,7 +127,7 @@ def compact_region(gm: fx.GraphModule, entry: str, hidden: fx.Node, visual: fx.N
 
     ``step``: a node holding ``[step, micro step]`` (seeds the random draws); ``plan_args``: the other
     ``stsc::compress_plan`` arguments (method, keep_ratio, kernel, seed, grid, rows_layout, removed, dense_fraction,
-    image_grids, grid_scale).
+    image_grids, grid_scale, padding).
     """
     info = RewriteInfo("compress_visual_tokens")
     graph = gm.graph
@@ -218,6 +213,10 @@ def _compress_problem(structure: Structure, config: CompressVisualTokensConfig, 
     if len(dropped) != 1:
         return (f"the example's rows drop different numbers of positions {sorted(dropped)}; the graph is built "
                 f"for rows that all drop the same number")
+    padding = inputs.get(b.padding_input) if b.padding_input else None
+    if isinstance(padding, torch.Tensor) and bool((padding == 0).any(dim=1).all()):
+        return ("every row of the example has padding: the graph keeps padding (its length is fixed when it is "
+                "built) where the module lowering (sparsify) removes it")
     return None
 
 
@@ -244,7 +243,8 @@ def _lower_compress(gm, structure: Structure, config: CompressVisualTokensConfig
         raise GraphLoweringUnavailable(f"the images' token grids come from the input {b.grid_input!r}, which this "
                                        f"graph does not take")
     plan_args = (config.method, config.keep_ratio, config.kernel, config.seed, list(b.grid or ()), b.rows_layout,
-                 _dropped_per_row(b, config, inputs)[0], config.dense_fraction, grids, b.grid_scale or 1)
+                 _dropped_per_row(b, config, inputs)[0], config.dense_fraction, grids, b.grid_scale or 1,
+                 placeholders.get(b.padding_input))
     return compact_region(gm, b.decoder_entry, node_of(b.merge_node), node_of(b.positions.source),
                           placeholders[b.token_input], flags.step(gm), plan_args)
 
@@ -503,12 +503,12 @@ class GraphStage(nn.Module):
 
     def _prepare_runs(self) -> None:
         """Per kind of forward (compressed or drawn dense): what runs it (compiled after :meth:`compile`) and the
-        flag buffers (``stsc_step``, ``stsc_skip``) filled before each forward."""
+        module whose flag buffers (``stsc_step``, ``stsc_skip``) are set before each forward."""
         self._runs = {}
         for dense, module in ((False, self.training_module), (True, self.dense_training_module)):
             if module is not None:
                 run = module if self._compile_kwargs is None else torch.compile(module, **self._compile_kwargs)
-                self._runs[dense] = run, dict(module.named_buffers())
+                self._runs[dense] = run, module
 
     def _trainable_now(self) -> list[bool]:
         return [p.requires_grad for p in self.dense.parameters()]
@@ -530,11 +530,11 @@ class GraphStage(nn.Module):
         if self._trainable_now() != self._trainable:
             self._lower_for_training()  # other parameters train now: the blocks' backwards are partitioned again
         step, skip = self.runtime.next_flags()
-        run, flags = self._runs[self.runtime.last_dense]
+        run, module = self._runs[self.runtime.last_dense]
         for name, value in (("stsc_step", step), ("stsc_skip", skip)):
-            if name in flags:
-                flags[name].copy_(value)
-        return run(*self.call.values(kwargs))
+            if name in module._buffers:  # set, not copied into: the flags stay on the host wherever the stage is
+                setattr(module, name, value)  # moved, so a torch.cond reads its flag without waiting for a GPU
+        return run(**self.call.keywords(kwargs))
 
     def compile(self, **compile_kwargs) -> None:
         """``torch.compile`` the training graph: one graph serves every skip pattern and compression draw (and one
@@ -546,23 +546,29 @@ class GraphStage(nn.Module):
 GRAPH_LOWERINGS = {"compress_visual_tokens": _lower_compress, "skip_layers": _lower_skip}
 
 
-def _dynamic(values: tuple, token_shape: tuple) -> tuple:
+def _dynamic(keywords: dict, token_shape: tuple) -> dict:
     """Dim.AUTO on dim 1 of every input shaped like the token ids (the sequence length), static elsewhere."""
-    return tuple({1: Dim.AUTO} if tuple(v.shape) == token_shape else None for v in values)
+    return {name: {1: Dim.AUTO} if tuple(v.shape) == token_shape else None for name, v in keywords.items()}
 
 
 def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
     """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes (and, when the
-    compression leaves some forwards dense, a second graph without it)."""
+    compression leaves some forwards dense, a second graph without it). The programs take the model's tensor
+    inputs by keyword."""
+    with looking_for(f"stage {stage.name!r}: lowering its passes to a rewritten graph", GraphLoweringUnavailable):
+        return _lower_stage(model, stage, structure, inputs)
+
+
+def _lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
     call = KeywordCall(model, forward_kwargs(model, inputs)[0])
-    values = call.values(inputs)
-    dynamic = _dynamic(values, tuple(inputs[structure.token_input].shape))
-    exported = torch.export.export(call, values, dynamic_shapes={"values": dynamic}, strict=False)
-    rewritten, rewrites, guarded = _rewrite_stage(exported, stage.passes, call, values, dynamic, inputs)
+    keywords = call.keywords(inputs)
+    dynamic = _dynamic(keywords, tuple(inputs[structure.token_input].shape))
+    exported = torch.export.export(call, (), keywords, dynamic_shapes=dynamic, strict=False)
+    rewritten, rewrites, guarded = _rewrite_stage(exported, stage.passes, call, keywords, dynamic, inputs)
     compress, exported_dense = stage.pass_config("compress_visual_tokens"), None
     if compress is not None and compress.dense_fraction:
         passes = [entry for entry in stage.passes if entry.name != "compress_visual_tokens"]
-        exported_dense = _rewrite_stage(exported, passes, call, values, dynamic, inputs)[0]
+        exported_dense = _rewrite_stage(exported, passes, call, keywords, dynamic, inputs)[0]
         rewrites[[r.name for r in rewrites].index("compress_visual_tokens")].note = dense_forwards_note(compress)
     runtime = GraphRuntime(model, stage, guarded, [b.path for b in structure.blocks])
     return GraphStage(model, call, stage, rewritten, rewrites, runtime, exported_dense)
@@ -573,20 +579,20 @@ def dense_forwards_note(config: CompressVisualTokensConfig) -> str:
     return f"the forwards drawn dense (dense_fraction {config.dense_fraction:g}) run the graph without it"
 
 
-def _rewrite_stage(exported: torch.export.ExportedProgram, passes, call: KeywordCall, values: tuple, dynamic: tuple,
+def _rewrite_stage(exported: torch.export.ExportedProgram, passes, call: KeywordCall, keywords: dict, dynamic: dict,
                    inputs: dict) -> tuple[torch.export.ExportedProgram, list[RewriteInfo], list[bool]]:
     """``exported`` rewritten by ``passes``, exported again after each; what each did, and the guarded blocks."""
     rewrites, guarded = [], []
     for entry in passes:
-        gm = exported.module()  # positional inputs, in call.names order; module paths under "inner."
-        exported_structure = match(exported_capture(exported, dict(zip(call.names, values)), input_names=call.names))
+        gm = exported.module()  # keyword inputs, placeholders in call.names order; module paths under "inner."
+        exported_structure = match(exported_capture(exported, keywords, input_names=call.names))
         placeholders = dict(zip(call.names, (n for n in gm.graph.nodes if n.op == "placeholder")))
         result = GRAPH_LOWERINGS[entry.name](gm, exported_structure, entry.config, inputs, placeholders,
                                              Flags(as_inputs=False))
         info, guarded = result if entry.name == "skip_layers" else (result, guarded)
         rewrites.append(info)
         try:
-            exported = torch.export.export(gm, values, dynamic_shapes=dynamic, strict=False)
+            exported = torch.export.export(gm, (), keywords, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphLoweringUnavailable(f"the rewritten graph does not export again: {type(exc).__name__}: "
                                            f"{first_line(exc)}") from exc

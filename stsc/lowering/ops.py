@@ -8,7 +8,10 @@
   with ``T`` the dynamic sequence length: no data-dependent size enters the graph. ``dense_fraction``: the
   pass's, for the draws to follow the module lowering's (a forward drawn dense runs another graph, without
   these ops); ``image_grids`` / ``grid_scale``: the model input holding each image's ``[.., height, width]``
-  and its divisor, where the images' token grids come from one (else ``grid``, one for every image).
+  and its divisor, where the images' token grids come from one (else ``grid``, one for every image);
+  ``padding``: the model input marking padding with 0, where the matcher found one. The graph keeps padding
+  (its length is fixed when it is built); a batch whose padding the module lowering would shorten further,
+  padded in every row, is refused.
 * ``stsc::compact(x, index, batch_dim, dims) -> x`` gathered at ``index`` along ``dims``;
 * ``stsc::expand(x, restore) -> x`` gathered back to the full length along dim 1.
 """
@@ -27,8 +30,8 @@ __all__ = ["compact", "compress_plan", "expand"]
 @torch.library.custom_op("stsc::compress_plan", mutates_args=())
 def compress_plan(hidden: Tensor, visual: Tensor, token_ids: Tensor, step: Tensor, method: str, keep_ratio: float,
                   kernel: int, seed: int, grid: list[int], rows_layout: bool, removed: int,
-                  dense_fraction: float = 0.0, image_grids: Tensor | None = None,
-                  grid_scale: int = 1) -> tuple[Tensor, Tensor]:
+                  dense_fraction: float = 0.0, image_grids: Tensor | None = None, grid_scale: int = 1,
+                  padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     config = CompressVisualTokensConfig(method, keep_ratio, kernel, seed, dense_fraction)
     grids = metadata_grids(image_grids, grid_scale) if image_grids is not None else ()
     images = images_in(visual, token_ids, rows_layout, grids, tuple(grid) if grid else None)
@@ -38,12 +41,18 @@ def compress_plan(hidden: Tensor, visual: Tensor, token_ids: Tensor, step: Tenso
         raise ValueError(f"stsc graph lowering: this graph drops {removed} positions in every row (the example's "
                          f"images), but this batch's rows drop {dropped}; use the module lowering (sparsify) for "
                          f"batches whose images differ")
+    if padding is not None:
+        shortest = int((p.lengths - (padding == 0).sum(dim=1)).max())  # the module lowering drops padding too
+        if shortest < p.length:
+            raise ValueError(f"stsc graph lowering: every row of this batch has padding; this graph keeps it "
+                             f"({p.length} positions) where the module lowering (sparsify) removes it ({shortest}): "
+                             f"use the module lowering for batches padded beyond their longest row")
     return p.index, p.restore
 
 
 @compress_plan.register_fake
 def _(hidden, visual, token_ids, step, method, keep_ratio, kernel, seed, grid, rows_layout, removed,
-      dense_fraction=0.0, image_grids=None, grid_scale=1):
+      dense_fraction=0.0, image_grids=None, grid_scale=1, padding=None):
     batch, length = visual.shape
     return visual.new_empty((batch, length - removed), dtype=torch.long), visual.new_empty((batch, length),
                                                                                            dtype=torch.long)

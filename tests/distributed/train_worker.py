@@ -2,14 +2,15 @@
 against a single-process reference.
 
     torchrun --nproc_per_node 2 tests/distributed/train_worker.py --engine ENGINE [--optimizer sgd|adamw]
-        [--local-accumulation] [--offload] [--no-attach] [--break-seed]
+        [--local-accumulation] [--offload] [--no-attach] [--break-seed] [--init full|zero|meta]
 
 ENGINE: ``ddp`` (``stsc.integrations.ddp.attach``, no ``find_unused_parameters``), ``ddp-find-unused``,
 ``fsdp2`` (``fully_shard`` per decoder block, then the model), ``zero2``, ``zero3`` (DeepSpeed, with
 ``stsc.integrations.deepspeed.attach``; ``--offload``: optimizer offloaded to the CPU), and
-``hf-zero3``: ``examples/hf_trainer.py`` with ``--deepspeed`` (ZeRO-3), whose ``StscCallback`` attaches
-the integration; rank 0 prints the stages, how many decoder blocks each training forward ran, and
-``RESULT ok engine=hf-zero3 ...`` (no reference: the Trainer's data order is its own).
+``hf-zero3``: ``examples/hf_trainer.py`` with ``--deepspeed`` (ZeRO-3: the model built under ``zero.Init``), whose
+``StscCallback`` attaches the integration; rank 0 prints where the stages were checked, the losses, the stages, how
+many decoder blocks each training forward ran, and ``RESULT ok engine=hf-zero3 ...`` (no reference: the Trainer's
+data order is its own).
 
 Six optimizer steps of two micro-batches each (gradient accumulation 2; DDP and FSDP2 reduce after
 each, or with ``--local-accumulation`` keep the first one's gradients local: ``no_sync()``,
@@ -29,6 +30,13 @@ DeepSpeed's ZeRO optimizer steps a flat partition with one AdamW step count, so 
 counts every optimizer step for every parameter (see the README); everything else is plain PyTorch.
 ``--no-attach`` leaves out the engine's stsc integration (DDP and DeepSpeed refuse to train then);
 ``--break-seed`` gives rank 1 another policy seed, which the reference check must catch.
+
+``--init``: how the trained model is built. ``full`` (default): whole on every rank. ``zero`` (``zero3``): under
+``deepspeed.zero.Init`` with the engine's config, each rank holding only its partition of every parameter, the
+reference's weights loaded into it as ``from_pretrained`` does (``GatheredParameters``, rank 0 writing); ``meta``
+(``fsdp2``): on the meta device, then after ``fully_shard`` materialized (``to_empty``) and the reference's weights
+loaded (``benchmarks/distributed.py``'s ``materialize``).
+Either way ``sparsify`` sees a model whose weights hold no data, and binds its passes at the first training forward.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import tiny_llava  # noqa: E402
+from distributed import materialize  # noqa: E402
 
 import stsc  # noqa: E402
 from stsc.policy import parse_policy  # noqa: E402
@@ -71,18 +81,26 @@ def main() -> None:
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-attach", action="store_true")
     parser.add_argument("--break-seed", action="store_true")
+    parser.add_argument("--init", default="full", choices=["full", "zero", "meta"])
     args = parser.parse_args()
+    engine = {"zero": "zero3", "meta": "fsdp2"}.get(args.init)
+    if engine and args.engine != engine:
+        parser.error(f"--init {args.init} is for --engine {engine}")
     faulthandler.dump_traceback_later(100, exit=True)  # a hung rank prints where it hangs, and exits
     init_process_group(args.engine)
     if args.engine == "hf-zero3":
         hf_trainer_zero3()
         leave(0)
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny_llava.build_model()
-    reference = Reference(model, args.optimizer, shared_step_count=args.engine in DEEPSPEED) if rank == 0 else None
+    full = tiny_llava.build_model()
+    reference = Reference(full, args.optimizer, shared_step_count=args.engine in DEEPSPEED) if rank == 0 else None
+    model = build(args, full)
     seed = 1 if args.break_seed and rank == 1 else 0
-    sparse = stsc.sparsify(model, parse_policy(POLICY.format(seed=seed)), batch(model, 0, 0, rank))
-    trained, step_fn = wrap(args, sparse)
+    with counting_collectives() as collectives:
+        sparse = stsc.sparsify(model, parse_policy(POLICY.format(seed=seed)), batch(model, 0, 0, rank))
+    if rank == 0:
+        print(f"sparsify: checked_on={sparse.report.checked_on!r} collectives={len(collectives)}", flush=True)
+    trained, step_fn = wrap(args, sparse, full)
     for step in range(STEPS):
         losses = []
         for micro in range(MICRO_BATCHES):
@@ -111,6 +129,52 @@ def init_process_group(engine: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
 
 
+def build(args, full):
+    """The model to train (see ``--init``): ``full`` itself, or the same model built under zero.Init / on meta."""
+    if args.init == "full":
+        return full
+    if args.init == "meta":
+        with torch.device("meta"):
+            return tiny_llava.build_model()
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(args)):
+        model = tiny_llava.build_model()
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        if dist.get_rank() == 0:
+            model.load_state_dict(full.state_dict())
+    return model
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    """Within the block, the names of the collectives this rank calls (torch.distributed's, and DeepSpeed's comm
+    functions, through which ZeRO-3 gathers a partitioned parameter)."""
+    modules = [dist]
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm
+
+        modules.append(deepspeed.comm)
+    names = ["all_gather", "all_gather_into_tensor", "allgather_fn", "all_gather_coalesced", "broadcast", "all_reduce",
+             "reduce_scatter_tensor", "reduce_scatter_fn", "all_to_all_single"]
+    called, originals = [], [(module, name, getattr(module, name)) for module in modules for name in names
+                             if hasattr(module, name)]
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            called.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    for module, name, function in originals:
+        setattr(module, name, counted(name, function))
+    try:
+        yield called
+    finally:
+        for module, name, function in originals:
+            setattr(module, name, function)
+
+
 def batch(model, step: int, micro: int, rank: int) -> dict:
     """This rank's batch for a micro-batch: the example's layout, its own pixels and text."""
     inputs = tiny_llava.example_inputs(model, batch=2)
@@ -135,7 +199,7 @@ def make_optimizer(name: str, params):
 
 
 # ------------------------------------------------------------------------------------------ engines
-def wrap(args, sparse):
+def wrap(args, sparse, full):
     """The trained module and ``step_fn(trained, batch, last) -> loss``: one micro-batch (and the step after the last)."""
     if args.engine in DEEPSPEED:
         return wrap_deepspeed(args, sparse)
@@ -145,6 +209,8 @@ def wrap(args, sparse):
         for block in sparse.report.model.blocks:
             fully_shard(sparse.model.get_submodule(block))
         fully_shard(sparse.model)
+        if args.init == "meta":
+            materialize(sparse.model, full)
         trained = sparse
     else:
         trained = torch.nn.parallel.DistributedDataParallel(sparse, find_unused_parameters=args.engine != "ddp")
@@ -170,17 +236,21 @@ def wrap(args, sparse):
     return trained, step_fn
 
 
-def wrap_deepspeed(args, sparse):
-    import deepspeed
-
+def deepspeed_config(args) -> dict:
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
               "gradient_clipping": CLIP, "zero_optimization": {"stage": int(args.engine[-1])},
               "zero_allow_untested_optimizer": True}
     if args.offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         config["zero_force_ds_cpu_optimizer"] = False  # the torch optimizer steps the offloaded partition
+    return config
+
+
+def wrap_deepspeed(args, sparse):
+    import deepspeed
+
     engine, _, _, _ = deepspeed.initialize(model=sparse, optimizer=make_optimizer(args.optimizer, sparse.parameters()),
-                                           config=config)
+                                           config=deepspeed_config(args))
     if not args.no_attach:
         import stsc.integrations.deepspeed
 
@@ -227,6 +297,7 @@ def hf_trainer_zero3() -> None:
     result = hf_trainer.main(["--epochs", "2", "--samples", "32", "--deepspeed", str(path)])
     if dist.get_rank() == 0:
         print(f"RESULT ok engine=hf-zero3 integration={result['sparse'].integration} "
+              f"checked_on={result['sparse'].report.checked_on!r} losses={result['losses']} "
               f"stages={[stage for _, stage in result['stages']]} blocks_run={blocks_run}", flush=True)
 
 
