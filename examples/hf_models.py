@@ -21,6 +21,16 @@ The sections, by how images enter the token sequence:
 (e) Mixed decoder stacks (blocks of several kinds): llama4, lfm2_vl, gemma3n.
 (f) Cross-attention to the image: mllama.
 (g) Text only: llama_text_only (not in ``BUILDERS``).
+(h) This year's vision-language families (transformers 5.x): glm46v, glm4v_moe, glm_ocr, qwen3_5, qwen3_5_moe,
+    llava_onevision1_5, hunyuan_vl, kimi_k25, lfm3_vl, step3p7, gemma4, molmo2, granite4_vision, granite_docling,
+    deepseek_ocr2, deepseek_vl_hybrid, ernie4_5_vl_moe, ovis2_5, minicpmv4_6, minicpm_ocr, minicpmv4_7,
+    phi4_multimodal, minimax_m3_vl, hy_v4_vl, nemotron_h_omni. MiniCPM-V views (a global view and slices) count as
+    images, as tiles do; Molmo2's low- and high-resolution views too (``tokens_per_image`` lists the views).
+(i) Audio-language families, one clip per row (``input_features`` or the family's own name): qwen2_audio, voxtral,
+    audioflamingo3, musicflamingo, glmasr, qwen3_asr, granite_speech, phi4_multimodal_audio, qwen2_5_omni_thinker,
+    qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
+(j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
+    qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -318,6 +328,15 @@ def idefics3(layers=3):
                       tokens, image_token)
 
 
+def _tiles_prompt(image_token, per_tile, fake, row_col, newline, glob):
+    """Idefics3 / SmolVLM image splitting: ``<fake><row_i_col_j>`` + a tile's placeholders per tile, two newlines, then
+    ``<fake><global-img>`` + the global view's placeholders + ``<fake>`` (after a bos)."""
+    prompt = [BOS]
+    for rc in row_col:
+        prompt += [fake, rc] + [image_token] * per_tile
+    return prompt + [newline, newline, fake, glob] + [image_token] * per_tile + [fake]
+
+
 def smolvlm(layers=3):
     """SmolVLMForConditionalGeneration, each image split 1 x 2 plus a global view: three runs of 16 placeholders,
     separated by tile markers. stsc treats each tile as its own image, so ``tokens_per_image`` is one run (16)."""
@@ -332,10 +351,7 @@ def smolvlm(layers=3):
     cfg = SmolVLMConfig(vision_config=vision, text_config=LlamaConfig(**_text(layers=layers)),
                         image_token_id=image_token, scale_factor=scale)
     model = _seeded(SmolVLMForConditionalGeneration, cfg)
-    prompt = [BOS]
-    for rc in row_col:
-        prompt += [fake, rc] + [image_token] * per_tile
-    prompt += [newline, newline, fake, glob] + [image_token] * per_tile + [fake]
+    prompt = _tiles_prompt(image_token, per_tile, fake, row_col, newline, glob)
     return _same_rows(model, prompt, (3, 3, size, size), _blocks(layers, "model.text_model.layers"), per_tile,
                       image_token)
 
@@ -793,19 +809,28 @@ def qwen3_vl_moe(layers=3, grids=SAME_GRIDS):
                      num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
 
 
+def _glm_vl(config_cls, model_cls, text, vision, grids=SAME_GRIDS):
+    """A GLM-4V-style build: ``[image_start 5, image 7 x N, image_end 6, text]`` per row (video ids 3, 4, 8, unused)."""
+    image_token, image_start, image_end = 7, 5, 6
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=image_token, video_token_id=8,
+                     image_start_token_id=image_start, image_end_token_id=image_end, video_start_token_id=3,
+                     video_end_token_id=4)
+    model = _seeded(model_cls, cfg)
+    inputs, tokens = _grid_inputs(grids, image_token, image_start, image_end)
+    return _finish(model, inputs, Expected(_blocks(text["num_hidden_layers"]), "scatter", tokens, image_token))
+
+
+GLM_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+# GLM-4.5V / GLM-OCR rotate half of each head (partial_rotary_factor 0.5): the sections cover 8 / 2 = 4 frequencies
+GLM_HALF_ROPE = {**GLM_ROPE, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+
+
 def glm4v(layers=3, grids=SAME_GRIDS):
     """Glm4vForConditionalGeneration: resampled learned positions, a 2 x 2 conv downsample, then the merger MLP."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
-    image_token, image_start, image_end = 7, 5, 6
-    text = _text(layers=layers, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                 "mrope_section": [2, 3, 3]})
-    cfg = Glm4vConfig(text_config=text, vision_config=_qwen_vision(image_size=16), image_token_id=image_token,
-                      video_token_id=8, image_start_token_id=image_start, image_end_token_id=image_end,
-                      video_start_token_id=3, video_end_token_id=4)
-    model = _seeded(Glm4vForConditionalGeneration, cfg)
-    inputs, tokens = _grid_inputs(grids, image_token, image_start, image_end)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _glm_vl(Glm4vConfig, Glm4vForConditionalGeneration, _text(layers=layers, rope_parameters=GLM_ROPE),
+                   _qwen_vision(image_size=16), grids)
 
 
 def paddleocr_vl(layers=3):
@@ -1044,6 +1069,758 @@ def llama_text_only(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers, "model.layers"), "none", 0, None))
 
 
+# ------------------------------------------------------------------------ (h) 2026 vision-language families
+def glm46v(layers=3):
+    """Glm46VForConditionalGeneration: GLM-4V's tower and merger over a GLM-4V text decoder (the 4.6V release)."""
+    from transformers import Glm46VConfig, Glm46VForConditionalGeneration
+
+    text = _text(layers=layers, model_type="glm4v_text", rope_parameters=GLM_ROPE)
+    return _glm_vl(Glm46VConfig, Glm46VForConditionalGeneration, text,
+                   _qwen_vision(model_type="glm4v_vision", image_size=16))
+
+
+def glm4v_moe(layers=3):
+    """Glm4vMoeForConditionalGeneration: GLM-4.5V, the first block dense, then MoE blocks (4 routed experts, top 2,
+    a shared expert): two kinds."""
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    text = _text(layers=layers, head_dim=16, rope_parameters=GLM_HALF_ROPE, moe_intermediate_size=32,
+                 n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)
+    return _glm_vl(Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, text, _qwen_vision(image_size=16))
+
+
+def glm_ocr(layers=3):
+    """GlmOcrForConditionalGeneration: GLM-4V's layout with an OCR-sized tower and text decoder."""
+    from transformers import GlmOcrConfig, GlmOcrForConditionalGeneration
+
+    text = _text(layers=layers, head_dim=16, rope_parameters=GLM_HALF_ROPE)
+    return _glm_vl(GlmOcrConfig, GlmOcrForConditionalGeneration, text, _qwen_vision(image_size=16))
+
+
+def _qwen3_5_text(layers, **extra):
+    """A Qwen3.5 text config: gated delta-net (linear attention) blocks x 3, then full attention, interleaved M-RoPE."""
+    return _text(layers=layers, head_dim=16, layer_types=["linear_attention"] * (layers - 1) + ["full_attention"],
+                 linear_conv_kernel_dim=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                 linear_num_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                 **extra)
+
+
+def qwen3_5(layers=4):
+    """Qwen3_5ForConditionalGeneration: Qwen3-VL's tower without DeepStack over a hybrid decoder (two kinds)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    return _qwen_vl(Qwen3_5Config, Qwen3_5ForConditionalGeneration, _qwen3_5_text(layers),
+                    _qwen_vision(num_position_embeddings=64), SAME_GRIDS)
+
+
+def qwen3_5_moe(layers=4):
+    """Qwen3_5MoeForConditionalGeneration: as qwen3_5, every block's MLP a MoE (4 experts, top 2, a shared expert)."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text = _qwen3_5_text(layers, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2)
+    return _qwen_vl(Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, text,
+                    _qwen_vision(num_position_embeddings=64), SAME_GRIDS)
+
+
+def llava_onevision1_5(layers=3):
+    """LlavaOnevision15ForConditionalGeneration: RICE ViT (a class token per image, dropped after the blocks), 2 x 2
+    patch merger, Qwen3 text with 1-D positions; Qwen2-VL's ``[vision_start, image x N, vision_end]``."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    vision = _vit(dict, num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, out_hidden_size=64)
+    cfg = LlavaOnevision15Config(text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
+                                 vision_config=vision, image_token_id=image, video_token_id=6,
+                                 vision_start_token_id=start, vision_end_token_id=end)
+    model = _seeded(LlavaOnevision15ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, patch_shape=(3 * PATCH * PATCH,))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def hunyuan_vl(layers=3):
+    """HunYuanVLForConditionalGeneration: a conv merger appends a newline feature to each row and wraps the image in
+    begin/end features (parameters), all at placeholder positions: 4 x (4 + 1) + 2 = 22 per image, between
+    ``<im_start> <im_end>``; 4-axis positions (sequence, width, height, image index)."""
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration
+
+    image_token, im_start, im_end = 10, 11, 12
+    side = 8  # 8 x 8 patches of 4 px, merged 2 x 2 -> 4 rows of 4 tokens plus a newline each, plus begin and end
+    tokens = (side // MERGE) * (side // MERGE + 1) + 2
+    vision = _vit(dict, num_channels=3, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=1,
+                  out_hidden_size=64, text_hidden_size=64, max_image_size=32)
+    text = _text(layers=layers, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "mrope_section": [2, 2, 2, 2]})
+    cfg = HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=image_token, im_start_id=im_start,
+                          im_end_id=im_end, im_newline_id=13)
+    model = _seeded(HunYuanVLForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, im_start] + [image_token] * tokens + [im_end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * side * side, 3 * PATCH * PATCH),
+                  attention_mask=mask, labels=labels, image_grid_thw=torch.tensor([[1, side, side]] * BATCH),
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def _deepseek_v3_text(layers, **extra):
+    """A DeepSeek-V3 text config: multi-head latent attention, the first block dense, then MoE (4 experts, top 2)."""
+    return _text(layers=layers, model_type="deepseek_v3", kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                 qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
+
+
+def kimi_k25(layers=3):
+    """Kimi_K25ForConditionalGeneration: MoonViT (learned positions resampled per grid), 2 x 2 merge, DeepSeek-V3
+    text; the placeholder ids are replaced by 0 before the embedding lookup. ``[media_start, pad x 16, media_end]``."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    image_token, start, end, side = 10, 11, 12, 8
+    tokens = (side // MERGE) ** 2
+    vision = _vit(dict, patch_size=PATCH, pos_emb_height=side, pos_emb_width=side, pos_emb_time=1,
+                  merge_kernel_size=[MERGE, MERGE])
+    cfg = Kimi_K25Config(text_config=_deepseek_v3_text(layers), vision_config=vision, projection_hidden_size=32,
+                         image_token_id=image_token, video_token_id=13, vision_start_token_id=start,
+                         vision_end_token_id=end)
+    model = _seeded(Kimi_K25ForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, start] + [image_token] * tokens + [end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * side * side, 3, PATCH, PATCH),
+                  attention_mask=mask, labels=labels, image_grid_thw=torch.tensor([[1, side, side]] * BATCH))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def lfm3_vl(layers=4):
+    """Lfm3VlForConditionalGeneration: a tower of short-conv layers, 2 x 2 merge, an LFM3 decoder of short-conv,
+    sliding and full attention blocks (three kinds); Qwen2-VL's ``[vision_start, image x N, vision_end]``."""
+    from transformers import Lfm3VlConfig, Lfm3VlForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    vision = _vit(dict, num_key_value_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
+                  temporal_patch_size=TEMPORAL)
+    text = _text(layers=layers, model_type="lfm3", head_dim=16, sliding_window=8,
+                 layer_types=["conv", "sliding_attention", "full_attention", "conv"][:layers], pad_token_id=0,
+                 bos_token_id=BOS, eos_token_id=2)
+    cfg = Lfm3VlConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6,
+                       vision_start_token_id=start, vision_end_token_id=end, projector_hidden_size=64)
+    model = _seeded(Lfm3VlForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def step3p7(layers=4):
+    """Step3p7ForConditionalGeneration: 16 x 16 patches, two stride-2 convs to 4 x 4 = 16 tokens; a decoder of sliding
+    and full attention blocks, dense then MoE MLPs. A small image is its global view only (no local crops):
+    ``[im_start, im_patch x 16, im_end]``."""
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    image_token, im_start, im_end, size, tokens = 10, 11, 12, 64, 16
+    vision = _vit(dict, image_size=size, patch_size=PATCH, mlp_ratio=2.0, max_position_embeddings=(size // PATCH) ** 2)
+    text = _text(layers=layers, head_dim=16, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                 mlp_layer_types=["dense", "sparse"] * (layers // 2), n_routed_experts=4, num_local_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=32, share_expert_dim=32, pad_token_id=0)
+    cfg = Step3p7Config(vision_config=vision, text_config=text, image_token_id=image_token)
+    model = _seeded(Step3p7ForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS, im_start] + [image_token] * tokens + [im_end], (3, size, size), _blocks(layers),
+                      tokens, image_token)
+
+
+def gemma4(layers=4):
+    """Gemma4ForConditionalGeneration: image ids replaced by the pad id before the lookup, a second (per-layer)
+    embedding table indexed by the same ids, KV sharing (layers 2, 3 reuse the K/V of 0, 1), bidirectional attention
+    over the image; ``[bos, boi, image x 16, eoi, text]``, 8 x 8 patches pooled 2 x 2 by their positions."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    image_token, boi, eoi = 3, 4, 5
+    patch, side, kernel = 4, 8, 2
+    tokens = (side // kernel) ** 2
+    text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16, vocab_size_per_layer_input=VOCAB,
+                 layer_types=["sliding_attention", "full_attention"] * (layers // 2), hidden_size_per_layer_input=8,
+                 num_kv_shared_layers=2, use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, num_key_value_heads=4, head_dim=8, patch_size=patch, pooling_kernel_size=kernel,
+                  position_embedding_size=side)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
+                       boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
+                       eoa_token_index=9)
+    model = _seeded(Gemma4ForConditionalGeneration, cfg)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
+    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, side * side, 3 * patch * patch),
+                  image_position_ids=positions, attention_mask=mask, labels=labels,
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def molmo2(layers=3):
+    """Molmo2ForConditionalGeneration: each image a low-resolution view (4 x 4 tokens) then a high-resolution one
+    (4 x 8, two crops side by side), every row of patches ended by a column token; pooled features added onto the
+    patch embeddings; bidirectional attention over the image tokens. stsc compresses each view on its own grid, so
+    ``tokens_per_image`` lists the views."""
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    start, low_start, end, patch_token, column = 120, 121, 122, 123, 124  # the extra vocabulary after 120 text ids
+    patch, crop, pool = 4, 32, 2
+    side = crop // patch  # 8 x 8 patches per crop
+    views = [(side // pool, side // pool, low_start), (side // pool, 2 * side // pool, start)]  # (rows, cols, opener)
+    text = _text(layers=layers, vocab=120, additional_vocab_size=8, head_dim=16, pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, num_key_value_heads=4, head_dim=8, image_size=[crop, crop], patch_size=patch)
+    adapter = dict(vision_feature_layer=[-1, 0], hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   num_key_value_heads=4, head_dim=8, text_hidden_size=64)  # the last and the first ViT layer
+    cfg = Molmo2Config(text_config=text, vision_config=vision, adapter_config=adapter, image_start_token_id=start,
+                       low_res_image_start_token_id=low_start, image_end_token_id=end, image_patch_id=patch_token,
+                       frame_start_token_id=125, frame_end_token_id=126)
+    model = _seeded(Molmo2ForConditionalGeneration, cfg)
+    prompt = [BOS] + [i for rows, cols, opener in views for i in [opener] + ([patch_token] * cols + [column]) * rows
+                      + [end]]
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+
+    def pooled(crop_index, row, col):  # the 2 x 2 patches of crop ``crop_index`` under token (row, col)
+        return [crop_index * side * side + (pool * row + i) * side + pool * col + j for i in range(pool)
+                for j in range(pool)]
+
+    # crop 0 is the low-resolution view; crops 1 and 2 the left and right halves of the high-resolution one
+    pooling = [pooled(0, r, c) for r in range(views[0][0]) for c in range(views[0][1])]
+    pooling += [pooled(1 + c // (side // pool), r, c % (side // pool)) for r in range(views[1][0])
+                for c in range(views[1][1])]
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, 3, side * side, 3 * patch * patch),
+                  image_token_pooling=torch.tensor(pooling * BATCH),
+                  image_grids=torch.tensor([[*views[0][:2], *views[1][:2]]] * BATCH),
+                  image_num_crops=torch.full((BATCH,), 3), attention_mask=mask, labels=labels,
+                  mm_token_type_ids=torch.isin(input_ids, torch.tensor([start, low_start, end, patch_token, column]))
+                  .long())
+    counts = [rows * cols for rows, cols, _ in views] * BATCH
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", counts, patch_token))
+
+
+def granite4_vision(layers=6):
+    """Granite4VisionForConditionalGeneration: LLaVA-NeXT anyres (base tile + a 1 x 1 grid with row newlines), each
+    feature map downsampled 2x by a windowed Q-Former; the placeholder embeddings are zeroed and features added at the
+    visual positions before six decoder blocks: two vision layers' before blocks 0 and 1, four spatial offset groups'
+    before blocks 2..5 (distinct blocks, as in the released model)."""
+    from transformers import Granite4VisionConfig, Granite4VisionForConditionalGeneration
+
+    image_token, size = 3, 16
+    vision = _vit(dict, model_type="clip_vision_model", hidden_size=64, image_size=size, patch_size=2,
+                  projection_dim=64)  # the Q-Former's heads are hidden_size // 64
+    text = _text(layers=layers, model_type="granite4_vision_text", bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    qformer = dict(num_hidden_layers=1, intermediate_size=64, cross_attention_frequency=1, max_position_embeddings=64,
+                   use_qformer_text_input=False)
+    cfg = Granite4VisionConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                               image_grid_pinpoints=[[size, size]], downsample_rate="1/2",
+                               deepstack_layer_map=[[1, 0], [2, 1]], spatial_target_layers=[2, 3, 4, 5],
+                               projector_dropout=0.0, qformer_config=qformer)
+    model = _seeded(Granite4VisionForConditionalGeneration, cfg)
+    pixel_values, image_sizes = _pixels(BATCH, 2, 3, size, size), torch.tensor([[size, size]] * BATCH)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+    tokens = [int(f.shape[0]) for f in features.deepstack_features[0][1]]  # 16 + 4 x (4 + 1) = 36
+    input_ids, mask, labels = _batch([[BOS] + [image_token] * n for n in tokens])
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", _per_image(tokens), image_token))
+
+
+def granite_docling(layers=3):
+    """GraniteDoclingForConditionalGeneration: Idefics3's image splitting (1 x 2 tiles + a global view, 16 tokens each
+    after a pixel shuffle by 2), DeepStack features of vision layer 0 added after the first decoder block; a density
+    router (unused in training forwards)."""
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration
+
+    image_token, fake, newline, glob, row_col = 3, 4, 7, 8, [5, 6]
+    size, per_tile = 32, 16  # 8 x 8 patches, pixel-shuffled by 2
+    vision = _vit(dict, image_size=size, patch_size=PATCH, out_hidden_size=64, scale_factor=2,
+                  deepstack_visual_indexes=[0])
+    text = _text(layers=layers, bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    cfg = GraniteDoclingConfig(text_config=text, vision_config=vision, image_token_id=image_token, pad_token_id=0)
+    model = _seeded(GraniteDoclingForConditionalGeneration, cfg)
+    prompt = _tiles_prompt(image_token, per_tile, fake, row_col, newline, glob)
+    return _same_rows(model, prompt, (3, 3, size, size), _blocks(layers, "model.text_model.layers"), per_tile,
+                      image_token, pixel_attention_mask=torch.ones(BATCH, 3, dtype=torch.bool))
+
+
+def deepseek_ocr2(layers=3):
+    """DeepseekOcr2ForConditionalGeneration: SAM-style tower, then a Qwen2-style encoder in which 144 learned queries
+    read the patches; the global view's 144 features plus a view separator (a parameter): 145 placeholders per image.
+    Decoder: a dense block, then MoE blocks."""
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+    image_token, size, tokens = 3, 16, 145
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=size,
+               patch_size=2, mlp_ratio=2.0, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
+    encoder = _text(hidden=64, layers=2, rms_norm_eps=1e-6)
+    text = _text(layers=layers, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), n_routed_experts=4,
+                 n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2, bos_token_id=BOS,
+                 eos_token_id=2, pad_token_id=0)
+    cfg = DeepseekOcr2Config(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                             image_token_id=image_token)
+    model = _seeded(DeepseekOcr2ForConditionalGeneration, cfg)
+    with torch.no_grad():  # SAM-style init uses initializer_range 1e-10: give the SAM tower real values
+        for param in model.model.vision_tower.sam_encoder.parameters():
+            if param.dim() >= 2:
+                param.normal_(std=0.05)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, size, size), _blocks(layers), tokens, image_token)
+
+
+def deepseek_vl_hybrid(layers=3):
+    """DeepseekVLHybridForConditionalGeneration: a SigLIP tower (4 x 4 patches) and a SAM-style high-resolution tower
+    whose features an aligner fuses: 16 tokens, ``[bos, image x 16, text]``."""
+    from transformers import DeepseekVLHybridConfig, DeepseekVLHybridForConditionalGeneration
+
+    image_token, tokens = 3, 16
+    vision = _vit(dict, image_size=32, patch_size=8, vision_use_head=False)
+    high_res = dict(num_hidden_layers=2, global_attn_indexes=[0], hidden_size=16, intermediate_size=32, mlp_dim=24,
+                    output_channels=4, image_size=128, patch_size=32, num_attention_heads=4)
+    text = _text(layers=layers, bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    cfg = DeepseekVLHybridConfig(text_config=text, vision_config=vision, high_res_vision_config=high_res,
+                                 image_token_id=image_token)
+    model = _seeded(DeepseekVLHybridForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, 32, 32), _blocks(layers), tokens, image_token,
+                      high_res_pixel_values=_pixels(BATCH, 3, 128, 128))
+
+
+def ernie4_5_vl_moe(layers=3):
+    """Ernie4_5_VLMoeForConditionalGeneration: MoE blocks with separate text and vision experts, routed by a per-token
+    input (``moe_mm_token_type_ids``: 1 on the image and its start/end tokens); M-RoPE;
+    ``[image_start, image x 4, image_end]`` (GLM-4V's ids)."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+
+    image_token, image_start, image_end = 7, 5, 6
+    text = _text(layers=layers, head_dim=16, rope_parameters={**GLM_ROPE, "mrope_section": [3, 3, 2]},
+                 mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), moe_intermediate_size=[32, 32], moe_k=2,
+                 moe_num_experts=4, moe_num_shared_experts=1, moe_norm_min=1e-12)
+    vision = _vit(dict, depth=2, num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE)
+    cfg = Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, image_token_id=image_token, video_token_id=8,
+                               image_start_token_id=image_start, image_end_token_id=image_end,
+                               video_start_token_id=3, video_end_token_id=4)
+    model = _seeded(Ernie4_5_VLMoeForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image_token, image_start, image_end, patch_shape=(3 * PATCH * PATCH,))
+    ids = inputs["input_ids"]
+    inputs["moe_mm_token_type_ids"] = torch.isin(ids, torch.tensor([image_token, image_start, image_end])).long()
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def ovis2_5(layers=3):
+    """Ovis2_5ForConditionalGeneration: NaViT tower, each visual token a softmax over a visual vocabulary looked up in a
+    table; the image's start/end tokens get indicator embeddings (``where``) after the placeholders are scattered;
+    ``[image_start, image x 4, image_end]``, Qwen3 text."""
+    from transformers import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+
+    image_token, start, end = 5, 3, 4
+    vision = _vit(dict, patch_size=PATCH, spatial_merge_size=MERGE, image_size=32, window_size=16, vocab_size=68,
+                  num_visual_indicator_tokens=4, max_position_embeddings=64)
+    cfg = Ovis2_5Config(text_config=_text(layers=layers, model_type="qwen3", head_dim=16), vision_config=vision,
+                        image_token_id=image_token, video_token_id=6, image_start_token_id=start,
+                        image_end_token_id=end, video_start_token_id=7, video_end_token_id=8)
+    model = _seeded(Ovis2_5ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image_token, start, end, patch_shape=(3 * PATCH * PATCH,))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+# MiniCPM-V 4.6 / 4.7 / MiniCPM-OCR: an image is a global view and slices (here one row of two), each a NaViT-packed
+# view of SIDE x SIDE patches; ids: <image_id> 0 </image_id>, <image> </image>, <slice> </slice>, newline
+MINICPM = dict(image=10, image_start=11, image_end=12, slice_start=13, slice_end=14, newline=15, id_start=16,
+               id_end=17, zero=18)
+
+
+def _minicpm(config_cls, model_cls, layers, side, divisor, **cfg_extra):
+    """A MiniCPM-V build: ``<image_id>0</image_id><image> unk x n </image><slice> unk x n </slice> x 2`` per row,
+    views of ``side`` x ``side`` patches of 4 px, ``n = side**2 / divisor`` tokens per view (the window merger after
+    vision layer 0 and the merger each take 2 x 2, or only the merger for ``"4x"``); a Qwen3.5 hybrid decoder. stsc
+    treats each view as its own image, so ``tokens_per_image`` is one view."""
+    ids = MINICPM
+    views, tokens = 3, side * side // divisor
+    vision = _vit(dict, image_size=side * PATCH, patch_size=PATCH, num_channels=3)
+    text = _qwen3_5_text(layers, model_type="qwen3_5_text", bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=ids["image"], insert_layer_id=0,
+                     **cfg_extra)
+    model = _seeded(model_cls, cfg)
+    view = [ids["image"]] * tokens
+    prompt = ([BOS, ids["id_start"], ids["zero"], ids["id_end"], ids["image_start"]] + view + [ids["image_end"]]
+              + ([ids["slice_start"]] + view + [ids["slice_end"]]) * (views - 1))
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+    # NaViT packing: every view's patches side by side along the last axis, (1, C, patch, patches * patch)
+    pixels = _pixels(1, 3, PATCH, BATCH * views * side * side * PATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=pixels, target_sizes=torch.tensor([[side, side]] * BATCH * views),
+                  attention_mask=mask, labels=labels)
+    return model, inputs, Expected(_blocks(layers), "scatter", tokens, ids["image"])
+
+
+def minicpmv4_6(layers=4):
+    """MiniCPMV4_6ForConditionalGeneration: a global view and two slices of 16 x 16 patches, 16x downsampling (16
+    tokens per view); Qwen3.5 hybrid decoder."""
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+    model, inputs, expected = _minicpm(MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, layers, 16, 16,
+                                       image_size=64, drop_vision_last_layer=False)
+    return _finish(model, inputs, expected)
+
+
+def minicpm_ocr(layers=4):
+    """MiniCPMOcrForConditionalGeneration: MiniCPM-V 4.6's layout with 4x downsampling (8 x 8 patches -> 16 tokens per
+    view: the merger only, the window merger inside the tower unused)."""
+    from transformers import MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration
+
+    model, inputs, expected = _minicpm(MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration, layers, 8, 4)
+    return _finish(model, inputs, expected)
+
+
+def minicpmv4_7(layers=4):
+    """MiniCPMV4_7ForConditionalGeneration: MiniCPM-V 4.6's layout with canvas M-RoPE (the global view and the slices
+    placed on one position canvas, markers at their corners), positions grouped by ``mm_token_type_ids``."""
+    from transformers import MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration
+
+    ids = MINICPM
+    model, inputs, expected = _minicpm(
+        MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration, layers, 16, 16, image_size=64,
+        image_start_id=ids["image_start"], image_end_id=ids["image_end"], slice_start_id=ids["slice_start"],
+        slice_end_id=ids["slice_end"], newline_id=ids["newline"])
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == ids["image"]).long()
+    return _finish(model, inputs, expected)
+
+
+def _phi4_multimodal(layers):
+    """A Phi4MultimodalForCausalLM build: image placeholder id 10, audio placeholder id 11."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    vision = _vit(dict, image_size=32, patch_size=PATCH, crop_size=32, image_token_id=10)
+    audio = dict(num_blocks=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                 depthwise_separable_out_channel=32, nemo_conv_channels=32, ext_pw_out_channel=32,
+                 audio_token_id=11)
+    cfg = Phi4MultimodalConfig(**_text(layers=layers, num_key_value_heads=4), vision_config=vision, audio_config=audio,
+                               bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    return _seeded(Phi4MultimodalForCausalLM, cfg)
+
+
+def phi4_multimodal(layers=3):
+    """Phi4MultimodalForCausalLM, an image: SigLIP crops (the global view and one 32 px crop, 8 x 8 patches pooled
+    2 x 2), each row followed by a learned separator feature, the crop then a separator then the global view: 4 x (4 +
+    1) + 1 + 4 x (4 + 1) = 41 placeholders ``<|image|>``, written by ``index_put``."""
+    model = _phi4_multimodal(layers)
+    tokens = 41
+    input_ids, mask, labels = _batch([[BOS] + [10] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, image_pixel_values=_pixels(BATCH, 2, 3, 32, 32),
+                  image_attention_mask=torch.ones(BATCH, 2, 8, 8), image_sizes=torch.tensor([[32, 32]] * BATCH),
+                  attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers, "model.layers"), "scatter", tokens, 10))
+
+
+def minimax_m3_vl(layers=4):
+    """MiniMaxM3SparseForConditionalGeneration: a Qwen2-VL-style tower; a decoder whose first block has full attention
+    and a dense MLP, the others block-sparse attention (a lightning indexer picks key blocks) and MoE MLPs (two kinds);
+    ``[vision_start, image x 4, vision_end]``."""
+    from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, head_dim=16, rotary_dim=8,
+                 layer_types=["full_attention"] + ["minimax_m3_sparse"] * (layers - 1),
+                 mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), num_local_experts=4, num_experts_per_tok=2,
+                 dense_intermediate_size=128, shared_intermediate_size=32, index_n_heads=2, index_head_dim=16,
+                 index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=BOS, eos_token_id=2)
+    vision = _vit(dict, image_size=32, patch_size=PATCH, temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE)
+    cfg = MiniMaxM3VLConfig(vision_config=vision, text_config=text, image_token_index=image, video_token_index=6,
+                            projector_hidden_size=64)
+    model = _seeded(MiniMaxM3SparseForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def hy_v4_vl(layers=6):
+    """HYV4VLForConditionalGeneration: HunYuan's conv merger (a newline feature after each row: 4 x (4 + 1) = 20 per
+    image); a decoder with hyper-connections (the hidden state is 4 residual streams mixed per block), multi-head latent
+    attention restricted by an indexer (blocks 0, 1, 5 select, blocks 2..4 reuse the selection before them, as in the
+    released model's every-4th pattern), a dense MLP in block 0, then MoE: three kinds."""
+    from transformers import HYV4VLConfig, HYV4VLForConditionalGeneration
+
+    image_token, side = 10, 8
+    tokens = (side // MERGE) * (side // MERGE + 1)
+    vision = _vit(dict, num_channels=3, patch_size=PATCH, spatial_merge_size=MERGE, out_hidden_size=64,
+                  max_image_size=32)
+    text = _text(layers=layers, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 index_topk=8, index_head_dim=16, index_n_heads=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                 bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    cfg = HYV4VLConfig(text_config=text, vision_config=vision, image_token_id=image_token, video_token_id=11)
+    model = _seeded(HYV4VLForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * side * side, 3 * PATCH * PATCH),
+                  attention_mask=mask, labels=labels, image_grid_thw=torch.tensor([[1, side, side]] * BATCH),
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def nemotron_h_omni(layers=4):
+    """NemotronH_Omni_Reasoning_V3: a RADIO tower (class and register tokens dropped), 8 x 8 patches pixel-shuffled to
+    16 tokens; a hybrid decoder of Mamba-2, attention and MoE blocks (three kinds), ``[bos, image x 16, text]``."""
+    from transformers import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
+
+    image_token, side = 10, 8
+    vision = _vit(dict, mlp_ratio=2.0, patch_size=PATCH, image_size=side * PATCH, max_img_size=64, num_cls_tokens=2,
+                  num_registers=1, video_temporal_patch_size=2)
+    text = _text(layers=layers, head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+                 moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, mlp_hidden_act="relu2",
+                 ssm_state_size=16, mamba_num_heads=8, n_groups=2, mamba_head_dim=16, conv_kernel=4, expand=2,
+                 chunk_size=8, n_routed_experts=4, num_experts_per_tok=2)
+    cfg = NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=text, audio_config=None,
+                                             vision_hidden_size=32, projector_hidden_size=64, downsample_ratio=0.5,
+                                             image_token_id=image_token, video_token_id=11)
+    model = _seeded(NemotronH_Omni_Reasoning_V3, cfg)
+    tokens = (side // 2) ** 2
+    input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * side * side, 3 * PATCH * PATCH),
+                  image_grid_hw=torch.tensor([[side, side]] * BATCH), attention_mask=mask, labels=labels)
+    blocks = _blocks(layers, "language_model.model.layers")
+    return _finish(model, inputs, Expected(blocks, "scatter", tokens, image_token))
+
+
+# -------------------------------------------------------------------------------- (i) audio-language families
+# A clip is CLIP_FRAMES mel frames of MEL bins; its audio tokens are one run of placeholders in time order (a 1-D
+# layout). ``tokens_per_image`` counts one clip's tokens.
+MEL, CLIP_FRAMES = 16, 64
+
+
+def _audio_rows(model, prompt, features, tokens, audio_token, blocks, **extra):
+    """Finish an audio build whose rows all hold ``prompt``: ``input_features`` (one clip per row), then the ``extra``
+    inputs; a scatter boundary of ``tokens`` per clip at ``audio_token``."""
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+    inputs = dict(input_ids=input_ids, input_features=features, attention_mask=mask, labels=labels, **extra)
+    return _finish(model, inputs, Expected(blocks, "scatter", tokens, audio_token))
+
+
+def _whisper_encoder(**extra):
+    """A tiny Whisper-style audio encoder config (2 layers, width 32) over MEL bins, CLIP_FRAMES frames."""
+    return _vit(dict, num_mel_bins=MEL, max_source_positions=CLIP_FRAMES // 2, **extra)
+
+
+def qwen2_audio(layers=3):
+    """Qwen2AudioForConditionalGeneration: Whisper encoder, stride-2 conv then 2x average pooling (64 frames -> 16
+    tokens), ``[bos, audio_bos, AUDIO x 16, audio_eos, text]``."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    audio_token, bos, eos, tokens = 4, 5, 6, CLIP_FRAMES // 4
+    audio = dict(num_mel_bins=MEL, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 max_source_positions=CLIP_FRAMES // 2)
+    cfg = Qwen2AudioConfig(audio_config=audio, text_config=_text(layers=layers, model_type="qwen2"),
+                           audio_token_index=audio_token)
+    model = _seeded(Qwen2AudioForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS, bos] + [audio_token] * tokens + [eos], _pixels(BATCH, MEL, CLIP_FRAMES), tokens,
+                       audio_token, _blocks(layers), feature_attention_mask=torch.ones(BATCH, CLIP_FRAMES,
+                                                                                       dtype=torch.long))
+
+
+def voxtral(layers=3):
+    """VoxtralForConditionalGeneration: Whisper encoder (stride-2 conv), every 4 frames concatenated and projected
+    (64 frames -> 8 tokens), ``[bos, BEGIN_AUDIO, AUDIO x 8, text]``, Llama text."""
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+
+    audio_token, begin, tokens = 4, 5, CLIP_FRAMES // 8
+    audio = _whisper_encoder(intermediate_size=4 * 32)  # the projector reads 4 frames of width 32 at a time
+    cfg = VoxtralConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16), audio_token_id=audio_token)
+    model = _seeded(VoxtralForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS, begin] + [audio_token] * tokens, _pixels(BATCH, MEL, CLIP_FRAMES), tokens,
+                       audio_token, _blocks(layers))
+
+
+def _flamingo(config_cls, model_cls, layers, prompt_ids, **cfg_extra):
+    """Audio Flamingo 3 / Music Flamingo: Whisper encoder, stride-2 conv then 2x average pooling (64 frames -> 16
+    tokens), ``input_features_mask`` marks the real frames, Qwen2 text; ``prompt_ids(tokens)`` lays out a row."""
+    audio_token, tokens = 4, CLIP_FRAMES // 4
+    audio = _whisper_encoder(model_type="audioflamingo3_encoder")  # Music Flamingo reads the type from the dict
+    cfg = config_cls(audio_config=audio, text_config=_text(layers=layers, model_type="qwen2"),
+                     audio_token_id=audio_token, **cfg_extra)
+    model = _seeded(model_cls, cfg)
+    return _audio_rows(model, prompt_ids(audio_token, tokens), _pixels(BATCH, MEL, CLIP_FRAMES), tokens, audio_token,
+                       _blocks(layers), input_features_mask=torch.ones(BATCH, CLIP_FRAMES, dtype=torch.long))
+
+
+def audioflamingo3(layers=3):
+    """AudioFlamingo3ForConditionalGeneration: ``[bos, <sound> x 16, text]``."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    return _flamingo(AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, layers,
+                     lambda audio, n: [BOS] + [audio] * n)
+
+
+def musicflamingo(layers=3):
+    """MusicFlamingoForConditionalGeneration: Audio Flamingo 3 with rotary time embeddings on the audio features and
+    ``[bos, sound_bos, <sound> x 16, sound_eos, text]``."""
+    from transformers import MusicFlamingoConfig, MusicFlamingoForConditionalGeneration
+
+    return _flamingo(MusicFlamingoConfig, MusicFlamingoForConditionalGeneration, layers,
+                     lambda audio, n: [BOS, 5] + [audio] * n + [6], audio_bos_token_id=5, audio_eos_token_id=6)
+
+
+def glmasr(layers=3):
+    """GlmAsrForConditionalGeneration: a rotary Whisper-style encoder (a stride-2 conv), every 4 frames concatenated
+    and projected (64 frames -> 8 tokens), ``[bos, <|pad|> x 8, text]``, Llama text."""
+    from transformers import GlmAsrConfig, GlmAsrForConditionalGeneration
+
+    audio_token, tokens = 4, CLIP_FRAMES // 8
+    audio = _vit(dict, num_mel_bins=MEL, intermediate_size=4 * 32, max_position_embeddings=CLIP_FRAMES,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    cfg = GlmAsrConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16), audio_token_id=audio_token)
+    model = _seeded(GlmAsrForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS] + [audio_token] * tokens, _pixels(BATCH, MEL, CLIP_FRAMES), tokens, audio_token,
+                       _blocks(layers), input_features_mask=torch.ones(BATCH, CLIP_FRAMES, dtype=torch.long))
+
+
+def qwen3_asr(layers=3):
+    """Qwen3ASRForConditionalGeneration: the encoder reads windows of 100 frames (three stride-2 convs: 13 tokens per
+    window), ``[bos, audio_bos, audio x 13, audio_eos, text]``, Qwen3 text."""
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+
+    audio_token, bos, eos, frames, tokens = 4, 5, 6, 100, 13
+    audio = dict(num_mel_bins=MEL, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=64, downsample_hidden_size=16)
+    cfg = Qwen3ASRConfig(audio_config=audio, text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
+                         audio_token_id=audio_token, timestamp_token_id=7, pad_token_id=0, eos_token_id=2)
+    model = _seeded(Qwen3ASRForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS, bos] + [audio_token] * tokens + [eos], _pixels(BATCH, MEL, frames), tokens,
+                       audio_token, _blocks(layers), input_features_mask=torch.ones(BATCH, frames, dtype=torch.long))
+
+
+def granite_speech(layers=3):
+    """GraniteSpeechForConditionalGeneration: a conformer over stacked frames, a Q-Former reading windows of 15 frames
+    with 3 queries each (30 frames -> 6 tokens); the placeholder ids are replaced by 0 before the embedding lookup;
+    ``[bos, <|audio|> x 6, text]``, Granite text."""
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+    audio_token, frames, tokens = 4, 30, 6
+    encoder = dict(input_dim=MEL, num_layers=2, hidden_dim=32, num_heads=4, output_dim=8, context_size=15,
+                   dropout=0.0)
+    projector = dict(hidden_size=32, encoder_hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, cross_attention_frequency=1, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    cfg = GraniteSpeechConfig(text_config=_text(layers=layers, model_type="granite"), encoder_config=encoder,
+                              projector_config=projector, audio_token_index=audio_token, has_lora_adapter=False)
+    model = _seeded(GraniteSpeechForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS] + [audio_token] * tokens, _pixels(BATCH, frames, MEL), tokens, audio_token,
+                       _blocks(layers), input_features_mask=torch.ones(BATCH, tokens, dtype=torch.bool))
+
+
+def _omni_thinker(config_cls, model_cls, layers, text, audio, frames, tokens):
+    """A Qwen-Omni thinker on a clip: ``[bos, audio_start, audio x tokens, audio_end, text]`` (audio id 10, start 11,
+    end 12), audio positions on M-RoPE's time axis; the vision tower is built but unused."""
+    audio_token, start, end = 10, 11, 12
+    vision = _qwen_vision(num_position_embeddings=64)
+    cfg = config_cls(audio_config=audio, vision_config=vision, text_config=text, audio_token_id=audio_token,
+                     image_token_id=13, video_token_id=14, audio_start_token_id=start, audio_end_token_id=end,
+                     vision_start_token_id=15, vision_end_token_id=16, user_token_id=17, position_id_per_seconds=25)
+    model = _seeded(model_cls, cfg)
+    return _audio_rows(model, [BOS, start] + [audio_token] * tokens + [end], _pixels(BATCH, MEL, frames), tokens,
+                       audio_token, _blocks(layers), feature_attention_mask=torch.ones(BATCH, frames,
+                                                                                       dtype=torch.long))
+
+
+def qwen2_5_omni_thinker(layers=3):
+    """Qwen2_5OmniThinkerForConditionalGeneration on a clip: Whisper-style encoder over windows, stride-2 conv then 2x
+    average pooling (64 frames -> 16 tokens), Qwen2 text with M-RoPE."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    audio = dict(num_mel_bins=MEL, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 n_window=100, output_dim=64, max_source_positions=CLIP_FRAMES // 2)
+    text = _text(layers=layers, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 3, 3]})
+    return _omni_thinker(Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration, layers, text, audio,
+                         CLIP_FRAMES, CLIP_FRAMES // 4)
+
+
+def qwen3_omni_moe_thinker(layers=3):
+    """Qwen3OmniMoeThinkerForConditionalGeneration on a clip: the encoder reads windows of 100 frames (three stride-2
+    convs: 13 tokens), MoE text blocks (4 experts, top 2) with interleaved M-RoPE."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    audio = dict(num_mel_bins=MEL, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=64, downsample_hidden_size=16)
+    text = _text(layers=layers, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 decoder_sparse_step=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    return _omni_thinker(Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration, layers, text, audio,
+                         100, 13)
+
+
+def phi4_multimodal_audio(layers=3):
+    """Phi4MultimodalForCausalLM, a clip: a conformer with 8x time reduction (61 frames of 80 bins -> 8 tokens),
+    ``[bos, <|audio|> x 8, text]``, written by ``index_put``."""
+    model = _phi4_multimodal(layers)
+    tokens = 8
+    input_ids, mask, labels = _batch([[BOS] + [11] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, audio_input_features=_pixels(BATCH, 61, 80),
+                  audio_embed_sizes=torch.tensor([tokens] * BATCH), attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers, "model.layers"), "scatter", tokens, 11))
+
+
+# ------------------------------------------------------------------------------------------------- (j) video
+# A clip of 4 frames: TEMPORAL (2) frames per patch, so 2 frame groups of 4 x 4 patches, each merged to 4 tokens;
+# each group is its own run of placeholders after its timestamp ("<0.5 seconds>": two text ids here).
+VIDEO_GRID = (2, 4, 4)
+TIMESTAMP = [40, 41]
+
+
+def _video_inputs(frame, video_token, prefix=(), suffix=()):
+    """Inputs for one clip per row: ``prefix + frame(i) for each frame group + suffix`` after a bos, where ``frame(i)``
+    lays out group i around ``video_token`` placeholders; flat pixel patches, ``video_grid_thw`` and
+    ``mm_token_type_ids`` (2 on the video placeholders). Returns the inputs and the tokens of one frame group."""
+    t, h, w = VIDEO_GRID
+    tokens = h * w // MERGE ** 2
+    prompt = [BOS, *prefix] + [i for group in range(t) for i in frame([video_token] * tokens)] + list(suffix)
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values_videos=_pixels(BATCH * t * h * w, 3 * TEMPORAL * PATCH * PATCH),
+                  video_grid_thw=torch.tensor([VIDEO_GRID] * BATCH), attention_mask=mask, labels=labels,
+                  mm_token_type_ids=(input_ids == video_token).long() * 2)
+    return inputs, tokens
+
+
+def _qwen3_video(config_cls, model_cls, text, vision, layers):
+    """A Qwen3-VL-style video build: ``<t seconds> <vision_start> video x 4 <vision_end>`` per frame group."""
+    video, start, end = 6, 3, 4
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=5, video_token_id=video,
+                     vision_start_token_id=start, vision_end_token_id=end)
+    model = _seeded(model_cls, cfg)
+    inputs, tokens = _video_inputs(lambda run: TIMESTAMP + [start] + run + [end], video)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, video))
+
+
+def qwen3_5_video(layers=4):
+    """Qwen3_5ForConditionalGeneration on a clip: each frame group after its timestamp, M-RoPE positions per group."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    return _qwen3_video(Qwen3_5Config, Qwen3_5ForConditionalGeneration, _qwen3_5_text(layers),
+                        _qwen_vision(num_position_embeddings=64), layers)
+
+
+def cosmos3_omni(layers=3):
+    """Cosmos3OmniForConditionalGeneration on a clip: Qwen3-VL's tower with DeepStack taps and text decoder, the
+    video layout of Qwen3-VL."""
+    from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
+
+    text = _text(layers=layers, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    vision = _qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return _qwen3_video(Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration, text, vision, layers)
+
+
+def glm46v_video(layers=3):
+    """Glm46VForConditionalGeneration on a clip: ``<begin_of_video>``, then per frame group ``<begin_of_image> image x 4
+    <end_of_image> <t seconds>``, ``<end_of_video>``; frames use the image placeholder id."""
+    from transformers import Glm46VConfig, Glm46VForConditionalGeneration
+
+    image_token, image_start, image_end, video_start, video_end = 7, 5, 6, 3, 4
+    text = _text(layers=layers, model_type="glm4v_text", rope_parameters=GLM_ROPE)
+    cfg = Glm46VConfig(text_config=text, vision_config=_qwen_vision(model_type="glm4v_vision", image_size=16),
+                       image_token_id=image_token, video_token_id=8, image_start_token_id=image_start,
+                       image_end_token_id=image_end, video_start_token_id=video_start, video_end_token_id=video_end)
+    model = _seeded(Glm46VForConditionalGeneration, cfg)
+    inputs, tokens = _video_inputs(lambda run: [image_start] + run + [image_end] + TIMESTAMP, image_token,
+                                   prefix=[video_start], suffix=[video_end])
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1064,4 +1841,20 @@ BUILDERS = {
     "llama4": llama4, "lfm2_vl": lfm2_vl, "gemma3n": gemma3n,
     # (f) cross-attention
     "mllama": mllama,
+    # (h) 2026 vision-language families
+    "glm46v": glm46v, "glm4v_moe": glm4v_moe, "glm_ocr": glm_ocr, "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe,
+    "llava_onevision1_5": llava_onevision1_5, "hunyuan_vl": hunyuan_vl, "kimi_k25": kimi_k25,
+    "lfm3_vl": lfm3_vl, "step3p7": step3p7, "gemma4": gemma4, "molmo2": molmo2,
+    "granite4_vision": granite4_vision, "granite_docling": granite_docling,
+    "deepseek_ocr2": deepseek_ocr2, "deepseek_vl_hybrid": deepseek_vl_hybrid,
+    "ernie4_5_vl_moe": ernie4_5_vl_moe, "ovis2_5": ovis2_5, "minicpmv4_6": minicpmv4_6, "minicpm_ocr": minicpm_ocr,
+    "minicpmv4_7": minicpmv4_7, "phi4_multimodal": phi4_multimodal,
+    "minimax_m3_vl": minimax_m3_vl, "hy_v4_vl": hy_v4_vl, "nemotron_h_omni": nemotron_h_omni,
+    # (i) audio-language families
+    "qwen2_audio": qwen2_audio, "voxtral": voxtral, "audioflamingo3": audioflamingo3, "musicflamingo": musicflamingo,
+    "glmasr": glmasr, "qwen3_asr": qwen3_asr, "granite_speech": granite_speech,
+    "phi4_multimodal_audio": phi4_multimodal_audio, "qwen2_5_omni_thinker": qwen2_5_omni_thinker,
+    "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
+    # (j) video
+    "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
 }

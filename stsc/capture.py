@@ -57,12 +57,10 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import CaptureError, first_line
+
 __all__ = ["Capture", "CaptureError", "KeywordCall", "add_graph", "capture", "exported_capture", "forward_kwargs",
            "frame_prefix", "holds_data", "module_paths", "shape_stand_ins"]
-
-
-class CaptureError(RuntimeError):
-    """Neither torch.export nor dynamo could trace the model with the given inputs."""
 
 
 @dataclass
@@ -344,11 +342,6 @@ def _export(model: nn.Module, kwargs: dict) -> torch.export.ExportedProgram | Ex
 
 
 # --------------------------------------------------------------------------------------- helpers
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 def _one_fake_mode():
     """make_fx describes each real value of its trace by a fake tensor of a new fake mode (most of a large model's
     tracing time); one shared mode describes them as well."""

@@ -7,8 +7,9 @@
     stsc profile   model.py [--policy P] [--tolerance T] [--out D]  measure redundancy, propose a policy
     stsc plot      policy.yaml -o schedule.png [--layers L]  skip probability per layer over each stage
 
-Exit codes: 0 ok; 2 usage error, bad model file or bad policy; 3 model not supported (the policy's
-passes need structure the matcher did not find, or no decoder blocks for ``inspect``).
+Exit codes: 0 ok; 2 usage error, bad model file or bad policy; 3 model not supported (it could not be
+captured, a step of the analysis failed on it, the policy's passes need structure the matcher did not find, or
+no decoder blocks for ``inspect``).
 ``model.py`` is *executed* to build the model: only run stsc on files you trust.
 """
 
@@ -30,7 +31,7 @@ from .profile import KEEP_RATIOS, check_arguments, profile
 from .proposal import DEFAULT_TOLERANCE
 from .report import inspect
 from .schedules import layer_probabilities
-from .lowering.graph import GraphLoweringUnavailable, GraphStage, lower_stage
+from .lowering.graph import GraphStage, lower_stage
 from .sparse import SparseModel, UnsupportedModelError, model_loss, sparsify
 
 EXIT_OK, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 2, 3
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 "profile": _profile}[args.command](args)
     except (ModelFileError, PolicyError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except (UnsupportedModelError, CaptureError) as exc:
+        return _fail(f"{args.model_file}: model not supported: {exc}", EXIT_UNSUPPORTED)
 
 
 def _fail(message: str, code: int) -> int:
@@ -114,10 +117,7 @@ def _transform(args) -> int:
         dense = _first_float(model.eval()(**kwargs))
     model.train()
     _progress(f"capturing {args.model_file} and applying {policy.source} ...")
-    try:
-        sparse = sparsify(model, policy, inputs, stage=args.stage)
-    except (UnsupportedModelError, CaptureError) as exc:
-        return _fail(f"{args.model_file}: model not supported: {exc}", EXIT_UNSUPPORTED)
+    sparse = sparsify(model, policy, inputs, stage=args.stage)
     print(sparse.report.format())
     graphs = _graph_stages(sparse, inputs) if args.out or args.lowering == "graph" else {}
     checks = []
@@ -157,7 +157,7 @@ def _graph_stages(sparse: SparseModel, inputs: dict) -> dict[str, GraphStage | s
         try:
             with sparse.without_passes() as model:
                 stages[stage.name] = lower_stage(model, sparse.policy.stage(stage.name), sparse.structure, inputs)
-        except GraphLoweringUnavailable as exc:
+        except UnsupportedModelError as exc:  # GraphLoweringUnavailable, or a match of the exported graph failed
             stages[stage.name] = str(exc)
         print(f"graph lowering of {stage.name!r}: " + ("; ".join(r.summary() for r in stages[stage.name].rewrites)
                                                        if isinstance(stages[stage.name], GraphStage)
@@ -255,11 +255,8 @@ def _profile(args) -> int:
     picture = args.out is not None and importlib.util.find_spec("matplotlib") is not None
     model, inputs, batches = load_model_and_batches(args.model_file)
     _progress(f"capturing {args.model_file} and profiling it on {len(batches)} batch(es) ...")
-    try:
-        result = profile(model, batches, inputs, tolerance=args.tolerance, policy=args.policy, methods=methods,
-                         samples=args.samples, seed=args.seed, progress=_progress)
-    except (UnsupportedModelError, CaptureError) as exc:
-        return _fail(f"{args.model_file}: model not supported: {exc}", EXIT_UNSUPPORTED)
+    result = profile(model, batches, inputs, tolerance=args.tolerance, policy=args.policy, methods=methods,
+                     samples=args.samples, seed=args.seed, progress=_progress)
     print(result.format())
     if args.out is None:
         print("\n" + result.proposal.yaml(), end="")

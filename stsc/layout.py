@@ -8,7 +8,10 @@ this module groups them into images, the unit every compression method works on:
   a chain of equal-length runs each followed by one separator token of the same id (a break token
   after each row of patches, as Pixtral-style models lay images out); the image's grid is then
   (runs, run length) and the separators stay in the sequence as text;
-* an image's **grid** (rows, cols), where known, lets ``uniform`` keep an even spread in 2-D.
+* an image's **grid** (rows, cols), where known, lets ``uniform`` keep an even spread in 2-D;
+* **views** of one picture: where the layout says so (a global view plus slices or crops, each view opened by a
+  marker token), consecutive images of a row are views of one picture (:func:`pictures_in`). The views stay the
+  unit of compression (each on its own grid); the report says which positions belong to one picture.
 
 Everything here is a pure function of tensors; it runs on the example at match time (to report tokens
 per image) and on every training batch in the compressor.
@@ -16,13 +19,14 @@ per image) and on every training batch in the compressor.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 
 import torch
 
-__all__ = ["Image", "images_in", "metadata_grids", "metadata_scale", "runs_in"]
+__all__ = ["Image", "images_in", "metadata_grids", "metadata_scale", "pictures_in", "runs_in"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,26 @@ def _continues(group: list[tuple[int, int, int]], run: tuple[int, int, int], tok
         first_row, first_start, first_length = group[0]
         return separator == int(token_ids[first_row, first_start + first_length])
     return True
+
+
+def pictures_in(images: list[Image], token_ids: torch.Tensor) -> list[list[Image]]:
+    """Group ``images`` (in sequence order) into pictures: an image continues the picture before it in its row when
+    both are opened by markers (token ids found in ``token_ids`` only right before an image) and its marker differs
+    from the one that opened the picture (a ``<slice>`` after ``<image>``, a high-resolution view after a
+    low-resolution one, the next tile's marker); any other image starts a picture of its own."""
+    opener = {id(image): int(token_ids[image.row, image.positions[0] - 1]) for image in images if image.positions[0]}
+    uses = Counter(opener.values())
+    everywhere = Counter(token_ids.flatten().tolist())
+    markers = {token for token, count in uses.items() if everywhere[token] == count}
+    pictures: list[list[Image]] = []
+    for image in images:
+        first = pictures[-1][0] if pictures else None
+        if first is not None and first.row == image.row and opener.get(id(first)) in markers \
+                and opener.get(id(image)) in markers and opener[id(image)] != opener[id(first)]:
+            pictures[-1].append(image)
+        else:
+            pictures.append([image])
+    return pictures
 
 
 def metadata_grids(values: torch.Tensor, scale: int) -> list[tuple[int, int]]:

@@ -16,12 +16,9 @@ import torch
 from torch import nn
 
 from .capture import first_line, forward_kwargs
+from .errors import ModelFileError
 
 __all__ = ["ModelFileError", "load_model_and_batches", "load_model_file"]
-
-
-class ModelFileError(Exception):
-    """The model file is missing, fails to import, or does not provide what stsc needs."""
 
 
 def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:

@@ -4,18 +4,24 @@ No class names, attribute names or model families are consulted: only the graph 
 data dependencies), the module hierarchy recorded on each node, and the example input values.
 
 **Token stream and pixels.** The token input is the integer model input that indexes an
-``embedding`` lookup. Pixel inputs are the floating-point model inputs.
+``embedding`` lookup, through data movement and the masking that rewrites ids before it (placeholder
+ids replaced by a pad id, ids clamped). Pixel inputs are the floating-point model inputs. Without a
+token input, the integer inputs stand for the token stream (blocks are still found).
 
 **Boundary.** Every node is tainted by what it depends on (pixels, tokens). The first floating-point
 node that depends on both is where visual features meet the token stream. Its op classifies it:
 ``masked_scatter`` / ``index_put`` / ``where``-like ops write features into placeholder positions
 (``scatter``); ``cat`` concatenates them with text embeddings (``concat``); attention ops take them
-as keys/values (``cross_attention``). Walking back from the pixel-only operand through pure data
-movement (views, casts, concatenation) gives the visual-token tensor and the module producing it.
+as keys/values (``cross_attention``). An additive merge computes ``sequence[positions] + features``
+and writes it back: the write is the merge, its pixel-only operand found through the sum. Walking back
+from the pixel-only operand through pure data movement (views, casts, concatenation) gives the
+visual-token tensor and the module producing it.
 Where the visual tokens sit in the merged sequence is sliced out of the graph as a small program over
 the model inputs (:mod:`stsc.positions`); on the example inputs it gives the images and their token
 counts (:mod:`stsc.layout`). The **decoder entry** is the outermost module that runs every decoder
-block but not the merge: its forward receives the merged sequence.
+block but not the merge: its forward receives the merged sequence (where every such module merges,
+e.g. adding features before several blocks, the outermost one that receives the sequence and not the
+computation of the visual tokens).
 
 **Padding mask.** The model input that marks padding, where the merged sequence is aligned with the token
 input: an integer or bool input shaped like the token input, read by the model, whose example values are 0/1
@@ -48,7 +54,8 @@ import torch
 from torch import fx
 
 from .capture import Capture
-from .layout import images_in, metadata_grids, metadata_scale
+from .errors import looking_for
+from .layout import images_in, metadata_grids, metadata_scale, pictures_in
 from .positions import PositionProgram, Slots, position_program, slots
 
 __all__ = ["Block", "Boundary", "Structure", "match"]
@@ -74,6 +81,15 @@ POOL_OPS = frozenset({"avg_pool2d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d
                       "max_pool2d_with_indices", "interpolate", "upsample_bilinear2d", "upsample_nearest2d"})
 RESHAPE_OPS = frozenset({"view", "reshape", "_unsafe_view", "permute", "pixel_shuffle", "pixel_unshuffle"})
 PLACEHOLDER_OPS = frozenset({"input", "param", "buffer", "constant", "graph_input"})
+# ops that rewrite token ids before a lookup (placeholder ids replaced by a pad id, ids clamped into the table)
+ID_MASKING_OPS = frozenset({"where", "masked_fill", "masked_fill_", "clamp", "clamp_", "clamp_min", "clamp_max",
+                            "clip", "minimum", "maximum", "index_put", "index_put_"})
+
+# what each step of the matcher looks for (the notes, and the errors when a step fails, say it)
+TOKEN_INPUT = "an integer model input that indexes an embedding lookup"
+DECODER_BLOCKS = ("sibling modules that run one after another on the token stream, each consuming the previous "
+                  "one's output, with alike op graphs")
+VISION_BOUNDARY = "where values computed from the pixel inputs meet the token stream"
 
 
 @dataclass
@@ -107,6 +123,9 @@ class Boundary:
     decoder_entry: str | None = None  # the module whose forward receives the merged sequence
     grid_input: str | None = None  # a model input holding each image's [.., height, width], e.g. in patches
     grid_scale: int | None = None  # ... divided by which each row gives the image's token grid
+    # (row, first position, last position, views) of each picture, where the layout says its images are views of
+    # one picture (a global view plus slices, each opened by its marker: stsc.layout.pictures_in); else None
+    picture_views: list[tuple[int, int, int, int]] | None = None
     padding_input: str | None = None  # the model input marking padding positions with 0 (see the module docstring)
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
@@ -134,25 +153,31 @@ def match(cap: Capture) -> Structure:
     flow = cap.dataflow
     order = sorted(flow.nodes, key=lambda k: flow.nodes[k]["order"])
     notes: list[str] = []
-    token_input, token_embedding = _token_input(flow, order)
-    vision_inputs = list(dict.fromkeys(flow.nodes[k]["source"] for k in order
-                                       if flow.nodes[k]["op"] == "input" and _is_float(flow, k)))
-    taint = _taint(flow, order, token_input, vision_inputs)
+    with looking_for(f"match: looking for the token input ({TOKEN_INPUT})"):
+        token_input, token_embedding = _token_input(flow, order)
+    inputs = list(dict.fromkeys(flow.nodes[k]["source"] for k in order if flow.nodes[k]["op"] == "input"))
+    vision_inputs = [name for name in inputs if _is_float(flow, _input_node(flow, order, name))]
     if token_input is None:
-        notes.append("no token input: looked for an integer model input that indexes an embedding lookup")
-    stacks = _stacks(flow, order)
+        notes.append(f"no token input: looked for {TOKEN_INPUT}")
+    # without a token input, the integer inputs stand for the token stream: blocks are still found
+    token_stream = [token_input] if token_input is not None else [
+        name for name in inputs if name not in vision_inputs and flow.nodes[_input_node(flow, order, name)]["dtype"]
+        not in (None, torch.bool)]
+    taint = _taint(flow, order, token_stream, vision_inputs)
+    with looking_for(f"match: looking for the decoder blocks ({DECODER_BLOCKS})"):
+        stacks = _stacks(flow, order)
     decoder = [s for s in stacks if any(taint[b.hidden_out] & TOKENS for b in s)]
     vision_stacks = [s for s in stacks if all(taint[b.hidden_out] == PIXELS for b in s)]
     vision = [b.path for s in vision_stacks for b in s]
     vision_end = max((flow.nodes[s[-1].hidden_out]["order"] for s in vision_stacks), default=-1)
     blocks = max(decoder, key=lambda s: sum(b.nodes for b in s), default=[])
     if not blocks:
-        notes.append("no decoder blocks found: looked for sibling modules that run one after another on the "
-                     "token stream, each consuming the previous one's output, with alike op graphs")
+        notes.append(f"no decoder blocks found: looked for {DECODER_BLOCKS}")
     boundary = None
     if token_input is not None and vision_inputs:
-        boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks, vision_end,
-                             notes)
+        with looking_for(f"match: looking for the vision boundary ({VISION_BOUNDARY})"):
+            boundary = _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks,
+                                 vision_end, notes)
     elif token_input is not None:
         notes.append("no vision boundary found: the model has no floating-point input (pixels) besides tokens")
     hidden_shape = tuple(flow.nodes[blocks[0].hidden_in].get("shape") or ()) if blocks else None
@@ -186,12 +211,37 @@ def _numel_shape(shape: tuple) -> list[int]:
     return [s if isinstance(s, int) else 1 for s in shape]
 
 
+def _largest(flow: nx.DiGraph, keys) -> str:
+    return max(keys, key=lambda k: prod(_numel_shape(flow.nodes[k]["shape"] or ())))
+
+
+def _input_node(flow: nx.DiGraph, order: list[str], name: str) -> str:
+    return next(k for k in order if flow.nodes[k]["op"] == "input" and flow.nodes[k]["source"] == name)
+
+
+def _is_ids(flow: nx.DiGraph, key: str) -> bool:
+    dtype = flow.nodes[key]["dtype"]
+    return dtype is not None and not dtype.is_floating_point and dtype is not torch.bool
+
+
+def _ids_source(flow: nx.DiGraph, key: str) -> str:
+    """From an embedding lookup's index, step back over data movement and over the masking that rewrites ids
+    before a lookup (``where(is_image, pad_id, ids)``, ``clamp``...), to where the ids come from: through a
+    masking op the ids are its largest integer (not boolean) operand."""
+    while True:
+        key = _walk_back_data_movement(flow, key)
+        ids = [p for p in flow.predecessors(key) if _is_ids(flow, p)]
+        if flow.nodes[key]["op"] not in ID_MASKING_OPS or not ids:
+            return key
+        key = _largest(flow, ids)
+
+
 def _token_input(flow: nx.DiGraph, order: list[str]) -> tuple[str | None, str | None]:
     """The integer model input that indexes the largest embedding table (the vocabulary), and the
     module path of that embedding lookup.
 
     Other integer inputs may index small tables too (aspect-ratio ids, say); the vocabulary is the
-    largest table a model input indexes.
+    largest table a model input indexes. The ids may be rewritten on the way (:func:`_ids_source`).
     """
     best, best_module, best_rows = None, None, -1
     for key in order:
@@ -201,22 +251,21 @@ def _token_input(flow: nx.DiGraph, order: list[str]) -> tuple[str | None, str | 
         tables = [flow.nodes[p]["shape"] for p in preds if _is_float(flow, p) and flow.nodes[p]["shape"]]
         rows = max((t[0] for t in tables if isinstance(t[0], int)), default=0)
         for pred in preds:
-            dtype = flow.nodes[pred]["dtype"]
-            if dtype is not None and not dtype.is_floating_point:
-                origin = _walk_back_data_movement(flow, pred)
+            if _is_ids(flow, pred):
+                origin = _ids_source(flow, pred)
                 if flow.nodes[origin]["op"] == "input" and rows > best_rows:
                     modules = flow.nodes[key]["module"]
                     best, best_module, best_rows = flow.nodes[origin]["source"], modules[-1] if modules else None, rows
     return best, best_module
 
 
-def _taint(flow, order, token_input, vision_inputs) -> dict[str, int]:
+def _taint(flow, order, token_stream: list[str], vision_inputs) -> dict[str, int]:
     taint = {}
     for key in order:
         node = flow.nodes[key]
         bits = 0
         if node["op"] == "input":
-            bits = TOKENS if node["source"] == token_input else PIXELS if node["source"] in vision_inputs else 0
+            bits = TOKENS if node["source"] in token_stream else PIXELS if node["source"] in vision_inputs else 0
         for pred in flow.predecessors(key):
             bits |= taint[pred]
         taint[key] = bits
@@ -232,24 +281,63 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
         notes.append(f"no vision boundary found: no floating-point node depends on both the pixel inputs "
                      f"{vision_inputs} and the token input '{token_input}'")
         return None
+    merge = _written_back(flow, taint, merge)
     op = flow.nodes[merge]["op"]
     kind = ("concat" if op in CONCAT_OPS else "scatter" if op in SCATTER_OPS
             else "cross_attention" if op in ATTENTION_OPS else "other")
     block_paths = [b.path for b in blocks]
-    pixel_operands = [p for p in flow.predecessors(merge) if taint[p] == PIXELS and flow.nodes[p]["shape"]]
-    operand = max(pixel_operands, key=lambda p: prod(_numel_shape(flow.nodes[p]["shape"])))
+    operand = _pixel_operand(flow, taint, merge)
+    if operand is None:
+        notes.append(f"no vision boundary found: the first node that depends on both the pixel inputs and the token "
+                     f"input ({op} at {merge}) reads no value computed from the pixels alone")
+        return None
     visual = _visual_tokens(flow, operand, _enclosing(flow.nodes[merge]["module"], block_paths))
     shape = flow.nodes[visual]["shape"]
     placeholder = _placeholder_id(flow, merge, token_input) if kind == "scatter" else None
-    positions = _positions(cap, flow, merge, kind, operand, token_input, notes)
-    tokens_per_image, images, rows_layout, grid_input, scale = _images(cap, flow, merge, positions, token_input,
-                                                                       shape, notes)
+    with looking_for("match: looking for the visual positions of the merged sequence"):
+        positions = _positions(cap, flow, merge, kind, operand, token_input, notes)
+    with looking_for("match: looking for the images of the example inputs at those positions"):
+        tokens_per_image, images, rows_layout, grid_input, scale, views = _images(cap, flow, merge, positions,
+                                                                                  token_input, shape, notes)
     grid = _grid(flow, taint, visual, tokens_per_image, vision_end)
     padding = _padding_input(cap, flow, token_input, positions, notes) if kind != "cross_attention" else None
     return Boundary(kind, merge, op, tuple(flow.nodes[merge]["shape"]), visual, shape,
                     _producer_module(flow, visual, merge), tokens_per_image,
                     images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
-                    _decoder_entry(flow, merge, blocks), grid_input, scale, padding)
+                    _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views, padding)
+
+
+def _written_back(flow, taint, merge: str) -> str:
+    """An additive merge computes ``sequence[positions] + features`` (the first node that depends on both pixels and
+    tokens) and writes it back into the sequence (``masked_scatter``, ``index_put``...): that write, reached through
+    data movement, is the merge. Any other first meeting point is the merge itself."""
+    if flow.nodes[merge]["op"] in SCATTER_OPS | CONCAT_OPS | ATTENTION_OPS:
+        return merge
+    key = merge
+    while True:
+        users = [s for s in flow.successors(key) if taint[s] == PIXELS | TOKENS]
+        writes = [s for s in users if flow.nodes[s]["op"] in SCATTER_OPS]
+        if writes:
+            return min(writes, key=lambda s: flow.nodes[s]["order"])
+        moved = [s for s in users if flow.nodes[s]["op"] in DATA_MOVEMENT_OPS]
+        if len(moved) != 1:
+            return merge
+        key = moved[0]
+
+
+def _pixel_operand(flow, taint, merge: str) -> str | None:
+    """The largest value computed from the pixels alone that the merge reads: an operand of its own, or, for an
+    additive merge (``sequence[positions] + features`` written back), an operand of what it reads from both
+    (breadth first). None when there is none (the meeting happened out of sight, e.g. inside an opaque call)."""
+    frontier, seen = [merge], {merge}
+    while frontier:
+        preds = [p for key in frontier for p in flow.predecessors(key) if p not in seen]
+        seen.update(preds)
+        pixels = [p for p in preds if taint[p] == PIXELS and flow.nodes[p]["shape"]]
+        if pixels:
+            return _largest(flow, pixels)
+        frontier = [p for p in preds if taint[p] == PIXELS | TOKENS]
+    return None
 
 
 def _positions(cap, flow, merge, kind, operand, token_input, notes) -> PositionProgram | Slots | None:
@@ -271,14 +359,15 @@ def _positions(cap, flow, merge, kind, operand, token_input, notes) -> PositionP
 
 def _images(cap, flow, merge, positions, token_input, shape, notes):
     """Visual tokens per image (a list when they differ), images in the example, whether images are laid out
-    as rows separated by break tokens (:mod:`stsc.layout`), and the per-image grid metadata input and scale."""
+    as rows separated by break tokens (:mod:`stsc.layout`), the per-image grid metadata input and scale, and the
+    span of each picture whose images are views of it (None unless the layout groups views into pictures)."""
     token_values = cap.example_inputs[token_input]
     static = shape and len(shape) >= 3 and all(isinstance(s, int) for s in shape)
     if positions is None or token_values.device.type == "meta":
         if static:
-            return prod(shape[1:-1]), shape[0], False, None, None
+            return prod(shape[1:-1]), shape[0], False, None, None, None
         notes.append(f"visual tokens per image not derivable from the visual-token tensor of shape {shape}")
-        return None, None, False, None, None
+        return None, None, False, None, None, None
     if isinstance(positions, Slots):
         merged = flow.nodes[merge]["shape"]
         mask = positions.mask(merged[0], merged[1])
@@ -288,14 +377,18 @@ def _images(cap, flow, merge, positions, token_input, shape, notes):
     rows = images_in(mask, token_values, rows_layout=True)
     rows_layout = len(rows) < len(single_runs) and not (static and shape[0] == len(single_runs))  # unless the
     # vision side itself counts one image per run
-    counts = [image.tokens for image in (rows if rows_layout else single_runs)]
+    images = rows if rows_layout else single_runs
+    counts = [image.tokens for image in images]
     if not counts:
         notes.append("visual positions: the example inputs hold no visual token")
-        return None, 0, rows_layout, None, None
+        return None, 0, rows_layout, None, None, None
+    pictures = pictures_in(images, token_values)
+    views = [(p[0].row, p[0].positions[0], p[-1].positions[-1], len(p)) for p in pictures] \
+        if len(pictures) < len(images) else None
     grid_input, scale = next(((name, scale) for name, value in cap.example_inputs.items()
                               if isinstance(value, torch.Tensor) and name != token_input
                               and (scale := metadata_scale(value, counts)) is not None), (None, None))
-    return (counts[0] if len(set(counts)) == 1 else counts), len(counts), rows_layout, grid_input, scale
+    return (counts[0] if len(set(counts)) == 1 else counts), len(counts), rows_layout, grid_input, scale, views
 
 
 def _padding_input(cap, flow, token_input, positions, notes) -> str | None:
@@ -335,18 +428,31 @@ def _marks_padding(value, shape, visual: torch.Tensor) -> bool:
     return True
 
 
-def _decoder_entry(flow, merge, blocks: list[Block]) -> str | None:
+def _decoder_entry(flow, merge, visual, blocks: list[Block]) -> str | None:
     """The outermost module that runs every decoder block but not the merge: its forward receives the
-    merged sequence (None when the merging module calls the blocks itself)."""
+    merged sequence. Where every such module merges (it writes or adds the visual tokens into the sequence
+    itself, before one block or several), the outermost one that receives a sequence of the merged shape and
+    does not compute the visual tokens: they reach its forward as arguments, with the sequence and the positions
+    they go to, so all three are compacted alike there. None when neither exists (the merging module calls the
+    blocks itself)."""
     if not blocks:
         return None
-    merging = set(flow.nodes[merge]["module"])
+    around = []  # the modules around every block, outermost first
     for path in flow.nodes[blocks[0].hidden_out]["module"]:
         if path == blocks[0].path:
-            return None
-        if path not in merging and all(b.path.startswith(path + ".") for b in blocks):
-            return path
-    return None
+            break
+        if all(b.path.startswith(path + ".") for b in blocks):
+            around.append(path)
+    merging, computing = set(flow.nodes[merge]["module"]), set(flow.nodes[visual]["module"])
+    return next((path for path in around if path not in merging), None) or next(
+        (path for path in around if path not in computing and _receives(flow, path, flow.nodes[merge]["shape"])),
+        None)
+
+
+def _receives(flow, path: str, shape) -> bool:
+    """Whether module ``path`` reads a floating-point value of ``shape`` computed outside it (an argument)."""
+    return any(path in flow.nodes[reader]["module"] and path not in flow.nodes[key]["module"] and _is_float(flow, key)
+               and flow.nodes[key]["shape"] == shape for key, reader in flow.edges)
 
 
 def _enclosing(modules: tuple[str, ...], block_paths: list[str]) -> str | None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from .errors import PolicyError
 from .registry import available_passes, get_pass
 
 __all__ = ["PassEntry", "Policy", "PolicyError", "Stage", "load_policy", "parse_policy", "preset_path"]
@@ -46,11 +47,6 @@ POLICY_OWNED = ("epochs",)  # pass-config fields the stage sets
 _TOP_KEYS = ("version", "seed", "stages")
 _STAGE_KEYS = ("name", "epochs", "steps", "start", "passes")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class PolicyError(ValueError):
-    """A policy that cannot be used; the message starts with ``file:line:`` (``file:`` when no line is at
-    fault: a missing file, or a stage name asked for that the policy does not have)."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import first_line, forward_kwargs
+from .errors import looking_for
 from .layout import images_in
 from .passes.compress_visual_tokens import METHODS, CompressVisualTokensConfig
 from .passes.skip_layers import SkipLayersConfig, bind_blocks
@@ -190,7 +191,7 @@ def profile(model: nn.Module, batches: Iterable[dict], example_inputs: dict | No
     if isinstance(policy, str):
         base = dataclasses.replace(base, source=policy)  # "sts", not the preset's installed path
     example = dict(example_inputs if example_inputs is not None else batches[0])
-    with untouched(model):
+    with untouched(model), looking_for("profile: measuring the model's token and layer redundancy on the batches"):
         if progress:
             progress("profile: capturing and matching the model")
         structure, report = capture_and_match(model, example)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .capture import capture
+from .errors import CaptureError, looking_for
 from .match import Block, Boundary, Structure, match
 from .registry import available_passes, get_pass
 
@@ -59,6 +60,7 @@ class Report:
                 f"from module '{b.producer_module or '-'}'",
                 f"  per image       {b.tokens_per_image if b.tokens_per_image is not None else '-'} tokens, "
                 f"grid {grid}, {b.images if b.images is not None else '-'} images in the example{layout}",
+                *([f"  pictures        {_pictures(b.picture_views)}"] if b.picture_views else []),
                 f"  positions       {positions}",
                 f"  placeholder id  {b.placeholder_id if b.placeholder_id is not None else '-'}",
                 f"  pixel inputs    {', '.join(b.vision_inputs)}",
@@ -76,14 +78,24 @@ class Report:
         return "\n".join(lines)
 
 
+def _pictures(views: list[tuple[int, int, int, int]]) -> str:
+    """``2 pictures of 2 views each (...): row 0 positions 2-66, row 1 positions 2-66``."""
+    counts = [n for *_, n in views]
+    each = f"{counts[0]} views each" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} views"
+    return (f"{len(views)} picture{'s' * (len(views) != 1)} of {each} (views opened by different markers): "
+            + ", ".join(f"row {row} positions {first}-{last}" for row, first, last, _ in views))
+
+
 def capture_and_match(model: nn.Module, example_inputs: dict) -> tuple[Structure, Report]:
     """Capture ``model(**example_inputs)``, match it, and report what was found."""
     start = time.perf_counter()
-    cap = capture(model, example_inputs)
+    with looking_for("capture: a graph of the model's forward on the example inputs", CaptureError):
+        cap = capture(model, example_inputs)
     structure = match(cap)
     support = {}
     for name in available_passes():
-        problem = get_pass(name).check(structure) if get_pass(name).check else None
+        with looking_for(f"pass {name}: checking that the model has the structure it needs"):
+            problem = get_pass(name).check(structure) if get_pass(name).check else None
         support[name] = f"not supported: {problem}" if problem else "ok"
     report = Report(cap.method, len(cap.graphs), cap.fallback_reason, [b.path for b in structure.blocks],
                     structure.blocks, structure.block_kinds, structure.vision_blocks, structure.boundary,

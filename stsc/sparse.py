@@ -35,6 +35,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import first_line, forward_kwargs, holds_data
+from .errors import UnsupportedModelError, looking_for
 from .lowering.graph import graph_problem
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
@@ -44,10 +45,6 @@ from .savings import stage_expectation
 __all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "model_loss", "sparsify"]
 
 ON_EXAMPLE, ON_FIRST_BATCH = "the example inputs", "the first training batch"  # where the stages were checked
-
-
-class UnsupportedModelError(ValueError):
-    """A pass of the policy needs structure the matcher did not find in the model."""
 
 
 @dataclass
@@ -268,11 +265,15 @@ class SparseModel(nn.Module):
         self._inputs = dict(inputs)
         self.report.checked_on = on
         stages = [self.fixed_stage] if self.fixed_stage else list(self.policy.stages)
+        checked = []
         try:
-            self.report.stages = [self._check_stage(stage, self.report.model) for stage in stages]
+            for stage in stages:
+                with looking_for(f"stage {stage.name!r}: applying its passes to the model and checking them"):
+                    checked.append(self._check_stage(stage, self.report.model))
         except BaseException:
             self.report.checked_on = None
             raise
+        self.report.stages = checked
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_schedule_state(pending)
@@ -345,11 +346,13 @@ class SparseModel(nn.Module):
         infos = []
         with eval_mode(self.model):  # passes that run the model to bind themselves see it dense
             for entry in stage.passes:
-                try:
-                    runtime, info = get_pass(entry.name).apply(self.model, self._structure, entry.config, self._inputs)
-                except ValueError as exc:
+                try:  # a pass says why it cannot work here with a ValueError
+                    with looking_for(f"stage {stage.name!r}, pass {entry.name}", as_is=(ValueError,)):
+                        runtime, info = get_pass(entry.name).apply(self.model, self._structure, entry.config,
+                                                                   self._inputs)
+                except UnsupportedModelError:
                     self._deactivate()
-                    raise UnsupportedModelError(f"stage {stage.name!r}, pass {entry.name}: {exc}") from exc
+                    raise
                 self._runtimes[entry.name] = runtime
                 infos.append(info)
         self._active = stage

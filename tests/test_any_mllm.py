@@ -65,10 +65,11 @@ KEPT = {
     "qwen2_5_vl": [1, 3],
     "llava_onevision": list(range(1, 36, 2)),  # 36 tokens (base tile + rows with newlines), no grid: 18 of 36
     "mistral3": list(range(1, 16, 2)),  # a 4 x 4 grid laid out as rows between break tokens: 4 rows x 2 columns
+    "qwen2_audio": list(range(1, 16, 2)),  # a clip of 16 audio tokens, no grid: an even spread in time, 8 of 16
 }
 
 
-@pytest.mark.parametrize("family", ACCEPTANCE)
+@pytest.mark.parametrize("family", ACCEPTANCE + [pytest.param("qwen2_audio", marks=pytest.mark.slow)])
 def test_loss_equals_a_hand_built_reference_with_known_kept_positions(family):
     """The dense model run on the sequence compacted by hand (inputs_embeds, mask and position ids gathered at the
     kept positions where they enter the language model), scored against the labels gathered the same way: every
@@ -173,6 +174,72 @@ def test_blocks_whose_keys_and_values_later_blocks_read_are_never_skipped():
     details = sparse.report.stages[1].passes[0]["details"]
     assert details["skippable"] == model.stsc_expected.blocks[2:]
     assert list(details["not_skippable"]) == model.stsc_expected.blocks[:2]
+
+
+def test_token_ids_rewritten_before_the_lookup_are_still_the_token_input():
+    """Gemma4 replaces the image ids by the pad id before the lookup and indexes a per-layer table with them too."""
+    model, inputs = hf_models.BUILDERS["gemma4"]()
+    report = inspect(model, inputs)
+    assert report.token_input == "input_ids" and report.boundary.token_embedding == "model.language_model.embed_tokens"
+    assert report.blocks == model.stsc_expected.blocks and report.boundary.tokens_per_image == 16
+    assert report.support == {"compress_visual_tokens": "ok", "skip_layers": "ok"}
+
+
+def test_features_added_onto_the_placeholder_embeddings_views_of_one_picture():
+    """Molmo2 adds pooled features onto the patch embeddings (``x[mask] + features`` written back): the write is the
+    merge, the features its visual tokens. Each picture is a low- and a high-resolution view, rows ended by column
+    tokens: each view is compressed on its own grid, the report says which positions make one picture."""
+    model, inputs = hf_models.BUILDERS["molmo2"]()
+    sparse = sparsify(model, "vtc", inputs)
+    b = sparse.report.model.boundary
+    assert (b.kind, b.placeholder_id, b.decoder_entry) == ("scatter", 123, "model.language_model")
+    assert b.tokens_per_image == [16, 32, 16, 32] and b.rows_layout
+    assert b.picture_views == [(0, 2, 58, 2), (1, 2, 58, 2)]
+    assert "pictures        2 pictures of 2 views each (views opened by different markers): row 0 positions 2-58, " \
+           "row 1 positions 2-58" in sparse.report.model.format()
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.01)
+    assert decoder_lengths(sparse, forward_kwargs(model, inputs)[0], 1, optimizer) == [inputs["input_ids"].shape[1] - 24]
+    assert sparse.runtimes["compress_visual_tokens"].last_plan.kept == 48
+
+
+@pytest.mark.slow
+def test_features_added_before_several_layers_are_gathered_at_the_kept_tokens():
+    """Granite4Vision zeroes the image embeddings and adds features of several vision layers at the image positions
+    before decoder layers 0 to 5. Compacted where the language model receives them, the loss equals the dense model
+    run on a hand-compacted sequence whose added features are gathered at the kept tokens."""
+    model, inputs = hf_models.BUILDERS["granite4_vision"]()
+    kwargs = forward_kwargs(model, inputs)[0]
+    reference_model = copy.deepcopy(model)
+    policy = parse_policy("version: 1\nstages:\n  - {name: a, steps: 1, passes: {compress_visual_tokens: "
+                          "{method: uniform, keep_ratio: 0.5}}}\n")
+    sparse = sparsify(model, policy, inputs)
+    assert sparse.report.model.boundary.decoder_entry == "model.language_model"
+    loss = sparse(**kwargs).loss
+
+    visual = inputs["input_ids"] == model.stsc_expected.placeholder_id
+    keep, kept_ranks = ~visual, []
+    for row in range(visual.shape[0]):
+        positions = visual[row].nonzero().squeeze(-1)
+        keep[row, positions[1::2]] = True  # uniform keep 0.5 of 36 tokens without a grid: floor((i + 0.5) * 2)
+        kept_ranks += [row * len(positions) + i for i in range(1, len(positions), 2)]
+    index = torch.stack([row.nonzero().squeeze(-1) for row in keep])
+    added = []
+
+    def compact(module, args, kw):
+        kw = dict(kw)
+        kw["inputs_embeds"] = kw["inputs_embeds"].gather(1, index[..., None].expand(-1, -1, 64))
+        kw["attention_mask"] = kw["attention_mask"].gather(1, index)
+        kw["vision_mask"] = kw["vision_mask"].gather(1, index[..., None])
+        added.extend(kw["deepstack_features"])
+        kw["deepstack_features"] = {layer: features[kept_ranks] for layer, features in kw["deepstack_features"].items()}
+        return args, kw
+
+    reference_model.model.language_model.register_forward_pre_hook(compact, with_kwargs=True)
+    logits = reference_model(**{**kwargs, "labels": None}).logits
+    labels = inputs["labels"].gather(1, index)
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert sorted(added) == list(range(6))  # features added before every layer
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ fail early

@@ -8,6 +8,7 @@ import torch
 import hf_models
 import tiny_llava
 from stsc import inspect
+from stsc.layout import images_in, pictures_in
 
 TINY_BLOCKS = [f"decoder.layers.{i}" for i in range(4)]
 
@@ -129,3 +130,24 @@ def test_visual_tokens_walk_back_past_type_as_to_the_projector():
     boundary = inspect(model, inputs).boundary
     assert boundary.producer_module == "model.multi_modal_projector"
     assert boundary.visual_shape == (2, 16, 64)
+
+
+def test_blocks_are_found_without_a_token_input(tiny, monkeypatch):
+    """Where no token input is found, the integer inputs stand for the token stream: skipping still works."""
+    monkeypatch.setattr(importlib.import_module("stsc.match"), "_token_input", lambda flow, order: (None, None))
+    report = inspect(*tiny)
+    assert report.blocks == TINY_BLOCKS and report.boundary is None
+    assert report.notes == ["no token input: looked for an integer model input that indexes an embedding lookup"]
+    assert report.support["skip_layers"] == "ok"
+    assert report.support["compress_visual_tokens"].startswith("not supported: no token input")
+
+
+def test_views_of_one_picture_are_opened_by_different_markers():
+    """Views opened by markers (ids found only right before an image) other than the picture's first marker
+    continue the picture: a low-resolution view (marker 5) then a high-resolution one (marker 6); a picture opened
+    by the first marker again, and an image opened by an ordinary token (8, also found in the text), stand alone."""
+    row = [1, 5, 3, 3, 7, 6, 3, 3, 3, 7, 8, 5, 3, 3, 7, 8, 3, 3, 8]
+    ids = torch.tensor([row])
+    pictures = pictures_in(images_in(ids == 3), ids)
+    assert [[image.positions for image in picture] for picture in pictures] == [
+        [(2, 3), (6, 7, 8)], [(12, 13)], [(16, 17)]]

@@ -7,7 +7,7 @@ Columns: how the model was captured; ``inspect`` finds every decoder block and t
 ``skip`` trains two steps of its instruction stage with every skippable block but one skipped; ``eval``
 outputs equal the dense model's bitwise; ``compile`` trains a step of each stage under ``torch.compile``
 (regional compile of the blocks plus the whole model, ``aot_eager`` backend: graph capture and autograd, not
-code generation). A cell is ``yes`` or ``no``; a family refused by ``sparsify`` says so in every pass column.
+code generation; ``-`` where the dense model does not compile either). A cell is ``yes`` or ``no``; a family refused by ``sparsify`` says so in every pass column.
 """
 
 from __future__ import annotations
@@ -27,6 +27,21 @@ from stsc import UnsupportedModelError, sparsify  # noqa: E402
 from stsc.capture import forward_kwargs  # noqa: E402
 
 COLUMNS = ("family", "class", "capture", "inspect", "compress", "skip", "eval", "compile")
+# Families examples/hf_models.py builds whose structure the matcher does not handle yet (issue 23): left out of the
+# table until it does, each with what inspect / sparsify report and why.
+NOT_IN_TABLE = {
+    "musicflamingo": "compression refused: rotary time embeddings computed from the placeholder runs multiply the "
+                     "audio features before the merge, and that mul is taken as the boundary",
+    "qwen2_5_omni_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
+                            "buffer), and the traced data flow loses the audio input there",
+    "qwen3_omni_moe_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
+                              "buffer), and the traced data flow loses the audio input there",
+    "phi4_multimodal": "blocks reported as 'inner.model.layers.N' (a module shared by several parents turns on "
+                       "make_fx's attribute proxies, whose paths start at the capture wrapper): KeyError in the passes",
+    "phi4_multimodal_audio": "as phi4_multimodal",
+    "hy_v4_vl": "skipping refused: every block returns the indexer's top-k selection besides its hidden state, which "
+                "the next block reads",
+}
 BEGIN, END = "<!-- support table: measured by tests/test_support_table.py -->", "<!-- end of support table -->"
 
 
@@ -63,7 +78,7 @@ def measure(family: str) -> dict:
     with torch.no_grad():
         row["eval"] = _yes(torch.equal(_logits(sparse.eval()(**kwargs)), _logits(dense(**kwargs))))
     sparse.train()
-    row["compile"] = _yes(_compiles(sparse, kwargs, optimizer))
+    row["compile"] = _compile_cell(sparse, dense.train(), kwargs, optimizer)
     return row
 
 
@@ -76,19 +91,35 @@ def _step(sparse, optimizer, kwargs, epoch: float, step: int) -> bool:
     return bool(torch.isfinite(loss))
 
 
-def _compiles(sparse, kwargs, optimizer) -> bool:
-    torch._dynamo.reset()
-    sparse.compile(backend="aot_eager")
-    compiled = torch.compile(sparse, backend="aot_eager")
+def _compile_cell(sparse, dense, kwargs, optimizer) -> str:
+    """``yes`` when the sparse model trains a step of each stage under ``torch.compile``; ``-`` when the model itself
+    does not compile (the dense model fails too), else ``no``."""
     try:
-        for epoch in (0.0, 1.0):
-            sparse.set_progress(epoch=epoch, step=10 + int(epoch))
-            optimizer.zero_grad(set_to_none=True)
-            loss = compiled(**kwargs).loss
-            loss.backward()
-            if not torch.isfinite(loss):
-                return False
-        return True
+        return _yes(_compiles(sparse, kwargs, optimizer))
+    except Exception:
+        try:
+            _compiled_loss(dense, kwargs)
+        except Exception:
+            return "-"
+        return "no"
+
+
+def _compiles(sparse, kwargs, optimizer) -> bool:
+    sparse.compile(backend="aot_eager")
+    for epoch in (0.0, 1.0):
+        sparse.set_progress(epoch=epoch, step=10 + int(epoch))
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(_compiled_loss(sparse, kwargs)):
+            return False
+    return True
+
+
+def _compiled_loss(model, kwargs) -> torch.Tensor:
+    torch._dynamo.reset()
+    try:
+        loss = torch.compile(model, backend="aot_eager")(**kwargs).loss
+        loss.backward()
+        return loss
     finally:
         torch._dynamo.reset()
 
@@ -112,17 +143,21 @@ def format_row(row: dict) -> str:
     return "| " + " | ".join(f"`{row[c]}`" if c == "class" else row[c] for c in COLUMNS) + " |"
 
 
+def in_table() -> list[str]:
+    return [family for family in hf_models.BUILDERS if family not in NOT_IN_TABLE]
+
+
 def test_the_table_lists_every_family_the_tests_build():
-    assert list(readme_rows()) == list(hf_models.BUILDERS)
+    assert list(readme_rows()) == in_table() and set(NOT_IN_TABLE) <= set(hf_models.BUILDERS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(hf_models.BUILDERS))
+@pytest.mark.parametrize("family", in_table())
 def test_the_table_row_is_what_is_measured(family):
     assert measure(family) == readme_rows()[family]
 
 
 if __name__ == "__main__":
     print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
-    for name in sys.argv[1:] or list(hf_models.BUILDERS):
+    for name in sys.argv[1:] or in_table():
         print(format_row(measure(name)), flush=True)

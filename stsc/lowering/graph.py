@@ -46,6 +46,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from stsc.capture import KeywordCall, exported_capture, first_line, forward_kwargs, module_paths
+from stsc.errors import UnsupportedModelError, looking_for
 from stsc.layout import images_in
 from stsc.match import Structure, match
 from stsc.passes.compress_visual_tokens import SELECTING, CompressVisualTokensConfig, forward_draws, kept_count
@@ -62,7 +63,7 @@ __all__ = ["GraphLoweringUnavailable", "GraphRuntime", "GraphStage", "RewriteInf
            "guard_blocks", "lower_stage", "transform"]
 
 
-class GraphLoweringUnavailable(ValueError):
+class GraphLoweringUnavailable(UnsupportedModelError):
     """The model or the stage cannot be lowered to a rewritten graph (the module lowering still works)."""
 
 
@@ -554,6 +555,11 @@ def lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: di
     """Export ``model`` with a dynamic sequence length and rewrite its graph with ``stage``'s passes (and, when the
     compression leaves some forwards dense, a second graph without it). The programs take the model's tensor
     inputs by keyword."""
+    with looking_for(f"stage {stage.name!r}: lowering its passes to a rewritten graph", GraphLoweringUnavailable):
+        return _lower_stage(model, stage, structure, inputs)
+
+
+def _lower_stage(model: nn.Module, stage: Stage, structure: Structure, inputs: dict) -> GraphStage:
     call = KeywordCall(model, forward_kwargs(model, inputs)[0])
     keywords = call.keywords(inputs)
     dynamic = _dynamic(keywords, tuple(inputs[structure.token_input].shape))
