@@ -259,12 +259,18 @@ def _trace(model: nn.Module, kwargs: dict, meta_weights: bool) -> tuple[fx.Graph
     from torch.fx.experimental.proxy_tensor import make_fx
 
     call = KeywordCall(model, kwargs)
-    call._orig_mod = model  # make_fx records module paths relative to `_orig_mod`
+
+    # make_fx records module paths relative to `_orig_mod`, or, once a module is shared by two parents, as the
+    # attributes read to reach each module: tracing `call` itself, these would start at `call.inner`
+    def run(*values):
+        return model(**dict(zip(call.names, values)), **call.constants)
+
+    run._orig_mod = model
     try:
         with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"), \
                 _no_stack_traces(), _one_fake_mode(), \
                 _MetaWeights() if meta_weights else contextlib.nullcontext():
-            gm = make_fx(call, tracing_mode="real", record_module_stack=True,
+            gm = make_fx(run, tracing_mode="real", record_module_stack=True,
                          _error_on_data_dependent_ops=False)(*call.values(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
         return exc

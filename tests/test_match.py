@@ -78,6 +78,18 @@ def test_dynamo_is_the_last_resort(monkeypatch):
     assert report.boundary.merge_op == "masked_scatter" and report.blocks == model.stsc_expected.blocks
 
 
+def test_a_module_under_two_parents_keeps_the_traced_paths_from_the_model(monkeypatch):
+    """A module shared by two parents (one norm reused) makes make_fx name modules by the attributes read to reach
+    them: the paths still start at the model, not at the wrapper the trace calls it through."""
+    monkeypatch.setattr(importlib.import_module("stsc.capture"), "_export", lambda *_: RuntimeError("no export"))
+    model = tiny_llava.build_model()
+    model.vision.blocks[1].norm1 = model.vision.blocks[0].norm1
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.capture_method == "trace" and report.blocks == TINY_BLOCKS
+    assert report.vision_blocks == ["vision.blocks.0", "vision.blocks.1"]
+    assert (report.boundary.producer_module, report.boundary.decoder_entry) == ("projector.fc2", "decoder")
+
+
 def test_use_cache_is_disabled_for_capture_and_said():
     model, inputs = hf_models.llava()
     report = inspect(model, inputs)
