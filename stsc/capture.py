@@ -446,8 +446,46 @@ def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int,
                       order=order_base + position)
         for arg in node.all_input_nodes:
             flow.add_edge(keys[arg.name], key)
+    for writer, reader in _reads_after_writes(gm.graph):
+        flow.add_edge(keys[writer.name], keys[reader.name])
     keys.update({name: keys[replacement] for name, replacement in aliases.items()})
     return keys
+
+
+def _reads_after_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """``(writer, reader)`` for each node that reads a tensor after an in-place aten op wrote into its storage (through
+    a view of it or another: ``pad_sequence`` copies each sequence into a slice of a new zero buffer), so the values
+    written flow on to what reads them; the graph's edges only show which nodes a node names."""
+    order, root, sharing = {}, {}, {}
+    for position, node in enumerate(graph.nodes):
+        order[node] = position
+        viewed, _ = _aliased_operands(node)
+        if node.target is operator.getitem and node.args[0] in root:  # a sequence of views (split)
+            viewed = node.args[0]
+        if viewed is not None:
+            root[node] = root.get(viewed, viewed)
+            sharing.setdefault(root[node], [root[node]]).append(node)
+    pairs = []
+    for writer in graph.nodes:
+        for written in _aliased_operands(writer)[1]:
+            for alias in sharing.get(root.get(written, written), [written]):
+                pairs += [(writer, reader) for reader in alias.users if order[reader] > order[writer]]
+    return pairs
+
+
+def _aliased_operands(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """For an aten op: the operand its result is a view of (a view op's or an in-place op's) and the operands it
+    writes into, read from its schema; ``(None, [])`` for any other node."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return None, []
+    operands = {**dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
+    aliased = [(operands.get(a.name), a.alias_info) for a in schema.arguments if a.alias_info is not None]
+    aliased = [(operand, info) for operand, info in aliased if isinstance(operand, fx.Node)]
+    result = schema.returns[0].alias_info if schema.returns else None
+    viewed = next((operand for operand, info in aliased
+                   if result is not None and set(info.before_set) & set(result.before_set)), None)
+    return viewed, [operand for operand, info in aliased if info.is_write]
 
 
 # higher-order ops that call their one subgraph once, on the operands that follow it: torch.export wraps code run
