@@ -453,9 +453,11 @@ def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int,
 
 
 def _reads_after_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
-    """``(writer, reader)`` for each node that reads a tensor after an in-place aten op wrote into its storage (through
-    a view of it or another: ``pad_sequence`` copies each sequence into a slice of a new zero buffer), so the values
-    written flow on to what reads them; the graph's edges only show which nodes a node names."""
+    """``(writer, reader)`` for each node that reads a buffer made from no tensor (``full``, ``zeros``, ``empty``)
+    after an in-place aten op wrote into it, through a view of it or another: ``pad_sequence`` copies each sequence
+    into a slice of a new zero buffer, whose readers would otherwise see a constant. A write into a tensor that
+    carries data already stays a change to it (its readers depend on it anyway): a block that updates its output in
+    place hands the next block that one value."""
     order, root, sharing = {}, {}, {}
     for position, node in enumerate(graph.nodes):
         order[node] = position
@@ -468,8 +470,10 @@ def _reads_after_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     pairs = []
     for writer in graph.nodes:
         for written in _aliased_operands(writer)[1]:
-            for alias in sharing.get(root.get(written, written), [written]):
-                pairs += [(writer, reader) for reader in alias.users if order[reader] > order[writer]]
+            base = root.get(written, written)
+            if base.op == "call_function" and not base.all_input_nodes:
+                for alias in sharing.get(base, [base]):
+                    pairs += [(writer, reader) for reader in alias.users if order[reader] > order[writer]]
     return pairs
 
 
