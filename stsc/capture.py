@@ -259,12 +259,18 @@ def _trace(model: nn.Module, kwargs: dict, meta_weights: bool) -> tuple[fx.Graph
     from torch.fx.experimental.proxy_tensor import make_fx
 
     call = KeywordCall(model, kwargs)
-    call._orig_mod = model  # make_fx records module paths relative to `_orig_mod`
+
+    # make_fx records module paths relative to `_orig_mod`, or, once a module is shared by two parents, as the
+    # attributes read to reach each module: tracing `call` itself, these would start at `call.inner`
+    def run(*values):
+        return model(**dict(zip(call.names, values)), **call.constants)
+
+    run._orig_mod = model
     try:
         with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"), \
                 _no_stack_traces(), _one_fake_mode(), \
                 _MetaWeights() if meta_weights else contextlib.nullcontext():
-            gm = make_fx(call, tracing_mode="real", record_module_stack=True,
+            gm = make_fx(run, tracing_mode="real", record_module_stack=True,
                          _error_on_data_dependent_ops=False)(*call.values(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
         return exc
@@ -440,8 +446,50 @@ def add_graph(flow: nx.DiGraph, gm: fx.GraphModule, index: int, order_base: int,
                       order=order_base + position)
         for arg in node.all_input_nodes:
             flow.add_edge(keys[arg.name], key)
+    for writer, reader in _reads_after_writes(gm.graph):
+        flow.add_edge(keys[writer.name], keys[reader.name])
     keys.update({name: keys[replacement] for name, replacement in aliases.items()})
     return keys
+
+
+def _reads_after_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """``(writer, reader)`` for each node that reads a buffer made from no tensor (``full``, ``zeros``, ``empty``)
+    after an in-place aten op wrote into it, through a view of it or another: ``pad_sequence`` copies each sequence
+    into a slice of a new zero buffer, whose readers would otherwise see a constant. A write into a tensor that
+    carries data already stays a change to it (its readers depend on it anyway): a block that updates its output in
+    place hands the next block that one value."""
+    order, root, sharing = {}, {}, {}
+    for position, node in enumerate(graph.nodes):
+        order[node] = position
+        viewed, _ = _aliased_operands(node)
+        if node.target is operator.getitem and node.args[0] in root:  # a sequence of views (split)
+            viewed = node.args[0]
+        if viewed is not None:
+            root[node] = root.get(viewed, viewed)
+            sharing.setdefault(root[node], [root[node]]).append(node)
+    pairs = []
+    for writer in graph.nodes:
+        for written in _aliased_operands(writer)[1]:
+            base = root.get(written, written)
+            if base.op == "call_function" and not base.all_input_nodes:
+                for alias in sharing.get(base, [base]):
+                    pairs += [(writer, reader) for reader in alias.users if order[reader] > order[writer]]
+    return pairs
+
+
+def _aliased_operands(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """For an aten op: the operand its result is a view of (a view op's or an in-place op's) and the operands it
+    writes into, read from its schema; ``(None, [])`` for any other node."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return None, []
+    operands = {**dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
+    aliased = [(operands.get(a.name), a.alias_info) for a in schema.arguments if a.alias_info is not None]
+    aliased = [(operand, info) for operand, info in aliased if isinstance(operand, fx.Node)]
+    result = schema.returns[0].alias_info if schema.returns else None
+    viewed = next((operand for operand, info in aliased
+                   if result is not None and set(info.before_set) & set(result.before_set)), None)
+    return viewed, [operand for operand, info in aliased if info.is_write]
 
 
 # higher-order ops that call their one subgraph once, on the operands that follow it: torch.export wraps code run

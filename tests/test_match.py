@@ -78,6 +78,38 @@ def test_dynamo_is_the_last_resort(monkeypatch):
     assert report.boundary.merge_op == "masked_scatter" and report.blocks == model.stsc_expected.blocks
 
 
+def test_a_module_under_two_parents_keeps_the_traced_paths_from_the_model(monkeypatch):
+    """A module shared by two parents (one norm reused) makes make_fx name modules by the attributes read to reach
+    them: the paths still start at the model, not at the wrapper the trace calls it through."""
+    monkeypatch.setattr(importlib.import_module("stsc.capture"), "_export", lambda *_: RuntimeError("no export"))
+    model = tiny_llava.build_model()
+    model.vision.blocks[1].norm1 = model.vision.blocks[0].norm1
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.capture_method == "trace" and report.blocks == TINY_BLOCKS
+    assert report.vision_blocks == ["vision.blocks.0", "vision.blocks.1"]
+    assert (report.boundary.producer_module, report.boundary.decoder_entry) == ("projector.fc2", "decoder")
+
+
+class PadSequences(torch.nn.Module):
+    """Each image's features padded by ``pad_sequence``: copied in place into slices of a new zero buffer."""
+
+    def forward(self, x):
+        return torch.nn.utils.rnn.pad_sequence(list(x.unbind(0)), batch_first=True)
+
+
+def test_values_copied_into_a_new_buffer_flow_on_to_its_readers(monkeypatch):
+    """The real-tensor trace records in-place writes as they run (``copy_`` into a view of a new buffer, then the
+    buffer read): the features still reach the merge, so the boundary is found."""
+    monkeypatch.setattr(importlib.import_module("stsc.capture"), "_export", lambda *_: RuntimeError("no export"))
+    model = tiny_llava.build_model()
+    model.vision.norm = torch.nn.Sequential(model.vision.norm, PadSequences())
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.capture_method == "trace" and report.blocks == TINY_BLOCKS
+    b = report.boundary
+    assert (b.kind, b.tokens_per_image, b.images, b.vision_inputs) == ("scatter", 64, 2, ["pixel_values"])
+    assert report.support == {"compress_visual_tokens": "ok", "skip_layers": "ok"}
+
+
 def test_use_cache_is_disabled_for_capture_and_said():
     model, inputs = hf_models.llava()
     report = inspect(model, inputs)

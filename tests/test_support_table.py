@@ -32,13 +32,6 @@ COLUMNS = ("family", "class", "capture", "inspect", "compress", "skip", "eval", 
 NOT_IN_TABLE = {
     "musicflamingo": "compression refused: rotary time embeddings computed from the placeholder runs multiply the "
                      "audio features before the merge, and that mul is taken as the boundary",
-    "qwen2_5_omni_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
-                            "buffer), and the traced data flow loses the audio input there",
-    "qwen3_omni_moe_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
-                              "buffer), and the traced data flow loses the audio input there",
-    "phi4_multimodal": "blocks reported as 'inner.model.layers.N' (a module shared by several parents turns on "
-                       "make_fx's attribute proxies, whose paths start at the capture wrapper): KeyError in the passes",
-    "phi4_multimodal_audio": "as phi4_multimodal",
     "hy_v4_vl": "skipping refused: every block returns the indexer's top-k selection besides its hidden state, which "
                 "the next block reads",
 }
