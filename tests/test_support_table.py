@@ -30,8 +30,6 @@ COLUMNS = ("family", "class", "capture", "inspect", "compress", "skip", "eval", 
 # Families examples/hf_models.py builds whose structure the matcher does not handle yet (issue 23): left out of the
 # table until it does, each with what inspect / sparsify report and why.
 NOT_IN_TABLE = {
-    "musicflamingo": "compression refused: rotary time embeddings computed from the placeholder runs multiply the "
-                     "audio features before the merge, and that mul is taken as the boundary",
     "qwen2_5_omni_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
                             "buffer), and the traced data flow loses the audio input there",
     "qwen3_omni_moe_thinker": "no boundary: the audio chunks are padded by pad_sequence (in-place copy_ into a new "
