@@ -37,8 +37,6 @@ NOT_IN_TABLE = {
     "phi4_multimodal": "blocks reported as 'inner.model.layers.N' (a module shared by several parents turns on "
                        "make_fx's attribute proxies, whose paths start at the capture wrapper): KeyError in the passes",
     "phi4_multimodal_audio": "as phi4_multimodal",
-    "hy_v4_vl": "skipping refused: every block returns the indexer's top-k selection besides its hidden state, which "
-                "the next block reads",
 }
 BEGIN, END = "<!-- support table: measured by tests/test_support_table.py -->", "<!-- end of support table -->"
 
