@@ -1299,7 +1299,8 @@ def granite4_vision(layers=6):
     """Granite4VisionForConditionalGeneration: LLaVA-NeXT anyres (base tile + a 1 x 1 grid with row newlines), each
     feature map downsampled 2x by a windowed Q-Former; the placeholder embeddings are zeroed and features added at the
     visual positions before six decoder blocks: two vision layers' before blocks 0 and 1, four spatial offset groups'
-    before blocks 2..5 (distinct blocks, as in the released model)."""
+    before blocks 2..5 (distinct blocks, as in the released model). The Q-Formers run without dropout, so a training
+    forward draws nothing (a hand-compacted reference forward sees the same features)."""
     from transformers import Granite4VisionConfig, Granite4VisionForConditionalGeneration
 
     image_token, size = 3, 16
@@ -1307,7 +1308,7 @@ def granite4_vision(layers=6):
                   projection_dim=64)  # the Q-Former's heads are hidden_size // 64
     text = _text(layers=layers, model_type="granite4_vision_text", bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
     qformer = dict(num_hidden_layers=1, intermediate_size=64, cross_attention_frequency=1, max_position_embeddings=64,
-                   use_qformer_text_input=False)
+                   use_qformer_text_input=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     cfg = Granite4VisionConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                                image_grid_pinpoints=[[size, size]], downsample_rate="1/2",
                                deepstack_layer_map=[[1, 0], [2, 1]], spatial_target_layers=[2, 3, 4, 5],

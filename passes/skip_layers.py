@@ -16,6 +16,10 @@ hidden-state input (the residual identity), inside the block's usual output stru
 sits before the block's hooks, so a skipped block runs none of them: FSDP2's pre-forward all-gather
 (and its post-backward reduce-scatter) and DeepSpeed ZeRO-3's parameter fetch are skipped with it.
 
+A block that returns other tensors besides its hidden state (a selection of keys that the next block reads, or
+passes on itself) can be skipped where it receives each of them from the block before it: skipped, it passes those
+on unchanged, as the stack without it would. Otherwise it is kept, and its reason says so.
+
 **Decisions** are drawn once per training forward (of the model, or of its backbone where a trainer calls that
 directly: :mod:`stsc.forwards`), before the first block runs, from a generator
 seeded by ``(seed, step, micro_step)`` (:func:`stsc.schedules.draw_skips`): identical on every rank,
@@ -37,6 +41,7 @@ still saves its time when compiled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -83,14 +88,23 @@ class _Binding:
     out_leaf: int  # index of the hidden state among the output's pytree leaves
     out_spec: pytree.TreeSpec
     out_leaves: tuple  # the other (non-tensor) leaves of the output, reproduced when skipping
+    passed_on: tuple = ()  # (output leaf, argument) of each other tensor output: the argument it passes on skipped
+    passed_to: tuple[int, ...] = ()  # the later blocks that receive one of those outputs as an argument
 
     def hidden(self, args, kwargs) -> torch.Tensor:
-        return args[self.arg] if isinstance(self.arg, int) else kwargs[self.arg]
+        return _argument(args, kwargs, self.arg)
 
-    def identity(self, hidden: torch.Tensor):
+    def identity(self, args, kwargs):
+        """The skipped block's output: its hidden-state input, and the other tensors it receives passed on."""
         leaves = list(self.out_leaves)
-        leaves[self.out_leaf] = hidden
+        leaves[self.out_leaf] = self.hidden(args, kwargs)
+        for leaf, arg in self.passed_on:
+            leaves[leaf] = _argument(args, kwargs, arg)
         return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+def _argument(args, kwargs, where: int | str):
+    return args[where] if isinstance(where, int) else kwargs[where]
 
 
 class LayerSkipper:
@@ -186,7 +200,7 @@ class _GuardedCall:
     def __call__(self, *args, **kwargs):
         module = self.skipper.modules[self.index]
         if module.training and self.skipper._skip[self.index]:
-            return self.binding.identity(self.binding.hidden(args, kwargs))
+            return self.binding.identity(args, kwargs)
         return nn.Module._call_impl(module, *args, **kwargs)
 
 
@@ -206,40 +220,60 @@ def bind_blocks(model: nn.Module, blocks: list[nn.Module], example_inputs: dict)
     finally:
         for handle in handles:
             handle.remove()
-    bindings, previous = [], None
+    bindings, previous, hidden = [], [], None
     for index in range(len(blocks)):
         if index not in calls:
             bindings.append(None)
+            previous, hidden = [], None
             continue
         args, kwargs, output = calls[index]
-        binding = _binding_of(args, kwargs, output, previous)
+        binding = _binding_of(args, kwargs, output, previous, hidden)
+        if binding is not None and binding.passed_on:
+            passed = [pytree.tree_leaves(output)[leaf] for leaf, _ in binding.passed_on]
+            binding = dataclasses.replace(binding, passed_to=tuple(
+                later for later in range(index + 1, len(blocks)) if later in calls
+                and any(value is tensor for value in pytree.tree_leaves(calls[later][:2]) for tensor in passed)))
         bindings.append(binding)
-        previous = pytree.tree_leaves(output)[binding.out_leaf] if binding else None
+        previous = pytree.tree_leaves(output)
+        hidden = previous[binding.out_leaf] if binding else None
     return bindings
 
 
-def _binding_of(args, kwargs, output, previous) -> _Binding | None:
+def _binding_of(args, kwargs, output, previous: list, hidden_before) -> _Binding | None:
+    """Where the hidden state goes in and comes out (preferring the block before's hidden output ``hidden_before``
+    as the argument), or None where another tensor of the output is not what this block received from the block
+    before (``previous``: the leaves of its output) at the same place."""
     leaves, spec = pytree.tree_flatten(output)
     tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-    candidates = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
-    candidates = [(where, t) for where, t in candidates if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if previous is not None:
-        candidates.sort(key=lambda c: c[1] is not previous)
+    arguments = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
+    candidates = [(where, t) for where, t in arguments if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if hidden_before is not None:
+        candidates.sort(key=lambda c: c[1] is not hidden_before)
     for where, tensor in candidates:
         for leaf in tensors:
             if leaves[leaf].shape == tensor.shape and leaves[leaf].dtype == tensor.dtype:
-                others = [i for i in tensors if i != leaf]
-                if others:
-                    return None  # other tensor outputs cannot be reproduced without running the block
-                return _Binding(where, leaf, spec, tuple(None if i == leaf else v for i, v in enumerate(leaves)))
+                passed_on = [(i, _received(arguments, previous[i] if i < len(previous) else None))
+                             for i in tensors if i != leaf]
+                if any(arg is None for _, arg in passed_on):
+                    return None  # another tensor output cannot be reproduced without running the block
+                return _Binding(where, leaf, spec, tuple(None if i in tensors else v for i, v in enumerate(leaves)),
+                                tuple(passed_on))
     return None
+
+
+def _received(arguments, value) -> int | str | None:
+    """Which argument is ``value`` itself (None: none, or ``value`` is not a tensor)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    return next((where for where, argument in arguments if argument is value), None)
 
 
 def _not_skippable(block, binding: _Binding | None, config: SkipLayersConfig) -> str | None:
     """Why ``block`` cannot be skipped (None when it can)."""
     if binding is None:
-        return "its output has other tensors besides the hidden state, or it did not run"
-    if block.feeds:
+        return ("its output has other tensors besides the hidden state that it does not receive from the block "
+                "before it (to pass them on when skipped), or it did not run")
+    if set(block.feeds) - set(binding.passed_to):
         return f"blocks {list(block.feeds)} read values it computes besides its output (e.g. shared keys and values)"
     if not config.allows_kind(block.kind):
         return "its kind is not in skip_kinds"

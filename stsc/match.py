@@ -9,7 +9,9 @@ ids replaced by a pad id, ids clamped). Pixel inputs are the floating-point mode
 token input, the integer inputs stand for the token stream (blocks are still found).
 
 **Boundary.** Every node is tainted by what it depends on (pixels, tokens). The first floating-point
-node that depends on both is where visual features meet the token stream. Its op classifies it:
+node that depends on both, and on the embeddings the token input looks up, is where visual features meet the token
+stream (a value computed from the ids alone, such as time or position embeddings derived from the placeholder runs,
+may modulate the features before that without being the merge). Its op classifies it:
 ``masked_scatter`` / ``index_put`` / ``where``-like ops write features into placeholder positions
 (``scatter``); ``cat`` concatenates them with text embeddings (``concat``); attention ops take them
 as keys/values (``cross_attention``). An additive merge computes ``sequence[positions] + features``
@@ -275,11 +277,12 @@ def _taint(flow, order, token_stream: list[str], vision_inputs) -> dict[str, int
 # ------------------------------------------------------------------------------------- boundary
 def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inputs, blocks: list[Block],
               vision_end: int, notes) -> Boundary | None:
-    merge = next((k for k in order if taint[k] == PIXELS | TOKENS and _is_float(flow, k)
+    embedded = _embedded(flow, token_input)
+    merge = next((k for k in order if taint[k] == PIXELS | TOKENS and k in embedded and _is_float(flow, k)
                   and flow.nodes[k]["op"] not in PLACEHOLDER_OPS and len(flow.nodes[k]["shape"] or ()) >= 2), None)
     if merge is None:
         notes.append(f"no vision boundary found: no floating-point node depends on both the pixel inputs "
-                     f"{vision_inputs} and the token input '{token_input}'")
+                     f"{vision_inputs} and the embeddings of the token input '{token_input}'")
         return None
     merge = _written_back(flow, taint, merge)
     op = flow.nodes[merge]["op"]
@@ -305,6 +308,15 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
                     _producer_module(flow, visual, merge), tokens_per_image,
                     images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
                     _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views, padding)
+
+
+def _embedded(flow: nx.DiGraph, token_input: str) -> set[str]:
+    """The nodes that depend on an embedding lookup the token input indexes (through data movement and id masking,
+    :func:`_ids_source`), the lookups included."""
+    lookups = [k for k in flow.nodes if flow.nodes[k]["op"] == "embedding" and any(
+        _is_ids(flow, p) and flow.nodes[origin := _ids_source(flow, p)]["op"] == "input"
+        and flow.nodes[origin]["source"] == token_input for p in flow.predecessors(k))]
+    return set(lookups).union(*(nx.descendants(flow, k) for k in lookups))
 
 
 def _written_back(flow, taint, merge: str) -> str:

@@ -4,10 +4,11 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hf_models
 import tiny_llava
-from stsc import inspect
+from stsc import inspect, sparsify
 from stsc.layout import images_in, pictures_in
 
 TINY_BLOCKS = [f"decoder.layers.{i}" for i in range(4)]
@@ -163,6 +164,34 @@ def test_visual_tokens_walk_back_past_type_as_to_the_projector():
     assert boundary.producer_module == "model.multi_modal_projector"
     assert boundary.visual_shape == (2, 16, 64)
 
+
+class TimeScaledFeatures(tiny_llava.TinyLlava):
+    """The vision features are multiplied by a cosine of each placeholder's rank in its row, computed from the ids
+    alone (as rotary time embeddings of audio clips are), then projected and written into the placeholders."""
+
+    def forward(self, input_ids, pixel_values, attention_mask, labels):
+        placeholders = input_ids == tiny_llava.IMAGE_TOKEN_ID
+        features = self.vision(pixel_values)
+        ranks = placeholders.float().cumsum(1)[:, 1:1 + features.shape[1], None]
+        features = self.projector(features * torch.cos(0.1 * ranks))
+        embeds = self.decoder.embed_tokens(input_ids)
+        embeds = embeds.masked_scatter(placeholders[..., None].expand_as(embeds), features)
+        logits = self.lm_head(self.decoder(embeds, attention_mask))
+        return {"loss": F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)}
+
+
+def test_features_scaled_by_values_of_the_ids_alone_merge_where_they_meet_the_embeddings():
+    """The product of the features and the ids' cosines depends on pixels and tokens, but not on the embeddings the
+    token input looks up: the merge is the later write into the embedded sequence; the visual tokens, the last value
+    computed from the pixels alone, are the vision encoder's output."""
+    torch.manual_seed(0)
+    model = TimeScaledFeatures(tiny_llava.TinyLlavaConfig()).train()
+    inputs = tiny_llava.example_inputs(model)
+    sparse = sparsify(model, "vtc", inputs)
+    b = sparse.report.model.boundary
+    assert (b.kind, b.merge_op, b.producer_module, b.tokens_per_image) == ("scatter", "masked_scatter", "vision", 64)
+    sparse(**inputs)["loss"].backward()
+    assert sparse.runtimes["compress_visual_tokens"].last_plan.kept == 64  # 32 of each image's 64
 
 def test_blocks_are_found_without_a_token_input(tiny, monkeypatch):
     """Where no token input is found, the integer inputs stand for the token stream: skipping still works."""

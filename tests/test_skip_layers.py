@@ -154,3 +154,63 @@ def test_report_gives_the_mean_skip_fraction(tiny):
     model = copy.deepcopy(tiny[0])
     _, info = skip_pass(model, tiny[1], alpha=0.6, eps=0.5)
     assert info.details["mean_skip_fraction_over_stage"] == pytest.approx(0.6 / 3, rel=1e-3)
+
+
+class SelectingBlock(torch.nn.Module):
+    """A residual block that attends only to the top-k positions it selects from its hidden state (``selects``), or
+    to those the block before it selected (``previous``, passed on); it returns the selection with its hidden state."""
+
+    def __init__(self, dim, selects):
+        super().__init__()
+        self.score = torch.nn.Linear(dim, dim) if selects else None
+        self.value, self.out = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, hidden, previous=None):
+        selection = previous if self.score is None else (hidden @ self.score(hidden).transpose(1, 2)).topk(3).indices
+        b, t, d = hidden.shape
+        picked = self.value(hidden).gather(1, selection.reshape(b, -1, 1).expand(-1, -1, d)).view(b, t, 3, d)
+        return hidden + self.out(picked.mean(2)), selection
+
+
+class SelectingStack(torch.nn.Module):
+    """Blocks 0, 1 and 4 select, blocks 2 and 3 reuse the selection before them; each block's selection is its
+    second output, which the stack passes to the next block."""
+
+    def __init__(self, dim=16, vocab=32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.layers = torch.nn.ModuleList(SelectingBlock(dim, selects) for selects in (1, 1, 0, 0, 1))
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, labels):
+        hidden, selection = self.embed(input_ids), None
+        for layer in self.layers:
+            hidden, selection = layer(hidden, previous=selection)
+        logits = self.head(hidden)
+        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+def test_a_skipped_block_passes_on_the_selection_it_received():
+    """Skipped, a block returns its hidden input and the selection of the block before it, which the next block reads
+    as the stack without it would; the first block receives none (nothing to pass on), so it is kept."""
+    torch.manual_seed(0)
+    model = SelectingStack().train()
+    ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "labels": ids}
+    original = copy.deepcopy(model)
+    skipper, info = skip_pass(model, inputs)
+    assert info.details["skippable"] == [f"layers.{i}" for i in range(1, 5)]
+    assert info.details["not_skippable"] == {"layers.0": "its output has other tensors besides the hidden state that "
+                                             "it does not receive from the block before it (to pass them on when "
+                                             "skipped), or it did not run"}
+    skipper.force([1, 3])
+    out = run(model, inputs)
+    assert skipper.last_skipped == [1, 3]
+    reference = copy.deepcopy(original)
+    for i in (1, 3):
+        reference.layers[i].forward = lambda hidden, previous=None: (hidden, previous)
+    torch.testing.assert_close(out["logits"], run(reference, inputs)["logits"], rtol=0, atol=0)
+    assert not torch.equal(out["logits"], run(original, inputs)["logits"])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs)["logits"], run(original.eval(), inputs)["logits"])

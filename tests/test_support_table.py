@@ -29,12 +29,7 @@ from stsc.capture import forward_kwargs  # noqa: E402
 COLUMNS = ("family", "class", "capture", "inspect", "compress", "skip", "eval", "compile")
 # Families examples/hf_models.py builds whose structure the matcher does not handle yet (issue 23): left out of the
 # table until it does, each with what inspect / sparsify report and why.
-NOT_IN_TABLE = {
-    "musicflamingo": "compression refused: rotary time embeddings computed from the placeholder runs multiply the "
-                     "audio features before the merge, and that mul is taken as the boundary",
-    "hy_v4_vl": "skipping refused: every block returns the indexer's top-k selection besides its hidden state, which "
-                "the next block reads",
-}
+NOT_IN_TABLE: dict[str, str] = {}
 BEGIN, END = "<!-- support table: measured by tests/test_support_table.py -->", "<!-- end of support table -->"
 
 
