@@ -45,7 +45,7 @@ import hf_models  # noqa: E402
 
 from stsc import sparsify  # noqa: E402
 from stsc.policy import parse_policy  # noqa: E402
-from timing import add_device_arguments, alternate, device_and_dtype  # noqa: E402
+from timing import add_device_arguments, alternate, describe, device_and_dtype, on_device  # noqa: E402
 
 PATCHES = range(8, 33, 4)  # image height / width in patches; 2 x 2 patches make one token
 MEGABATCH = 8  # batches per mega-batch sorted by length (LLaVA's group_by_modality_length on 8 GPUs)
@@ -115,8 +115,7 @@ def measure(batches: list, copies: dict, keep_ratio: float, repeats: int, device
     totals = {"batches": len(batches), "padded": 0, "ideal": 0, "rows": 0, "flops_dense": 0, "flops_ideal": 0,
               **{f"positions_{name}": 0 for name in copies}, **{f"seconds_{name}": 0.0 for name in copies}}
     for rows in batches:
-        inputs = hf_models.padded_inputs("qwen2_vl", rows, "right")
-        inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+        inputs = on_device(hf_models.padded_inputs("qwen2_vl", rows, "right"), device, dtype)
         batch, length = inputs["input_ids"].shape
         seconds = alternate([train_step(model, inputs) for model in copies.values()], repeats, warmup=1,
                             device=device)
@@ -158,8 +157,7 @@ def main(argv=None):
     samples = draw_samples(args.samples, args.seed)
     print(f"{len(samples)} samples ({sum(not s[0] for s in samples)} text only, "
           f"{sum(len(s[0]) > 1 for s in samples)} with several images), batch {args.batch}, decoder {args.layers} x "
-          f"{args.hidden}, keep_ratio {args.keep_ratio}, {device} {str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads")
+          f"{args.hidden}, keep_ratio {args.keep_ratio}, {describe(device, dtype)}")
     print(f"{'batching':<9} {'padding':<8} {'positions':>9} {'of padded':>9} {'of ideal':>8} {'step s':>7} "
           f"{'speed-up':>8} {'ideal':>6} {'of ideal':>8}")
     results = {}
