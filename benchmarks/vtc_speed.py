@@ -24,7 +24,7 @@ the expanded sequence included). Last line (decoder part, the last keep ratio, 0
 
 The default width 512 keeps the decoder's matrices large enough that the FLOPs count describes
 their cost; at width 256 per-call overheads the count ignores cost about a tenth of the ideal at
-keep_ratio 0.25 (both are in the README).
+keep_ratio 0.25 (both are in docs/benchmarks.md, "VTC speed").
 """
 
 from __future__ import annotations

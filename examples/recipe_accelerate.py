@@ -4,7 +4,7 @@ gradient accumulation.
     python examples/recipe_accelerate.py [--epochs 2 --accumulation 2]          # or: accelerate launch ...
 
 ``sparsify`` first, then ``accelerator.prepare`` (it wraps the ``SparseModel``'s forward in autocast on a bf16 run,
-and in DDP on several processes: see the README's DDP section for ``stsc.integrations.ddp.attach``). The schedule
+and in DDP on several processes: see docs/training.md, "DDP", for ``stsc.integrations.ddp.attach``). The schedule
 moves once per optimizer step, ``set_progress(step=...)`` with ``steps_per_epoch``; every micro-batch of a step
 draws its own decisions, and a block skipped in all of them keeps ``.grad = None``. Batches are right-padded rows
 of one image or text only, mixed. On CPU, ``mixed_precision="bf16"`` runs under CPU autocast.

@@ -142,6 +142,12 @@ class StepLog:
         """The blocks each training forward skipped."""
         return [[i for i in range(len(self.blocks)) if i not in entry["ran"]] for entry in self.forwards]
 
+    def print_steps(self, losses: list[float]) -> None:
+        """A line per training forward: its stage, the padded and decoder lengths, the blocks skipped, the loss."""
+        for entry, skipped, loss in zip(self.forwards, self.skipped(), losses):
+            print(f"{entry['stage']:<12} padded {entry['padded']:>3}  decoder {entry['decoder']:>3}  skipped {skipped}  "
+                  f"loss {loss:.4f}")
+
 
 def freeze_all_but(model: nn.Module, *prefixes: str) -> None:
     """Train only the parameters whose names start with one of ``prefixes``."""

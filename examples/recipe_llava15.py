@@ -95,9 +95,7 @@ def run_stage(model, policy: str, stage: str, rows: list[dict], out: str) -> dic
                            callbacks=[StscCallback(sparse), RecordGradients(log)])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    for entry, skipped, loss in zip(log.forwards, log.skipped(), losses):
-        print(f"{stage:<12} padded {entry['padded']:>3}  decoder {entry['decoder']:>3}  skipped {skipped}  "
-              f"loss {loss:.4f}")
+    log.print_steps(losses)
     log.remove()
     sparse.unwrap()  # the stage is over: the model is dense again, with its trained weights
     return {"forwards": log.forwards, "skipped": log.skipped(), "gradients": log.gradients, "losses": losses,

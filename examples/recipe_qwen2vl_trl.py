@@ -66,9 +66,7 @@ def main(argv=None) -> dict:
                              callbacks=[StscCallback(sparse), RecordGradients(log)])
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    for entry, skipped, loss in zip(log.forwards, log.skipped(), losses):
-        print(f"{entry['stage']:<12} padded {entry['padded']:>3}  decoder {entry['decoder']:>3}  skipped {skipped}  "
-              f"loss {loss:.4f}")
+    log.print_steps(losses)
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
     return {"forwards": log.forwards, "skipped": log.skipped(), "gradients": log.gradients, "losses": losses,
             "trainable": trainable, "trainer": trainer, "sparse": sparse}

@@ -28,6 +28,7 @@ import contextlib
 import inspect
 import sys
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ from .savings import stage_expectation
 
 __all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "model_loss", "sparsify"]
 
+_SPARSIFIED: weakref.WeakSet = weakref.WeakSet()  # the models a SparseModel installs its passes on
 ON_EXAMPLE, ON_FIRST_BATCH = "the example inputs", "the first training batch"  # where the stages were checked
 
 
@@ -98,6 +100,10 @@ class SparseModel(nn.Module):
 
     def __init__(self, model: nn.Module, policy: Policy, example_inputs: dict | None = None, stage: str | None = None,
                  steps_per_epoch: int | None = None, verify: bool = True):
+        if isinstance(model, SparseModel) or model in _SPARSIFIED:
+            raise UnsupportedModelError("this model is already sparsified: its passes are installed on it; call "
+                                        "sparsify() once on the original model (sparse.unwrap() removes the passes "
+                                        "and returns it)")
         super().__init__()
         self.model = model
         self.verify = verify
@@ -125,6 +131,7 @@ class SparseModel(nn.Module):
             raise ValueError("sparsify() of a model whose weights hold no data here (on the meta device, or "
                              "partitioned by ZeRO-3) needs example_inputs, to capture it from their shapes before an "
                              "engine wraps it: one batch's forward keyword arguments, real tensors or on the meta device")
+        _SPARSIFIED.add(model)
 
     # ------------------------------------------------------------------------------- public API
     @property
@@ -218,6 +225,7 @@ class SparseModel(nn.Module):
         Call it when training with the policy is over: a later ``set_progress`` installs the passes again.
         """
         self._deactivate()
+        _SPARSIFIED.discard(self.model)
         return self.model
 
     def _forward(self, *args, **kwargs):

@@ -366,7 +366,7 @@ def test_the_saved_program_takes_the_models_keyword_inputs(tmp_path):
         torch.export.save(graph.exported, tmp_path / f"stage_{name}.pt2")
         program = torch.export.load(tmp_path / f"stage_{name}.pt2").module()
         assert list(inspect.signature(program.forward).parameters) == list(inputs)
-        if skipped is not None:  # set as the README says
+        if skipped is not None:  # set as docs/lowerings.md, "Saved .pt2 programs", says
             program.stsc_skip = torch.tensor([i in skipped for i in range(4)])
         else:
             program.stsc_step = torch.tensor([3, 0])

@@ -194,3 +194,15 @@ def test_schedule_state_loaded_before_the_first_call_applies_at_capture():
     lazy(**inputs)
     assert lazy.stage == "instruction" and lazy.runtimes["skip_layers"].progress == pytest.approx(0.5)
     assert lazy.step == 7
+
+
+def test_a_model_sparsified_twice_is_refused_until_unwrapped():
+    model, inputs = fresh()
+    sparse = sparsify(model, "sts", inputs, steps_per_epoch=2)
+    message = ("this model is already sparsified: its passes are installed on it; call sparsify() once on the original "
+               "model (sparse.unwrap() removes the passes and returns it)")
+    for again in (model, sparse):
+        with pytest.raises(UnsupportedModelError) as err:
+            sparsify(again, "sts", inputs)
+        assert str(err.value) == message
+    assert sparsify(sparse.unwrap(), "sts", inputs, steps_per_epoch=2).report.model.blocks

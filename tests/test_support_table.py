@@ -1,6 +1,6 @@
-"""The README's support table is measured: every family the tests build, and what works on it.
+"""The support table (docs/families.md) is measured: every family the tests build, and what works on it.
 
-    python tests/test_support_table.py [family ...]     prints the measured rows, to paste into README.md
+    python tests/test_support_table.py [family ...]     prints the measured rows, to paste into docs/families.md
 
 Columns: how the model was captured; ``inspect`` finds every decoder block and the visual tokens per image;
 ``compress`` trains two steps of the ``sts`` alignment stage with fewer visual tokens reaching the decoder;
@@ -120,8 +120,8 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
-def readme_rows() -> dict[str, dict]:
-    text = (ROOT / "README.md").read_text()
+def table_rows() -> dict[str, dict]:
+    text = (ROOT / "docs" / "families.md").read_text()
     table = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip().splitlines()[2:]
     rows = [dict(zip(COLUMNS, (cell.strip().strip("`") for cell in line.strip("|").split("|")))) for line in table]
     return {row["family"]: row for row in rows}
@@ -136,13 +136,13 @@ def in_table() -> list[str]:
 
 
 def test_the_table_lists_every_family_the_tests_build():
-    assert list(readme_rows()) == in_table() and set(NOT_IN_TABLE) <= set(hf_models.BUILDERS)
+    assert list(table_rows()) == in_table() and set(NOT_IN_TABLE) <= set(hf_models.BUILDERS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", in_table())
 def test_the_table_row_is_what_is_measured(family):
-    assert measure(family) == readme_rows()[family]
+    assert measure(family) == table_rows()[family]
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Rank 0 prints one line per step and ``RESULT ok ...`` at the end; the first disa
 ``MISMATCH step N: ...`` and exits 1.
 
 DeepSpeed's ZeRO optimizer steps a flat partition with one AdamW step count, so there the reference
-counts every optimizer step for every parameter (see the README); everything else is plain PyTorch.
+counts every optimizer step for every parameter (see docs/training.md, "DeepSpeed ZeRO-2 and ZeRO-3"); everything else is plain PyTorch.
 ``--no-attach`` leaves out the engine's stsc integration (DDP and DeepSpeed refuse to train then);
 ``--break-seed`` gives rank 1 another policy seed, which the reference check must catch.
 
