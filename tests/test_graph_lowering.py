@@ -278,6 +278,7 @@ def test_the_sequence_length_is_dynamic_and_eval_is_the_dense_model():
     graph.train()
 
 
+@pytest.mark.slow
 def test_one_compiled_graph_serves_every_skip_pattern_and_the_compression():
     """torch.compile of each stage's graph: one graph, no recompilation over 52 random skip patterns."""
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
@@ -407,7 +408,7 @@ QUARTER_WITH_DENSE_FORWARDS = parse_policy(
 @pytest.mark.parametrize("policy, stage, dynamic, pattern", [
     ("sts", "instruction", None, [1, 2]),
     pytest.param("sts", "alignment", True, None, marks=pytest.mark.slow),
-    (QUARTER_WITH_DENSE_FORWARDS, "alignment", True, None)])  # on the image grid; step 2 is drawn dense
+    pytest.param(QUARTER_WITH_DENSE_FORWARDS, "alignment", True, None, marks=pytest.mark.slow)])  # step 2 dense
 def test_the_compile_backend_rewrites_dynamos_graph_and_equals_the_module_lowering(policy, stage, dynamic, pattern):
     model, inputs = build("tiny")
     reference = copy.deepcopy(model)

@@ -109,6 +109,7 @@ def quick(tmp_path_factory):
     return out, result, at_entry
 
 
+@pytest.mark.slow
 def test_quick_run_trains_every_policy_and_the_sparse_ones_compress_and_skip(quick):
     out, result, _ = quick
     runs = result["seeds"][0]["runs"]
@@ -129,6 +130,7 @@ def test_quick_run_trains_every_policy_and_the_sparse_ones_compress_and_skip(qui
     assert [s.name for s in proposed.stages] == ["alignment", "instruction"]
 
 
+@pytest.mark.slow
 def test_the_encoder_is_frozen_and_alignment_trains_the_projector_alone(quick):
     _, result, at_entry = quick
     pretrained = torch.load(result["pretrained"]["cache"], weights_only=True)["state"]
@@ -145,6 +147,7 @@ def test_the_encoder_is_frozen_and_alignment_trains_the_projector_alone(quick):
         assert all(p.grad is None and not p.requires_grad for p in model.vision.parameters())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_result_json_and_plot(quick):
     out, result, _ = quick
     assert set(result["result"]) == {"accuracy_dense", "accuracy_sts", "retention", "speedup", "best_policy",
