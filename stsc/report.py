@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from .capture import capture
-from .errors import CaptureError, looking_for
+from .errors import CaptureError, UnsupportedModelError, looking_for
 from .match import Block, Boundary, Structure, match
 from .registry import available_passes, get_pass
 
@@ -86,8 +87,15 @@ def _pictures(views: list[tuple[int, int, int, int]]) -> str:
             + ", ".join(f"row {row} positions {first}-{last}" for row, first, last, _ in views))
 
 
+SPARSIFIED: weakref.WeakSet = weakref.WeakSet()  # the models a SparseModel has installed its passes on
+
+
 def capture_and_match(model: nn.Module, example_inputs: dict) -> tuple[Structure, Report]:
     """Capture ``model(**example_inputs)``, match it, and report what was found."""
+    if model in SPARSIFIED:
+        raise UnsupportedModelError("this model is already sparsified: its passes are installed on it; call "
+                                    "sparsify() once on the original model (sparse.unwrap() removes the passes and "
+                                    "returns it)")
     start = time.perf_counter()
     with looking_for("capture: a graph of the model's forward on the example inputs", CaptureError):
         cap = capture(model, example_inputs)

@@ -28,7 +28,6 @@ import contextlib
 import inspect
 import sys
 import warnings
-import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,12 +39,11 @@ from .errors import UnsupportedModelError, looking_for
 from .lowering.graph import graph_problem
 from .policy import Policy, Stage, load_policy
 from .registry import PassInfo, get_pass
-from .report import Report, capture_and_match
+from .report import SPARSIFIED, Report, capture_and_match
 from .savings import stage_expectation
 
 __all__ = ["SparseModel", "SparseReport", "StageReport", "UnsupportedModelError", "model_loss", "sparsify"]
 
-_SPARSIFIED: weakref.WeakSet = weakref.WeakSet()  # the models a SparseModel installs its passes on
 ON_EXAMPLE, ON_FIRST_BATCH = "the example inputs", "the first training batch"  # where the stages were checked
 
 
@@ -100,10 +98,8 @@ class SparseModel(nn.Module):
 
     def __init__(self, model: nn.Module, policy: Policy, example_inputs: dict | None = None, stage: str | None = None,
                  steps_per_epoch: int | None = None, verify: bool = True):
-        if isinstance(model, SparseModel) or model in _SPARSIFIED:
-            raise UnsupportedModelError("this model is already sparsified: its passes are installed on it; call "
-                                        "sparsify() once on the original model (sparse.unwrap() removes the passes "
-                                        "and returns it)")
+        if isinstance(model, SparseModel):
+            model = model.model  # refused as already sparsified, when it is captured
         super().__init__()
         self.model = model
         self.verify = verify
@@ -131,7 +127,6 @@ class SparseModel(nn.Module):
             raise ValueError("sparsify() of a model whose weights hold no data here (on the meta device, or "
                              "partitioned by ZeRO-3) needs example_inputs, to capture it from their shapes before an "
                              "engine wraps it: one batch's forward keyword arguments, real tensors or on the meta device")
-        _SPARSIFIED.add(model)
 
     # ------------------------------------------------------------------------------- public API
     @property
@@ -225,7 +220,7 @@ class SparseModel(nn.Module):
         Call it when training with the policy is over: a later ``set_progress`` installs the passes again.
         """
         self._deactivate()
-        _SPARSIFIED.discard(self.model)
+        SPARSIFIED.discard(self.model)
         return self.model
 
     def _forward(self, *args, **kwargs):
@@ -257,11 +252,16 @@ class SparseModel(nn.Module):
         """Capture and match the model (from its weights' shapes when they hold no data), then bind if they do."""
         self._inputs = dict(example_inputs)
         self._structure, model_report = capture_and_match(self.model, self._inputs)
+        SPARSIFIED.add(self.model)  # a later capture of it is refused: the passes are about to be installed on it
         self.report = SparseReport(model_report)
-        if self._compile_kwargs is not None:
-            self._compile_blocks()
-        if holds_data(self.model):
-            self._bind(self._inputs, ON_EXAMPLE)
+        try:
+            if self._compile_kwargs is not None:
+                self._compile_blocks()
+            if holds_data(self.model):
+                self._bind(self._inputs, ON_EXAMPLE)
+        except BaseException:
+            SPARSIFIED.discard(self.model)  # refused, nothing installed: the model may be sparsified again
+            raise
 
     @torch.compiler.disable
     def _bind(self, inputs: dict, on: str) -> None:

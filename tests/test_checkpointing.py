@@ -155,6 +155,8 @@ def test_reentrant_checkpointing_leaves_the_matched_structure_unchanged(family):
     """Every family: the blocks and boundary found with reentrant checkpointing on equal those found without it
     (checked by hand for non-reentrant too: it leaves the captured graphs as they are)."""
     model, inputs = hf_models.BUILDERS[family]()
+    if not model.supports_gradient_checkpointing:
+        pytest.skip(f"{type(model).__name__} does not support activation checkpointing")
     expected = structure(inspect(model, inputs))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     assert structure(inspect(model, inputs)) == expected

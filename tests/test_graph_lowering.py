@@ -302,7 +302,7 @@ def test_one_compiled_graph_serves_every_skip_pattern_and_the_compression():
 @pytest.mark.slow
 def test_a_model_that_does_not_export_says_so():
     model, inputs = hf_models.qwen2_vl()
-    sparse = sparsify(model, "sts", inputs)
+    sparse = sparsify(copy.deepcopy(model), "sts", inputs)
     assert sparse.report.stages[0].lowerings["graph"].startswith("not available: the model does not export "
                                                                  "(torch.export failed: ")
     assert sparse.report.stages[0].lowerings["modules"] == "ok"

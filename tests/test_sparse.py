@@ -7,7 +7,7 @@ import torch
 
 import hf_models
 import tiny_llava
-from stsc import UnsupportedModelError, sparsify
+from stsc import UnsupportedModelError, inspect, sparsify
 from stsc.capture import forward_kwargs
 from stsc.policy import PolicyError, parse_policy
 
@@ -201,8 +201,9 @@ def test_a_model_sparsified_twice_is_refused_until_unwrapped():
     sparse = sparsify(model, "sts", inputs, steps_per_epoch=2)
     message = ("this model is already sparsified: its passes are installed on it; call sparsify() once on the original "
                "model (sparse.unwrap() removes the passes and returns it)")
-    for again in (model, sparse):
+    for again in (lambda: sparsify(model, "sts", inputs), lambda: sparsify(sparse, "sts", inputs),
+                  lambda: inspect(model, inputs)):
         with pytest.raises(UnsupportedModelError) as err:
-            sparsify(again, "sts", inputs)
+            again()
         assert str(err.value) == message
     assert sparsify(sparse.unwrap(), "sts", inputs, steps_per_epoch=2).report.model.blocks
