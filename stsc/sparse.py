@@ -220,7 +220,8 @@ class SparseModel(nn.Module):
         Call it when training with the policy is over: a later ``set_progress`` installs the passes again.
         """
         self._deactivate()
-        SPARSIFIED.discard(self.model)
+        if self._structure is not None:  # this wrapper captured the model: its mark is this wrapper's to lift
+            SPARSIFIED.discard(self.model)
         return self.model
 
     def _forward(self, *args, **kwargs):

@@ -206,4 +206,8 @@ def test_a_model_sparsified_twice_is_refused_until_unwrapped():
         with pytest.raises(UnsupportedModelError) as err:
             again()
         assert str(err.value) == message
+    never_captured = sparsify(model, "sts")  # refused at its first call; unwrapping it leaves the first one's mark
+    never_captured.unwrap()
+    with pytest.raises(UnsupportedModelError, match="already sparsified"):
+        inspect(model, inputs)
     assert sparsify(sparse.unwrap(), "sts", inputs, steps_per_epoch=2).report.model.blocks
