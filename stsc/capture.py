@@ -55,6 +55,7 @@ import networkx as nx
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import CaptureError, first_line
@@ -269,7 +270,7 @@ def _trace(model: nn.Module, kwargs: dict, meta_weights: bool) -> tuple[fx.Graph
     try:
         with _quiet("torch.fx.experimental.proxy_tensor", "torch.fx.experimental.symbolic_shapes"), \
                 _no_stack_traces(), _one_fake_mode(), \
-                _MetaWeights() if meta_weights else contextlib.nullcontext():
+                _meta_weights(_device_of(kwargs)) if meta_weights else contextlib.nullcontext():
             gm = make_fx(run, tracing_mode="real", record_module_stack=True,
                          _error_on_data_dependent_ops=False)(*call.values(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: fall back, and say why
@@ -286,17 +287,30 @@ class _MetaWeights(TorchDispatchMode):
     computed from the inputs alone runs for real, so the trace specializes to the example as the real-tensor trace
     does (per-image sizes, positions, masks); an op that also reads a ``meta`` tensor (a weight, or anything computed
     from one) runs on the ``meta`` device, real operands moved there (boolean index masks first made integer indices,
-    as their count is a shape). Moving a real value to the ``meta`` device keeps it real. An op that would write a
-    ``meta`` value into a real tensor fails (the trace falls back to dynamo, with the reason)."""
+    as their count is a shape). Moving a real value to the ``meta`` device keeps it real, and so does making an integer
+    or boolean tensor from no tensor on it (``torch.arange(n, device=weight.device)``: positions, lengths and masks,
+    which decide shapes; it is made on ``device``, the inputs'). An op that would write a ``meta`` value into a real
+    tensor fails (the trace falls back to dynamo, with the reason)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if not any(t.is_meta for t in tensors) or all(t.is_meta for t in tensors):
-            if func is torch.ops.aten._to_copy.default and not args[0].is_meta and kwargs.get("device") is not None \
+        if not tensors and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
+            made = func(*args, **kwargs)
+            if isinstance(made, torch.Tensor) and not (made.is_floating_point() or made.is_complex()):
+                return func(*args, **{**kwargs, "device": self.device})
+            return made
+        if not any(t.is_meta for t in tensors):
+            if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None \
                     and torch.device(kwargs["device"]).type == "meta":
                 kwargs = {k: v for k, v in kwargs.items() if k != "device"}
             return func(*args, **kwargs)
+        if all(t.is_meta for t in tensors):
+            return _on_meta(func, args, kwargs)
         written = func._schema.arguments[0].alias_info
         if written is not None and written.is_write and not args[0].is_meta:
             raise RuntimeError(f"{func} writes a value computed from the weights into one computed from the inputs "
@@ -306,7 +320,47 @@ class _MetaWeights(TorchDispatchMode):
                        (index.nonzero(as_tuple=True) if _is_real_mask(index) else (index,))]
             args = (args[0], indices, *args[2:])
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        return _on_meta(func, args, kwargs)
+
+
+_BFLOAT16_ON_META = frozenset({torch.ops.aten._grouped_mm.default})  # meta kernels that take bfloat16 only
+
+
+def _on_meta(func, args, kwargs):
+    """``func`` on ``meta`` operands. A meta kernel that takes bfloat16 only (grouped matmul's: a CUDA kernel's limit,
+    not the CPU's; a mixture of experts in float32 calls it on ``meta``) computes the shape in bfloat16, and the result
+    is given the operands' dtype."""
+    dtype = next((t.dtype for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_floating_point()),
+                 torch.bfloat16)
+    if func not in _BFLOAT16_ON_META or dtype == torch.bfloat16:
         return func(*args, **kwargs)
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t,
+                                        (args, kwargs))
+    return func(*args, **kwargs).to(dtype)
+
+
+class _RealConstants(TorchFunctionMode):
+    """``torch.tensor(data, device=<meta>)`` of integers or booleans (a grid, a size: made from no weight) is made real
+    on ``device``, as :class:`_MetaWeights` makes the tensors other factories make (this constructor is not
+    dispatched)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.tensor and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
+            made = func(*args, **{**kwargs, "device": self.device})
+            return made.to("meta") if made.is_floating_point() or made.is_complex() else made
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _meta_weights(device: torch.device):
+    """The modes of the real-tensor trace of a model whose weights are ``meta`` stand-ins (inputs on ``device``)."""
+    with _RealConstants(device), _MetaWeights(device):
+        yield
 
 
 def _is_real_mask(index) -> bool:
@@ -380,6 +434,12 @@ def _quiet(*logger_names: str):
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _device_of(kwargs: dict) -> torch.device:
+    """Where the real tensors of ``kwargs`` are (the CPU where none is)."""
+    real = [t for t in pytree.tree_leaves(kwargs) if isinstance(t, torch.Tensor) and not t.is_meta]
+    return real[0].device if real else torch.device("cpu")
 
 
 def _to_model_device(model: nn.Module, kwargs: dict) -> dict:

@@ -5,7 +5,7 @@ A merge that writes visual features into the token sequence (``masked_scatter``,
 ids equal to an image token, several token ids or'ed together, a mask input of its own. The matcher slices that
 computation out of the captured graph(s): from the merge's mask operand back to the last node shaped
 like the token ids (``[batch, seq]``), and from there back to the model inputs. The slice becomes a
-small :class:`fx.GraphModule` (a :class:`PositionProgram`) that runs on any batch's inputs, so no
+small :class:`fx.GraphModule` (a :class:`PositionProgram`) that runs on any batch's inputs, on their device, so no
 placeholder id, input name or family rule is written anywhere. A ``cat`` merge needs no program: the
 visual tokens occupy a fixed range of slots (:class:`Slots`).
 """
@@ -32,7 +32,9 @@ class PositionProgram:
         if missing:
             raise ValueError(f"the visual positions are computed from the model inputs {', '.join(self.inputs)}; "
                              f"this call lacks {', '.join(missing)} as keyword tensor arguments")
-        return self.module(*(inputs[name] for name in self.inputs)).bool()
+        values = [inputs[name] for name in self.inputs]
+        with torch.device(values[0].device):  # what the program makes from no tensor is made beside its inputs
+            return self.module(*values).bool()
 
     @property
     def code(self) -> str:
@@ -89,6 +91,8 @@ def position_program(flow: nx.DiGraph, merge: str, token_shape: tuple) -> tuple[
         elif node.op in ("call_function", "call_method"):
             prefix = key.split(":", 1)[0]
             env[key] = graph.node_copy(node, lambda arg: env[f"{prefix}:{arg.name}"])
+            env[key].kwargs = {k: v for k, v in env[key].kwargs.items() if k != "device"}  # the capture's device
+            # (the meta device, for a model captured from its weights' shapes): the program runs where its inputs are
         else:
             return None, f"the mask's computation contains a {node.op} node ({node.name}) that cannot be replayed"
     graph.output(env[end])
