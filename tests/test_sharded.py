@@ -3,6 +3,9 @@ see test_deepspeed.py), captured and matched from their weights' shapes, bound a
 
 A model built on meta, sparsified, then materialized (``to_empty``) and loaded trains exactly as ``sparsify`` on the
 same model built directly: the same structure, the same decisions, the same losses and parameters at every step.
+
+    python tests/test_sharded.py [family ...]     every family hf_models builds (or those named), built on meta and
+                                                  matched, against the family built directly: ``same`` or why not
 """
 
 import copy
@@ -14,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_models
-import tiny_llava
-import stsc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # as conftest.py does, run as a script
+import hf_models  # noqa: E402
+import tiny_llava  # noqa: E402
+import stsc  # noqa: E402
 from stsc import CaptureError, UnsupportedModelError, sparsify
 from stsc.policy import parse_policy
 
@@ -267,3 +271,13 @@ def test_llava_1_5_7b_and_qwen2_5_vl_72b_shapes_on_meta_are_matched():
                                                "qwen2.5-vl-72b": ("trace", 80, "scatter", 64, "model.language_model")}
     assert all(row["support"] == {"compress_visual_tokens": "ok", "skip_layers": "ok"} for row in rows.values())
     assert rows["qwen2.5-vl-72b"]["params_b"] > 72
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or hf_models.BUILDERS:
+        try:
+            direct, meta, inputs = on_meta(hf_models.BUILDERS[name])
+            same = found(stsc.inspect(meta, inputs), inputs) == found(stsc.inspect(direct, inputs), inputs)
+            print(f"{name:28s} {'same' if same else 'DIFFERENT'}", flush=True)
+        except (CaptureError, UnsupportedModelError) as error:
+            print(f"{name:28s} {type(error).__name__}: {str(error)[:160]}", flush=True)
