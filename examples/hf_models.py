@@ -31,6 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
+(n) More audio-language families, one clip per row as in (i): fun_asr_nano.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1822,6 +1823,27 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+# ------------------------------------------------------------------------- (n) more audio-language families
+def fun_asr_nano(layers=3):
+    """FunAsrNanoForConditionalGeneration: a SAN-M encoder (attention with an FSMN memory) over low-frame-rate
+    features (7 mel frames stacked per step), projected and passed through adaptor layers, one token per step (16
+    steps -> 16 tokens), ``[bos, <|object_ref_start|> x 16, <|im_end|>, text]``, Qwen3 text."""
+    from transformers import FunAsrNanoConfig, FunAsrNanoForConditionalGeneration
+
+    audio_token, end, steps = 4, 5, 16
+    audio = _vit(dict, model_type="fun_asr_nano_encoder", num_mel_bins=MEL, num_timestamp_prediction_layers=1,
+                 fsmn_kernel_size=3, max_position_embeddings=CLIP_FRAMES, hidden_dropout=0.0, attention_dropout=0.0)
+    adaptor = dict(hidden_size=64, intermediate_size=16, num_attention_heads=4, num_hidden_layers=1,
+                   projector_hidden_size=64)
+    cfg = FunAsrNanoConfig(audio_config=audio, adaptor_config=adaptor,
+                           text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
+                           audio_token_id=audio_token)
+    model = _seeded(FunAsrNanoForConditionalGeneration, cfg)
+    features = _pixels(BATCH, steps, MEL * cfg.audio_config.num_stacked_frames)
+    return _audio_rows(model, [BOS] + [audio_token] * steps + [end], features, steps, audio_token, _blocks(layers),
+                       input_features_mask=torch.ones(BATCH, steps, dtype=torch.long))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1858,4 +1880,6 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
+    # (n) more audio-language families
+    "fun_asr_nano": fun_asr_nano,
 }
