@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(n) More audio-language families, one clip per row as in (i): fun_asr_nano.
+(n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1692,15 +1692,20 @@ def granite_speech(layers=3):
     ``[bos, <|audio|> x 6, text]``, Granite text."""
     from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
 
+    return _granite_speech(GraniteSpeechConfig, GraniteSpeechForConditionalGeneration, layers)
+
+
+def _granite_speech(config_cls, model_cls, layers, encoder_width=32, **encoder_extra):
+    """Granite Speech and its variants: the Q-Former reads ``encoder_width`` features per frame."""
     audio_token, frames, tokens = 4, 30, 6
     encoder = dict(input_dim=MEL, num_layers=2, hidden_dim=32, num_heads=4, output_dim=8, context_size=15,
-                   dropout=0.0)
-    projector = dict(hidden_size=32, encoder_hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                   dropout=0.0, **encoder_extra)
+    projector = dict(hidden_size=32, encoder_hidden_size=encoder_width, num_hidden_layers=1, num_attention_heads=4,
                      intermediate_size=64, cross_attention_frequency=1, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
-    cfg = GraniteSpeechConfig(text_config=_text(layers=layers, model_type="granite"), encoder_config=encoder,
-                              projector_config=projector, audio_token_index=audio_token, has_lora_adapter=False)
-    model = _seeded(GraniteSpeechForConditionalGeneration, cfg)
+    cfg = config_cls(text_config=_text(layers=layers, model_type="granite"), encoder_config=encoder,
+                     projector_config=projector, audio_token_index=audio_token, has_lora_adapter=False)
+    model = _seeded(model_cls, cfg)
     return _audio_rows(model, [BOS] + [audio_token] * tokens, _pixels(BATCH, frames, MEL), tokens, audio_token,
                        _blocks(layers), input_features_mask=torch.ones(BATCH, tokens, dtype=torch.bool))
 
@@ -1844,6 +1849,15 @@ def fun_asr_nano(layers=3):
                        input_features_mask=torch.ones(BATCH, steps, dtype=torch.long))
 
 
+def granite_speech_plus(layers=3):
+    """GraniteSpeechPlusForConditionalGeneration: Granite Speech whose Q-Former reads the encoder's last features
+    concatenated with those after its first conformer layer (width 2 x 32), ``[bos, <|audio|> x 6, text]``."""
+    from transformers import GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration
+
+    return _granite_speech(GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration, layers,
+                           encoder_width=64, cat_hidden_layers=[1])
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1881,5 +1895,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (n) more audio-language families
-    "fun_asr_nano": fun_asr_nano,
+    "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
 }
