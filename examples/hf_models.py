@@ -31,7 +31,8 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus.
+(n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
+    moss_transcribe_diarize.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1858,6 +1859,26 @@ def granite_speech_plus(layers=3):
                            encoder_width=64, cat_hidden_layers=[1])
 
 
+def moss_transcribe_diarize(layers=3):
+    """MossTranscribeDiarizeForConditionalGeneration: a Whisper encoder over a window padded to 512 frames of which
+    400 are real (``input_features_mask``), a stride-2 conv, the real frames kept and every 4 concatenated and projected
+    (400 frames -> 50 tokens, 12.5 per second); the processor writes a time marker (the text "2", "4") after every 2
+    seconds of placeholders: ``[bos, <|audio_start|>, <|audio_pad|> x 25, 2, <|audio_pad|> x 25, 4, <|audio_end|>,
+    text]``, Qwen3 text. ``tokens_per_image`` counts the clip's two runs."""
+    from transformers import MossTranscribeDiarizeConfig, MossTranscribeDiarizeForConditionalGeneration
+
+    audio_token, start, end, two, four = 4, 5, 6, 50, 52
+    window, frames, run = 512, 400, 25
+    audio = _vit(dict, num_mel_bins=MEL, max_source_positions=window // 2)
+    cfg = MossTranscribeDiarizeConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16),
+                                      audio_token_id=audio_token)
+    model = _seeded(MossTranscribeDiarizeForConditionalGeneration, cfg)
+    prompt = [BOS, start] + [audio_token] * run + [two] + [audio_token] * run + [four, end]
+    mask = (torch.arange(window) < frames).long().expand(BATCH, -1)
+    return _audio_rows(model, prompt, _pixels(BATCH, MEL, window), 2 * run, audio_token, _blocks(layers),
+                       input_features_mask=mask)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1896,4 +1917,5 @@ BUILDERS = {
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (n) more audio-language families
     "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
+    "moss_transcribe_diarize": moss_transcribe_diarize,
 }
