@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
-    moss_transcribe_diarize.
+    moss_transcribe_diarize, nemotron3_5_transcribe.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1557,6 +1557,15 @@ def hy_v4_vl(layers=6):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+def _nemotron_h_text(layers, **extra):
+    """A Nemotron-H decoder config of Mamba-2, MoE, attention and MoE blocks (the pattern repeated)."""
+    pattern = ["linear_attention", "moe", "full_attention", "moe"]
+    return _text(layers=layers, head_dim=16, layers_block_type=(pattern * layers)[:layers], moe_intermediate_size=32,
+                 moe_shared_expert_intermediate_size=32, mlp_hidden_act="relu2", ssm_state_size=16, mamba_num_heads=8,
+                 n_groups=2, mamba_head_dim=16, conv_kernel=4, expand=2, chunk_size=8, n_routed_experts=4,
+                 num_experts_per_tok=2, **extra)
+
+
 def nemotron_h_omni(layers=4):
     """NemotronH_Omni_Reasoning_V3: a RADIO tower (class and register tokens dropped), 8 x 8 patches pixel-shuffled to
     16 tokens; a hybrid decoder of Mamba-2, attention and MoE blocks (three kinds), ``[bos, image x 16, text]``."""
@@ -1565,13 +1574,9 @@ def nemotron_h_omni(layers=4):
     image_token, side = 10, 8
     vision = _vit(dict, mlp_ratio=2.0, patch_size=PATCH, image_size=side * PATCH, max_img_size=64, num_cls_tokens=2,
                   num_registers=1, video_temporal_patch_size=2)
-    text = _text(layers=layers, head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
-                 moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, mlp_hidden_act="relu2",
-                 ssm_state_size=16, mamba_num_heads=8, n_groups=2, mamba_head_dim=16, conv_kernel=4, expand=2,
-                 chunk_size=8, n_routed_experts=4, num_experts_per_tok=2)
-    cfg = NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=text, audio_config=None,
-                                             vision_hidden_size=32, projector_hidden_size=64, downsample_ratio=0.5,
-                                             image_token_id=image_token, video_token_id=11)
+    cfg = NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=_nemotron_h_text(layers),
+                                             audio_config=None, vision_hidden_size=32, projector_hidden_size=64,
+                                             downsample_ratio=0.5, image_token_id=image_token, video_token_id=11)
     model = _seeded(NemotronH_Omni_Reasoning_V3, cfg)
     tokens = (side // 2) ** 2
     input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
@@ -1879,6 +1884,28 @@ def moss_transcribe_diarize(layers=3):
                        input_features_mask=mask)
 
 
+def nemotron3_5_transcribe(layers=4):
+    """Nemotron3_5TranscribeForConditionalGeneration: a speech encoder over 8 stacked frames, run in chunks of 8
+    encoder frames with 2 frames of context each side and written into one buffer, plus a speaker-diarization model on
+    the same spectrogram whose speaker activities are embedded and added (128 frames -> 16 tokens); the placeholder id
+    is past the vocabulary (looked up as 0), ``[bos, <|audio|> x 16, text]``, a Nemotron-H decoder."""
+    from transformers import Nemotron3_5TranscribeConfig, Nemotron3_5TranscribeForConditionalGeneration
+
+    frames, tokens, speakers = 128, 16, 4
+    encoder = _vit(dict, num_mel_bins=MEL)
+    diarization = dict(model_type="nemotron3_diarization", audio_config=encoder, chunk_length=8, chunk_left_context=2,
+                       chunk_right_context=2, fifo_length=8, speaker_cache_update_period=8,
+                       head_config=dict(hidden_size=16, num_speakers=speakers, audio_hidden_size=32),
+                       streaming_config=dict(num_speakers=speakers, speaker_cache_length=2 * speakers))
+    timestamps = _vit(dict, num_hidden_layers=1, vocab_size=16, blank_token_id=15)
+    cfg = Nemotron3_5TranscribeConfig(audio_config=dict(asr_config=encoder, diarization_config=diarization),
+                                      text_config=_nemotron_h_text(layers), word_timestamp_config=timestamps,
+                                      audio_token_id=VOCAB)
+    model = _seeded(Nemotron3_5TranscribeForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS] + [VOCAB] * tokens, _pixels(BATCH, frames, MEL), tokens, VOCAB, _blocks(layers),
+                       input_features_mask=torch.ones(BATCH, frames, dtype=torch.long))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1917,5 +1944,5 @@ BUILDERS = {
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (n) more audio-language families
     "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
-    "moss_transcribe_diarize": moss_transcribe_diarize,
+    "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
 }
