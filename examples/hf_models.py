@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
-    moss_transcribe_diarize, nemotron3_5_transcribe.
+    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1906,6 +1906,24 @@ def nemotron3_5_transcribe(layers=4):
                        input_features_mask=torch.ones(BATCH, frames, dtype=torch.long))
 
 
+def omniasr(layers=3):
+    """OmniASRForConditionalGeneration: a wav2vec2-style encoder on the raw waveform (two strided convs: 170 samples ->
+    16 frames, a convolutional position embedding), one token per frame; the prompt opens with the audio and closes
+    with the bos the transcription follows: ``[<extra_id_1> x 16, <|lang:...|>, bos, text]``, Llama text."""
+    from transformers import OmniASRConfig, OmniASRForConditionalGeneration
+
+    audio_token, language, bos, samples, tokens = 4, 5, 0, 170, 16
+    audio = _vit(dict, model_type="omniasr_audio", conv_dim=(32, 32), conv_kernel=(10, 3), conv_stride=(5, 2),
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, hidden_dropout=0.0, layerdrop=0.0,
+                 activation_dropout=0.0)
+    cfg = OmniASRConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16), audio_token_id=audio_token)
+    model = _seeded(OmniASRForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[audio_token] * tokens + [language, bos]] * BATCH)
+    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
+                  padding_mask=torch.ones(BATCH, samples, dtype=torch.long))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1945,4 +1963,5 @@ BUILDERS = {
     # (n) more audio-language families
     "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
     "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
+    "omniasr": omniasr,
 }
