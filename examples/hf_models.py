@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
-    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr.
+    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1924,6 +1924,27 @@ def omniasr(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
 
 
+def vibevoice_asr(layers=3):
+    """VibeVoiceAsrForConditionalGeneration: two frozen convolutional tokenizers (acoustic and semantic, run under
+    ``no_grad``) on the raw waveform, in chunks of 64 samples with a streaming padding cache, 8 samples per latent
+    (128 samples -> 16 tokens); noise is added to the acoustic latents (``sample``, the default); the two projected
+    latents are summed, ``[bos, <|object_ref_start|>, <|box_start|> x 16, <|object_ref_end|>, text]``, Qwen2 text."""
+    from transformers import VibeVoiceAsrConfig, VibeVoiceAsrForConditionalGeneration
+
+    audio_token, start, end, samples, tokens = 4, 5, 6, 128, 16
+    tokenizer = dict(model_type="vibevoice_acoustic_tokenizer_encoder", hidden_size=16, num_filters=8,
+                     downsampling_ratios=[2, 4], depths=[1, 1, 1])
+    cfg = VibeVoiceAsrConfig(acoustic_tokenizer_encoder_config=tokenizer,
+                             semantic_tokenizer_encoder_config={**tokenizer, "hidden_size": 24},
+                             text_config=_text(layers=layers, model_type="qwen2"), audio_token_id=audio_token,
+                             audio_bos_token_id=start, audio_eos_token_id=end, acoustic_tokenizer_chunk_size=64)
+    model = _seeded(VibeVoiceAsrForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, start] + [audio_token] * tokens + [end]] * BATCH)
+    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
+                  padding_mask=torch.ones(BATCH, samples, dtype=torch.bool))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1963,5 +1984,5 @@ BUILDERS = {
     # (n) more audio-language families
     "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
     "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
-    "omniasr": omniasr,
+    "omniasr": omniasr, "vibevoice_asr": vibevoice_asr,
 }
