@@ -32,7 +32,8 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
-    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr.
+    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr, voxtral_realtime (audio added onto
+    every position, no placeholders: refused by ``compress_visual_tokens``).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1945,6 +1946,25 @@ def vibevoice_asr(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
 
 
+def voxtral_realtime(layers=3):
+    """VoxtralRealtimeForConditionalGeneration: a causal streaming encoder (stride-2 conv, every 4 frames concatenated
+    and projected: 128 frames -> 16 positions) whose features are added onto every token embedding, one audio frame
+    per position (no placeholders): ``[bos, streaming pad x 7 (left pad and 6 delay tokens), text]``, the delay as
+    ``num_delay_tokens``; a Mistral decoder whose MLPs are scaled by a delay embedding. No position holds audio alone,
+    so stsc refuses to compress it (layer skipping works)."""
+    from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+
+    pad, delay, frames, positions = 3, 6, 128, 16
+    audio = _vit(dict, num_mel_bins=MEL, head_dim=8, sliding_window=16, max_position_embeddings=CLIP_FRAMES)
+    text = _text(layers=layers, model_type="voxtral_realtime_text", head_dim=16, sliding_window=32)
+    cfg = VoxtralRealtimeConfig(audio_config=audio, text_config=text)
+    model = _seeded(VoxtralRealtimeForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS] + [pad] * (1 + delay)] * BATCH, text_tokens=positions - 2 - delay)
+    inputs = dict(input_ids=input_ids, input_features=_pixels(BATCH, MEL, frames), attention_mask=mask, labels=labels,
+                  num_delay_tokens=delay)
+    return _finish(model, inputs, Expected(_blocks(layers), "other", positions, None))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1984,5 +2004,5 @@ BUILDERS = {
     # (n) more audio-language families
     "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
     "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
-    "omniasr": omniasr, "vibevoice_asr": vibevoice_asr,
+    "omniasr": omniasr, "vibevoice_asr": vibevoice_asr, "voxtral_realtime": voxtral_realtime,
 }
