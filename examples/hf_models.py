@@ -31,6 +31,9 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
+(n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
+    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr, voxtral_realtime (audio added onto
+    every position, no placeholders: refused by ``compress_visual_tokens``).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1555,6 +1558,15 @@ def hy_v4_vl(layers=6):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+def _nemotron_h_text(layers, **extra):
+    """A Nemotron-H decoder config of Mamba-2, MoE, attention and MoE blocks (the pattern repeated)."""
+    pattern = ["linear_attention", "moe", "full_attention", "moe"]
+    return _text(layers=layers, head_dim=16, layers_block_type=(pattern * layers)[:layers], moe_intermediate_size=32,
+                 moe_shared_expert_intermediate_size=32, mlp_hidden_act="relu2", ssm_state_size=16, mamba_num_heads=8,
+                 n_groups=2, mamba_head_dim=16, conv_kernel=4, expand=2, chunk_size=8, n_routed_experts=4,
+                 num_experts_per_tok=2, **extra)
+
+
 def nemotron_h_omni(layers=4):
     """NemotronH_Omni_Reasoning_V3: a RADIO tower (class and register tokens dropped), 8 x 8 patches pixel-shuffled to
     16 tokens; a hybrid decoder of Mamba-2, attention and MoE blocks (three kinds), ``[bos, image x 16, text]``."""
@@ -1563,13 +1575,9 @@ def nemotron_h_omni(layers=4):
     image_token, side = 10, 8
     vision = _vit(dict, mlp_ratio=2.0, patch_size=PATCH, image_size=side * PATCH, max_img_size=64, num_cls_tokens=2,
                   num_registers=1, video_temporal_patch_size=2)
-    text = _text(layers=layers, head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
-                 moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, mlp_hidden_act="relu2",
-                 ssm_state_size=16, mamba_num_heads=8, n_groups=2, mamba_head_dim=16, conv_kernel=4, expand=2,
-                 chunk_size=8, n_routed_experts=4, num_experts_per_tok=2)
-    cfg = NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=text, audio_config=None,
-                                             vision_hidden_size=32, projector_hidden_size=64, downsample_ratio=0.5,
-                                             image_token_id=image_token, video_token_id=11)
+    cfg = NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=_nemotron_h_text(layers),
+                                             audio_config=None, vision_hidden_size=32, projector_hidden_size=64,
+                                             downsample_ratio=0.5, image_token_id=image_token, video_token_id=11)
     model = _seeded(NemotronH_Omni_Reasoning_V3, cfg)
     tokens = (side // 2) ** 2
     input_ids, mask, labels = _batch([[BOS] + [image_token] * tokens] * BATCH)
@@ -1691,15 +1699,20 @@ def granite_speech(layers=3):
     ``[bos, <|audio|> x 6, text]``, Granite text."""
     from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
 
+    return _granite_speech(GraniteSpeechConfig, GraniteSpeechForConditionalGeneration, layers)
+
+
+def _granite_speech(config_cls, model_cls, layers, encoder_width=32, **encoder_extra):
+    """Granite Speech and its variants: the Q-Former reads ``encoder_width`` features per frame."""
     audio_token, frames, tokens = 4, 30, 6
     encoder = dict(input_dim=MEL, num_layers=2, hidden_dim=32, num_heads=4, output_dim=8, context_size=15,
-                   dropout=0.0)
-    projector = dict(hidden_size=32, encoder_hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                   dropout=0.0, **encoder_extra)
+    projector = dict(hidden_size=32, encoder_hidden_size=encoder_width, num_hidden_layers=1, num_attention_heads=4,
                      intermediate_size=64, cross_attention_frequency=1, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
-    cfg = GraniteSpeechConfig(text_config=_text(layers=layers, model_type="granite"), encoder_config=encoder,
-                              projector_config=projector, audio_token_index=audio_token, has_lora_adapter=False)
-    model = _seeded(GraniteSpeechForConditionalGeneration, cfg)
+    cfg = config_cls(text_config=_text(layers=layers, model_type="granite"), encoder_config=encoder,
+                     projector_config=projector, audio_token_index=audio_token, has_lora_adapter=False)
+    model = _seeded(model_cls, cfg)
     return _audio_rows(model, [BOS] + [audio_token] * tokens, _pixels(BATCH, frames, MEL), tokens, audio_token,
                        _blocks(layers), input_features_mask=torch.ones(BATCH, tokens, dtype=torch.bool))
 
@@ -1822,6 +1835,136 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+# ------------------------------------------------------------------------- (n) more audio-language families
+def fun_asr_nano(layers=3):
+    """FunAsrNanoForConditionalGeneration: a SAN-M encoder (attention with an FSMN memory) over low-frame-rate
+    features (7 mel frames stacked per step), projected and passed through adaptor layers, one token per step (16
+    steps -> 16 tokens), ``[bos, <|object_ref_start|> x 16, <|im_end|>, text]``, Qwen3 text."""
+    from transformers import FunAsrNanoConfig, FunAsrNanoForConditionalGeneration
+
+    audio_token, end, steps = 4, 5, 16
+    audio = _vit(dict, model_type="fun_asr_nano_encoder", num_mel_bins=MEL, num_timestamp_prediction_layers=1,
+                 fsmn_kernel_size=3, max_position_embeddings=CLIP_FRAMES, hidden_dropout=0.0, attention_dropout=0.0)
+    adaptor = dict(hidden_size=64, intermediate_size=16, num_attention_heads=4, num_hidden_layers=1,
+                   projector_hidden_size=64)
+    cfg = FunAsrNanoConfig(audio_config=audio, adaptor_config=adaptor,
+                           text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
+                           audio_token_id=audio_token)
+    model = _seeded(FunAsrNanoForConditionalGeneration, cfg)
+    features = _pixels(BATCH, steps, MEL * cfg.audio_config.num_stacked_frames)
+    return _audio_rows(model, [BOS] + [audio_token] * steps + [end], features, steps, audio_token, _blocks(layers),
+                       input_features_mask=torch.ones(BATCH, steps, dtype=torch.long))
+
+
+def granite_speech_plus(layers=3):
+    """GraniteSpeechPlusForConditionalGeneration: Granite Speech whose Q-Former reads the encoder's last features
+    concatenated with those after its first conformer layer (width 2 x 32), ``[bos, <|audio|> x 6, text]``."""
+    from transformers import GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration
+
+    return _granite_speech(GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration, layers,
+                           encoder_width=64, cat_hidden_layers=[1])
+
+
+def moss_transcribe_diarize(layers=3):
+    """MossTranscribeDiarizeForConditionalGeneration: a Whisper encoder over a window padded to 512 frames of which
+    400 are real (``input_features_mask``), a stride-2 conv, the real frames kept and every 4 concatenated and projected
+    (400 frames -> 50 tokens, 12.5 per second); the processor writes a time marker (the text "2", "4") after every 2
+    seconds of placeholders: ``[bos, <|audio_start|>, <|audio_pad|> x 25, 2, <|audio_pad|> x 25, 4, <|audio_end|>,
+    text]``, Qwen3 text. ``tokens_per_image`` counts the clip's two runs."""
+    from transformers import MossTranscribeDiarizeConfig, MossTranscribeDiarizeForConditionalGeneration
+
+    audio_token, start, end, two, four = 4, 5, 6, 50, 52
+    window, frames, run = 512, 400, 25
+    audio = _vit(dict, num_mel_bins=MEL, max_source_positions=window // 2)
+    cfg = MossTranscribeDiarizeConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16),
+                                      audio_token_id=audio_token)
+    model = _seeded(MossTranscribeDiarizeForConditionalGeneration, cfg)
+    prompt = [BOS, start] + [audio_token] * run + [two] + [audio_token] * run + [four, end]
+    mask = (torch.arange(window) < frames).long().expand(BATCH, -1)
+    return _audio_rows(model, prompt, _pixels(BATCH, MEL, window), 2 * run, audio_token, _blocks(layers),
+                       input_features_mask=mask)
+
+
+def nemotron3_5_transcribe(layers=4):
+    """Nemotron3_5TranscribeForConditionalGeneration: a speech encoder over 8 stacked frames, run in chunks of 8
+    encoder frames with 2 frames of context each side and written into one buffer, plus a speaker-diarization model on
+    the same spectrogram whose speaker activities are embedded and added (128 frames -> 16 tokens); the placeholder id
+    is past the vocabulary (looked up as 0), ``[bos, <|audio|> x 16, text]``, a Nemotron-H decoder."""
+    from transformers import Nemotron3_5TranscribeConfig, Nemotron3_5TranscribeForConditionalGeneration
+
+    frames, tokens, speakers = 128, 16, 4
+    encoder = _vit(dict, num_mel_bins=MEL)
+    diarization = dict(model_type="nemotron3_diarization", audio_config=encoder, chunk_length=8, chunk_left_context=2,
+                       chunk_right_context=2, fifo_length=8, speaker_cache_update_period=8,
+                       head_config=dict(hidden_size=16, num_speakers=speakers, audio_hidden_size=32),
+                       streaming_config=dict(num_speakers=speakers, speaker_cache_length=2 * speakers))
+    timestamps = _vit(dict, num_hidden_layers=1, vocab_size=16, blank_token_id=15)
+    cfg = Nemotron3_5TranscribeConfig(audio_config=dict(asr_config=encoder, diarization_config=diarization),
+                                      text_config=_nemotron_h_text(layers), word_timestamp_config=timestamps,
+                                      audio_token_id=VOCAB)
+    model = _seeded(Nemotron3_5TranscribeForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS] + [VOCAB] * tokens, _pixels(BATCH, frames, MEL), tokens, VOCAB, _blocks(layers),
+                       input_features_mask=torch.ones(BATCH, frames, dtype=torch.long))
+
+
+def omniasr(layers=3):
+    """OmniASRForConditionalGeneration: a wav2vec2-style encoder on the raw waveform (two strided convs: 170 samples ->
+    16 frames, a convolutional position embedding), one token per frame; the prompt opens with the audio and closes
+    with the bos the transcription follows: ``[<extra_id_1> x 16, <|lang:...|>, bos, text]``, Llama text."""
+    from transformers import OmniASRConfig, OmniASRForConditionalGeneration
+
+    audio_token, language, bos, samples, tokens = 4, 5, 0, 170, 16
+    audio = _vit(dict, model_type="omniasr_audio", conv_dim=(32, 32), conv_kernel=(10, 3), conv_stride=(5, 2),
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, hidden_dropout=0.0, layerdrop=0.0,
+                 activation_dropout=0.0)
+    cfg = OmniASRConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16), audio_token_id=audio_token)
+    model = _seeded(OmniASRForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[audio_token] * tokens + [language, bos]] * BATCH)
+    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
+                  padding_mask=torch.ones(BATCH, samples, dtype=torch.long))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+
+
+def vibevoice_asr(layers=3):
+    """VibeVoiceAsrForConditionalGeneration: two frozen convolutional tokenizers (acoustic and semantic, run under
+    ``no_grad``) on the raw waveform, in chunks of 64 samples with a streaming padding cache, 8 samples per latent
+    (128 samples -> 16 tokens); noise is added to the acoustic latents (``sample``, the default); the two projected
+    latents are summed, ``[bos, <|object_ref_start|>, <|box_start|> x 16, <|object_ref_end|>, text]``, Qwen2 text."""
+    from transformers import VibeVoiceAsrConfig, VibeVoiceAsrForConditionalGeneration
+
+    audio_token, start, end, samples, tokens = 4, 5, 6, 128, 16
+    tokenizer = dict(model_type="vibevoice_acoustic_tokenizer_encoder", hidden_size=16, num_filters=8,
+                     downsampling_ratios=[2, 4], depths=[1, 1, 1])
+    cfg = VibeVoiceAsrConfig(acoustic_tokenizer_encoder_config=tokenizer,
+                             semantic_tokenizer_encoder_config={**tokenizer, "hidden_size": 24},
+                             text_config=_text(layers=layers, model_type="qwen2"), audio_token_id=audio_token,
+                             audio_bos_token_id=start, audio_eos_token_id=end, acoustic_tokenizer_chunk_size=64)
+    model = _seeded(VibeVoiceAsrForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, start] + [audio_token] * tokens + [end]] * BATCH)
+    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
+                  padding_mask=torch.ones(BATCH, samples, dtype=torch.bool))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+
+
+def voxtral_realtime(layers=3):
+    """VoxtralRealtimeForConditionalGeneration: a causal streaming encoder (stride-2 conv, every 4 frames concatenated
+    and projected: 128 frames -> 16 positions) whose features are added onto every token embedding, one audio frame
+    per position (no placeholders): ``[bos, streaming pad x 7 (left pad and 6 delay tokens), text]``, the delay as
+    ``num_delay_tokens``; a Mistral decoder whose MLPs are scaled by a delay embedding. No position holds audio alone,
+    so stsc refuses to compress it (layer skipping works)."""
+    from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+
+    pad, delay, frames, positions = 3, 6, 128, 16
+    audio = _vit(dict, num_mel_bins=MEL, head_dim=8, sliding_window=16, max_position_embeddings=CLIP_FRAMES)
+    text = _text(layers=layers, model_type="voxtral_realtime_text", head_dim=16, sliding_window=32)
+    cfg = VoxtralRealtimeConfig(audio_config=audio, text_config=text)
+    model = _seeded(VoxtralRealtimeForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS] + [pad] * (1 + delay)] * BATCH, text_tokens=positions - 2 - delay)
+    inputs = dict(input_ids=input_ids, input_features=_pixels(BATCH, MEL, frames), attention_mask=mask, labels=labels,
+                  num_delay_tokens=delay)
+    return _finish(model, inputs, Expected(_blocks(layers), "other", positions, None))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1858,4 +2001,8 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
+    # (n) more audio-language families
+    "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
+    "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
+    "omniasr": omniasr, "vibevoice_asr": vibevoice_asr, "voxtral_realtime": voxtral_realtime,
 }

@@ -364,6 +364,10 @@ def _positions(cap, flow, merge, kind, operand, token_input, notes) -> PositionP
     token_shape = next(flow.nodes[k]["shape"] for k in flow if flow.nodes[k]["op"] == "input"
                        and flow.nodes[k]["source"] == token_input)  # symbolic sizes when exported dynamic
     program, why = position_program(flow, merge, tuple(token_shape))
+    merged = flow.nodes[merge]["shape"]
+    if program is None and kind == "other" and flow.nodes[operand]["shape"] == merged:
+        why = (f"the visual features are added onto every position of the merged sequence (both {list(merged)}): "
+               f"no position holds visual tokens alone")
     if program is None:
         notes.append(f"visual positions: {why}")
     return program

@@ -242,6 +242,32 @@ def test_features_added_before_several_layers_are_gathered_at_the_kept_tokens():
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_features_added_onto_every_position_refuse_compression_and_still_skip_layers():
+    """Voxtral Realtime adds one audio frame onto every token embedding (no placeholders): no position holds audio
+    alone, so compression is refused at sparsify with that reason; layer skipping trains (the skipped blocks get no
+    gradient) and eval is the dense model."""
+    model, inputs = hf_models.BUILDERS["voxtral_realtime"]()
+    kwargs = forward_kwargs(model, inputs)[0]
+    dense = copy.deepcopy(model).eval()
+    with pytest.raises(UnsupportedModelError, match=r"^stage 'alignment', pass compress_visual_tokens: .*\(add_\): "
+                       r"visual positions: the visual features are added onto every position of the merged sequence "
+                       r"\(both \[2, 16, 64\]\): no position holds visual tokens alone$"):
+        sparsify(model, "sts", inputs)
+    sparse = sparsify(model, "lds", inputs, steps_per_epoch=2)
+    sparse.set_progress(epoch=1.0, step=2)
+    skipper = sparse.runtimes["skip_layers"]
+    skipper.force([0, 1])
+    sparse(**kwargs).loss.backward()
+    assert skipper.last_skipped == [0, 1]
+    layers = model.model.language_model.layers
+    assert [any(p.grad is not None for p in layer.parameters()) for layer in layers] == [False, False, True]
+    skipper.force(None)
+    dense.load_state_dict(sparse.state_dict())
+    with torch.no_grad():
+        assert torch.equal(sparse.eval()(**kwargs).logits, dense(**kwargs).logits)
+
+
 # ------------------------------------------------------------------------------------ fail early
 def test_a_model_that_breaks_in_a_training_step_is_refused_at_sparsify():
     model, inputs = hf_models.BUILDERS["llava"]()
