@@ -31,6 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1822,6 +1823,25 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+# ------------------------------------------------------- (l) vision-language families with their own layouts
+def glm5_next(layers=5):
+    """Glm5NextForConditionalGeneration: GLM-OCR's tower (a 2 x 2 conv downsample, then a clamped SwiGLU merger) over
+    GLM-5.3-Flash's decoder: hyper-connections (4 residual streams), gated linear-attention blocks (KDA) and NoPE
+    latent attention restricted by a pooled indexer (block 2 selects, block 3 reuses that selection), dense MLPs in
+    blocks 0 and 1, then MoE: four kinds; GLM-4V's ``[image_start, image x 4, image_end]``."""
+    from transformers import Glm5NextConfig, Glm5NextForConditionalGeneration
+
+    text = _text(layers=layers, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+                 v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 index_topk=8, index_kpool=4, index_head_dim=16, index_n_heads=2, linear_num_heads=2,
+                 linear_head_dim=16, linear_conv_kernel_dim=2, hc_sinkhorn_iters=3, pad_token_id=0,
+                 layer_types=["linear_attention"] * 2 + ["indexed_attention"] * 2 + ["linear_attention"],
+                 indexer_types=["full", "full", "full", "shared", "full"],
+                 mlp_layer_types=["dense"] * 2 + ["sparse"] * 3)
+    vision = _qwen_vision(projection_intermediate_size=64)
+    return _glm_vl(Glm5NextConfig, Glm5NextForConditionalGeneration, text, vision)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1858,4 +1878,6 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
+    # (l) vision-language families with their own layouts
+    "glm5_next": glm5_next,
 }
