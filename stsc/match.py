@@ -501,10 +501,11 @@ def _producer_module(flow: nx.DiGraph, visual: str, merge: str) -> str | None:
 
 
 def _placeholder_id(flow: nx.DiGraph, merge: str, token_input: str) -> int | None:
-    """The token id compared against the token input to build the merge's position mask."""
-    seen, frontier = set(), [p for p in flow.predecessors(merge) if not _is_float(flow, p)]
+    """The token id compared against the token input to build the merge's position mask: the comparison nearest the
+    merge (breadth first), so ids compared further back, e.g. the markers of spans the mask excludes, are not taken."""
+    seen, frontier = set(), deque(p for p in flow.predecessors(merge) if not _is_float(flow, p))
     while frontier:
-        key = frontier.pop()
+        key = frontier.popleft()
         if key in seen:
             continue
         seen.add(key)
