@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(l) Vision-language families with their own layouts (transformers 5.x): glm5_next.
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1842,6 +1842,30 @@ def glm5_next(layers=5):
     return _glm_vl(Glm5NextConfig, Glm5NextForConditionalGeneration, text, vision)
 
 
+def glm_image(layers=3):
+    """GlmImageForConditionalGeneration (image-to-image): the tower's features of a source image are quantized by a
+    VQ codebook into code ids 0..15 (the vocabulary's first ids), written into the token ids at the placeholders, then
+    embedded; ``[image_start, image x 16, image_end]``, then the target's grid ``<sop> h w <eop>`` and a bos; each row's
+    ``image_grid_thw`` lists its source image, then its target (``images_per_sample`` 2)."""
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    image_token, image_start, image_end, grid_bos, grid_eos, codes, side = 18, 16, 17, 10, 11, 16, 4
+    text = _text(layers=layers, head_dim=16, rope_parameters=GLM_ROPE, vision_vocab_size=VOCAB, pad_token_id=0,
+                 eos_token_id=image_end)
+    vision = _vit(dict, depth=2, num_heads=4, patch_size=PATCH, image_size=side * PATCH, spatial_merge_size=1)
+    vq = dict(embed_dim=8, num_embeddings=codes, latent_channels=32, in_channels=3)
+    cfg = GlmImageConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token,
+                         image_start_token_id=image_start, image_end_token_id=image_end)
+    model = _seeded(GlmImageForConditionalGeneration, cfg)
+    tokens = side * side
+    prompt = [image_start] + [image_token] * tokens + [image_end, grid_bos, 30, 31, grid_eos, BOS]
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tokens, 3 * PATCH * PATCH), attention_mask=mask,
+                  labels=labels, image_grid_thw=torch.tensor([[1, side, side]] * 2 * BATCH),
+                  images_per_sample=torch.tensor([2] * BATCH))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1879,5 +1903,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (l) vision-language families with their own layouts
-    "glm5_next": glm5_next,
+    "glm5_next": glm5_next, "glm_image": glm_image,
 }
