@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image. GLM-Image writes an image's VQ codes into the token ids before the lookup.
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1866,6 +1866,20 @@ def glm_image(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+def qwen4_exp(layers=4):
+    """Qwen4ExpForConditionalGeneration: Qwen3.5's tower and layout over a decoder with hyper-connections (4 residual
+    streams flattened into the width), gated delta-net blocks, a per-layer embedding of hashed token n-grams injected
+    in block 1 (indexed by the token ids), then attention restricted by a token indexer in block 3: three kinds."""
+    from transformers import Qwen4ExpConfig, Qwen4ExpForConditionalGeneration
+
+    text = _qwen3_5_text(layers, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2, hc_count=4, hc_lowrank=8, ple_layer_ids=[2], heads_per_ngram=2,
+                         ngram_vocab_size_base=1000, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                         indexer_budget=8, indexer_compress_ratio=4, eos_token_id=2)
+    return _qwen_vl(Qwen4ExpConfig, Qwen4ExpForConditionalGeneration, text, _qwen_vision(num_position_embeddings=64),
+                    SAME_GRIDS)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1903,5 +1917,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (l) vision-language families with their own layouts
-    "glm5_next": glm5_next, "glm_image": glm_image,
+    "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp,
 }
