@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp. GLM-Image writes an image's VQ codes into the token ids before the lookup.
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1880,6 +1880,32 @@ def qwen4_exp(layers=4):
                     SAME_GRIDS)
 
 
+def dots3_note(layers=4):
+    """Dots3NoteForConditionalGeneration, images only: a NaViT-packed tower whose second block is a MoE (4 experts), a
+    2 x 2 merger; a decoder of multi-head latent attention, full with an indexer (blocks 0, 1) and sliding (blocks 2,
+    3), a dense MLP in block 0, then MoE: three kinds; 1-D positions, ``[bos, img_start, image x 4, img_end]``."""
+    from transformers import Dots3NoteConfig, Dots3NoteForConditionalGeneration
+
+    image, start, end = 10, 11, 12
+    attention = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, head_dim=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=16)
+    text = _text(layers=layers, **attention, **{f"swa_{key}": value for key, value in attention.items()},
+                 swa_num_attention_heads=4, sliding_window_size=8, index_n_heads=2, index_head_dim=16, index_topk=8,
+                 n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_experts_intermediate_size=32, first_k_dense_replace=1, pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, moe_intermediate_size=32, num_channels=3, patch_size=PATCH, spatial_merge_size=MERGE,
+                  pyramid_num_routed=[-1, 4], adapter_in_dim=32, adapter_out_dim=64, adapter_merge_size=MERGE)
+    audio = _vit(dict, feature_size=MEL, downsample_hidden_size=4, adapter_input_size=32, adapter_out_dim=64,
+                 max_position_embeddings=64)
+    cfg = Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image,
+                          video_token_id=13, audio_token_id=14)
+    model = _seeded(Dots3NoteForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, bos=True, patch_shape=(3 * PATCH * PATCH,))
+    del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1917,5 +1943,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (l) vision-language families with their own layouts
-    "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp,
+    "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp, "dots3_note": dots3_note,
 }
