@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note. GLM-Image writes an image's VQ codes into the token ids before the lookup.
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note, unlimited_ocr. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1906,6 +1906,31 @@ def dots3_note(layers=4):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
 
 
+def unlimited_ocr(layers=3):
+    """UnlimitedOcrForConditionalGeneration, the global view only: a SAM-style tower (32 px, patches of 2, two stride-2
+    convs: a 4 x 4 map), a CLIP encoder over that map (its class token dropped), both concatenated and projected; each
+    row of 4 features gets a newline feature and the view a separator (parameters): 4 x (4 + 1) + 1 = 21 placeholders.
+    Decoder: a dense block, then MoE blocks, attention over a sliding window plus the prompt."""
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+
+    image_token, size, side = 3, 32, 4
+    tokens = side * (side + 1) + 1
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=size,
+               patch_size=2, mlp_ratio=2.0, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
+    encoder = _vit(dict, hidden_size=64, intermediate_size=128, image_size=side, patch_size=1)
+    text = _text(layers=layers, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), n_routed_experts=4,
+                 n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2, sliding_window=8,
+                 bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    cfg = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                             image_token_id=image_token)
+    model = _seeded(UnlimitedOcrForConditionalGeneration, cfg)
+    with torch.no_grad():  # SAM-style init uses initializer_range 1e-10: give the SAM tower real values
+        for param in model.model.vision_tower.sam_encoder.parameters():
+            if param.dim() >= 2:
+                param.normal_(std=0.05)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, size, size), _blocks(layers), tokens, image_token)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1944,4 +1969,5 @@ BUILDERS = {
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (l) vision-language families with their own layouts
     "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp, "dots3_note": dots3_note,
+    "unlimited_ocr": unlimited_ocr,
 }
