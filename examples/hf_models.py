@@ -31,7 +31,8 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note, unlimited_ocr. GLM-Image writes an image's VQ codes into the token ids before the lookup.
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note,
+    unlimited_ocr, muse_glimmer. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1931,6 +1932,25 @@ def unlimited_ocr(layers=3):
     return _same_rows(model, [BOS] + [image_token] * tokens, (3, size, size), _blocks(layers), tokens, image_token)
 
 
+def muse_glimmer(layers=4):
+    """MuseGlimmerForConditionalGeneration: a NaViT-packed tower with learned positions resampled per grid, window and
+    full attention blocks, a 2 x 2 pixel shuffle, an adapter and a projection; the placeholder ids are replaced by 0
+    before the (normed) embedding lookup. Decoder: sliding-window blocks with RoPE and a full-attention NoPE block,
+    sandwich norms, soft-capped logits; 1-D positions, ``[bos, image_start, patch x 4, image_end]``."""
+    from transformers import MuseGlimmerConfig, MuseGlimmerForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, head_dim=16, sliding_window=8, pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = _vit(dict, patch_size=PATCH, patch_temporal=TEMPORAL, merge_size=MERGE, pos_emb_height=4,
+                  pos_emb_width=4, max_position_embeddings=16)
+    cfg = MuseGlimmerConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6,
+                            out_hidden_size=32 * MERGE ** 2, projector_hidden_size=64)
+    model = _seeded(MuseGlimmerForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, bos=True)
+    del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1969,5 +1989,5 @@ BUILDERS = {
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (l) vision-language families with their own layouts
     "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp, "dots3_note": dots3_note,
-    "unlimited_ocr": unlimited_ocr,
+    "unlimited_ocr": unlimited_ocr, "muse_glimmer": muse_glimmer,
 }
