@@ -34,6 +34,8 @@ The sections, by how images enter the token sequence:
 (n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
     moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr, voxtral_realtime (audio added onto
     every position, no placeholders: refused by ``compress_visual_tokens``).
+(l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note,
+    unlimited_ocr, muse_glimmer. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1963,6 +1965,131 @@ def voxtral_realtime(layers=3):
     inputs = dict(input_ids=input_ids, input_features=_pixels(BATCH, MEL, frames), attention_mask=mask, labels=labels,
                   num_delay_tokens=delay)
     return _finish(model, inputs, Expected(_blocks(layers), "other", positions, None))
+# ------------------------------------------------------- (l) vision-language families with their own layouts
+def glm5_next(layers=5):
+    """Glm5NextForConditionalGeneration: GLM-OCR's tower (a 2 x 2 conv downsample, then a clamped SwiGLU merger) over
+    GLM-5.3-Flash's decoder: hyper-connections (4 residual streams), gated linear-attention blocks (KDA) and NoPE
+    latent attention restricted by a pooled indexer (block 2 selects, block 3 reuses that selection), dense MLPs in
+    blocks 0 and 1, then MoE: four kinds; GLM-4V's ``[image_start, image x 4, image_end]``."""
+    from transformers import Glm5NextConfig, Glm5NextForConditionalGeneration
+
+    text = _text(layers=layers, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+                 v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 index_topk=8, index_kpool=4, index_head_dim=16, index_n_heads=2, linear_num_heads=2,
+                 linear_head_dim=16, linear_conv_kernel_dim=2, hc_sinkhorn_iters=3, pad_token_id=0,
+                 layer_types=["linear_attention"] * 2 + ["indexed_attention"] * 2 + ["linear_attention"],
+                 indexer_types=["full", "full", "full", "shared", "full"],
+                 mlp_layer_types=["dense"] * 2 + ["sparse"] * 3)
+    vision = _qwen_vision(projection_intermediate_size=64)
+    return _glm_vl(Glm5NextConfig, Glm5NextForConditionalGeneration, text, vision)
+
+
+def glm_image(layers=3):
+    """GlmImageForConditionalGeneration (image-to-image): the tower's features of a source image are quantized by a
+    VQ codebook into code ids 0..15 (the vocabulary's first ids), written into the token ids at the placeholders, then
+    embedded; ``[image_start, image x 16, image_end]``, then the target's grid ``<sop> h w <eop>`` and a bos; each row's
+    ``image_grid_thw`` lists its source image, then its target (``images_per_sample`` 2)."""
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    image_token, image_start, image_end, grid_bos, grid_eos, codes, side = 18, 16, 17, 10, 11, 16, 4
+    text = _text(layers=layers, head_dim=16, rope_parameters=GLM_ROPE, vision_vocab_size=VOCAB, pad_token_id=0,
+                 eos_token_id=image_end)
+    vision = _vit(dict, depth=2, num_heads=4, patch_size=PATCH, image_size=side * PATCH, spatial_merge_size=1)
+    vq = dict(embed_dim=8, num_embeddings=codes, latent_channels=32, in_channels=3)
+    cfg = GlmImageConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token,
+                         image_start_token_id=image_start, image_end_token_id=image_end)
+    model = _seeded(GlmImageForConditionalGeneration, cfg)
+    tokens = side * side
+    prompt = [image_start] + [image_token] * tokens + [image_end, grid_bos, 30, 31, grid_eos, BOS]
+    input_ids, mask, labels = _batch([prompt] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tokens, 3 * PATCH * PATCH), attention_mask=mask,
+                  labels=labels, image_grid_thw=torch.tensor([[1, side, side]] * 2 * BATCH),
+                  images_per_sample=torch.tensor([2] * BATCH))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def qwen4_exp(layers=4):
+    """Qwen4ExpForConditionalGeneration: Qwen3.5's tower and layout over a decoder with hyper-connections (4 residual
+    streams flattened into the width), gated delta-net blocks, a per-layer embedding of hashed token n-grams injected
+    in block 1 (indexed by the token ids), then attention restricted by a token indexer in block 3: three kinds."""
+    from transformers import Qwen4ExpConfig, Qwen4ExpForConditionalGeneration
+
+    text = _qwen3_5_text(layers, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2, hc_count=4, hc_lowrank=8, ple_layer_ids=[2], heads_per_ngram=2,
+                         ngram_vocab_size_base=1000, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                         indexer_budget=8, indexer_compress_ratio=4, eos_token_id=2)
+    return _qwen_vl(Qwen4ExpConfig, Qwen4ExpForConditionalGeneration, text, _qwen_vision(num_position_embeddings=64),
+                    SAME_GRIDS)
+
+
+def dots3_note(layers=4):
+    """Dots3NoteForConditionalGeneration, images only: a NaViT-packed tower whose second block is a MoE (4 experts), a
+    2 x 2 merger; a decoder of multi-head latent attention, full with an indexer (blocks 0, 1) and sliding (blocks 2,
+    3), a dense MLP in block 0, then MoE: three kinds; 1-D positions, ``[bos, img_start, image x 4, img_end]``."""
+    from transformers import Dots3NoteConfig, Dots3NoteForConditionalGeneration
+
+    image, start, end = 10, 11, 12
+    attention = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, head_dim=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=16)
+    text = _text(layers=layers, **attention, **{f"swa_{key}": value for key, value in attention.items()},
+                 swa_num_attention_heads=4, sliding_window_size=8, index_n_heads=2, index_head_dim=16, index_topk=8,
+                 n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_experts_intermediate_size=32, first_k_dense_replace=1, pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = _vit(dict, moe_intermediate_size=32, num_channels=3, patch_size=PATCH, spatial_merge_size=MERGE,
+                  pyramid_num_routed=[-1, 4], adapter_in_dim=32, adapter_out_dim=64, adapter_merge_size=MERGE)
+    audio = _vit(dict, feature_size=MEL, downsample_hidden_size=4, adapter_input_size=32, adapter_out_dim=64,
+                 max_position_embeddings=64)
+    cfg = Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image,
+                          video_token_id=13, audio_token_id=14)
+    model = _seeded(Dots3NoteForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, bos=True, patch_shape=(3 * PATCH * PATCH,))
+    del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def unlimited_ocr(layers=3):
+    """UnlimitedOcrForConditionalGeneration, the global view only: a SAM-style tower (32 px, patches of 2, two stride-2
+    convs: a 4 x 4 map), a CLIP encoder over that map (its class token dropped), both concatenated and projected; each
+    row of 4 features gets a newline feature and the view a separator (parameters): 4 x (4 + 1) + 1 = 21 placeholders.
+    Decoder: a dense block, then MoE blocks, attention over a sliding window plus the prompt."""
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+
+    image_token, size, side = 3, 32, 4
+    tokens = side * (side + 1) + 1
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=size,
+               patch_size=2, mlp_ratio=2.0, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
+    encoder = _vit(dict, hidden_size=64, intermediate_size=128, image_size=side, patch_size=1)
+    text = _text(layers=layers, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), n_routed_experts=4,
+                 n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2, sliding_window=8,
+                 bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    cfg = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                             image_token_id=image_token)
+    model = _seeded(UnlimitedOcrForConditionalGeneration, cfg)
+    with torch.no_grad():  # SAM-style init uses initializer_range 1e-10: give the SAM tower real values
+        for param in model.model.vision_tower.sam_encoder.parameters():
+            if param.dim() >= 2:
+                param.normal_(std=0.05)
+    return _same_rows(model, [BOS] + [image_token] * tokens, (3, size, size), _blocks(layers), tokens, image_token)
+
+
+def muse_glimmer(layers=4):
+    """MuseGlimmerForConditionalGeneration: a NaViT-packed tower with learned positions resampled per grid, window and
+    full attention blocks, a 2 x 2 pixel shuffle, an adapter and a projection; the placeholder ids are replaced by 0
+    before the (normed) embedding lookup. Decoder: sliding-window blocks with RoPE and a full-attention NoPE block,
+    sandwich norms, soft-capped logits; 1-D positions, ``[bos, image_start, patch x 4, image_end]``."""
+    from transformers import MuseGlimmerConfig, MuseGlimmerForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, head_dim=16, sliding_window=8, pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = _vit(dict, patch_size=PATCH, patch_temporal=TEMPORAL, merge_size=MERGE, pos_emb_height=4,
+                  pos_emb_width=4, max_position_embeddings=16)
+    cfg = MuseGlimmerConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6,
+                            out_hidden_size=32 * MERGE ** 2, projector_hidden_size=64)
+    model = _seeded(MuseGlimmerForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, bos=True)
+    del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
 
 
 BUILDERS = {
@@ -2005,4 +2132,7 @@ BUILDERS = {
     "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
     "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
     "omniasr": omniasr, "vibevoice_asr": vibevoice_asr, "voxtral_realtime": voxtral_realtime,
+    # (l) vision-language families with their own layouts
+    "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp, "dots3_note": dots3_note,
+    "unlimited_ocr": unlimited_ocr, "muse_glimmer": muse_glimmer,
 }

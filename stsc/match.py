@@ -5,8 +5,9 @@ data dependencies), the module hierarchy recorded on each node, and the example 
 
 **Token stream and pixels.** The token input is the integer model input that indexes an
 ``embedding`` lookup, through data movement and the masking that rewrites ids before it (placeholder
-ids replaced by a pad id, ids clamped). Pixel inputs are the floating-point model inputs. Without a
-token input, the integer inputs stand for the token stream (blocks are still found).
+ids replaced by a pad id, ids clamped, a quantized image's codes written at the placeholders). Pixel inputs are
+the floating-point model inputs. Without a token input, the integer inputs stand for the token stream (blocks are
+still found).
 
 **Boundary.** Every node is tainted by what it depends on (pixels, tokens). The first floating-point
 node that depends on both, and on the embeddings the token input looks up, is where visual features meet the token
@@ -14,9 +15,10 @@ stream (a value computed from the ids alone, such as time or position embeddings
 may modulate the features before that without being the merge). Its op classifies it:
 ``masked_scatter`` / ``index_put`` / ``where``-like ops write features into placeholder positions
 (``scatter``); ``cat`` concatenates them with text embeddings (``concat``); attention ops take them
-as keys/values (``cross_attention``). An additive merge computes ``sequence[positions] + features``
-and writes it back: the write is the merge, its pixel-only operand found through the sum. Walking back
-from the pixel-only operand through pure data movement (views, casts, concatenation) gives the
+as keys/values (``cross_attention``); an ``embedding`` lookup of ids into which ids computed from the pixels (VQ
+codes) were written merges before embedding: a ``scatter`` at the write's positions. An additive merge computes
+``sequence[positions] + features`` and writes it back: the write is the merge, its pixel-only operand found through
+the sum. Walking back from the pixel-only operand through pure data movement (views, casts, concatenation) gives the
 visual-token tensor and the module producing it.
 Where the visual tokens sit in the merged sequence is sliced out of the graph as a small program over
 the model inputs (:mod:`stsc.positions`); on the example inputs it gives the images and their token
@@ -83,9 +85,10 @@ POOL_OPS = frozenset({"avg_pool2d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d
                       "max_pool2d_with_indices", "interpolate", "upsample_bilinear2d", "upsample_nearest2d"})
 RESHAPE_OPS = frozenset({"view", "reshape", "_unsafe_view", "permute", "pixel_shuffle", "pixel_unshuffle"})
 PLACEHOLDER_OPS = frozenset({"input", "param", "buffer", "constant", "graph_input"})
-# ops that rewrite token ids before a lookup (placeholder ids replaced by a pad id, ids clamped into the table)
+# ops that rewrite token ids before a lookup (placeholder ids replaced by a pad id, ids clamped into the table, the
+# codes of a quantized image written at the placeholders: ids merged, then embedded)
 ID_MASKING_OPS = frozenset({"where", "masked_fill", "masked_fill_", "clamp", "clamp_", "clamp_min", "clamp_max",
-                            "clip", "minimum", "maximum", "index_put", "index_put_"})
+                            "clip", "minimum", "maximum", "index_put", "index_put_", "masked_scatter"})
 
 # what each step of the matcher looks for (the notes, and the errors when a step fails, say it)
 TOKEN_INPUT = "an integer model input that indexes an embedding lookup"
@@ -286,7 +289,7 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
         return None
     merge = _written_back(flow, taint, merge)
     op = flow.nodes[merge]["op"]
-    kind = ("concat" if op in CONCAT_OPS else "scatter" if op in SCATTER_OPS
+    kind = ("concat" if op in CONCAT_OPS else "scatter" if op in SCATTER_OPS or _looks_up_merged_ids(flow, merge)
             else "cross_attention" if op in ATTENTION_OPS else "other")
     block_paths = [b.path for b in blocks]
     operand = _pixel_operand(flow, taint, merge)
@@ -308,6 +311,15 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
                     _producer_module(flow, visual, merge), tokens_per_image,
                     images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
                     _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views, padding)
+
+
+def _looks_up_merged_ids(flow: nx.DiGraph, merge: str) -> bool:
+    """An embedding lookup of ids into which ids computed from the pixels (a VQ codebook's codes) were written at the
+    placeholders: the ids are merged, then embedded, so the lookup's output is the merged sequence, a scatter merge
+    whose positions are the write's."""
+    return flow.nodes[merge]["op"] == "embedding" and any(
+        _is_ids(flow, p) and flow.nodes[_walk_back_data_movement(flow, p)]["op"] in SCATTER_OPS
+        for p in flow.predecessors(merge))
 
 
 def _embedded(flow: nx.DiGraph, token_input: str) -> set[str]:
@@ -505,10 +517,11 @@ def _producer_module(flow: nx.DiGraph, visual: str, merge: str) -> str | None:
 
 
 def _placeholder_id(flow: nx.DiGraph, merge: str, token_input: str) -> int | None:
-    """The token id compared against the token input to build the merge's position mask."""
-    seen, frontier = set(), [p for p in flow.predecessors(merge) if not _is_float(flow, p)]
+    """The token id compared against the token input to build the merge's position mask: the comparison nearest the
+    merge (breadth first), so ids compared further back, e.g. the markers of spans the mask excludes, are not taken."""
+    seen, frontier = set(), deque(p for p in flow.predecessors(merge) if not _is_float(flow, p))
     while frontier:
-        key = frontier.pop()
+        key = frontier.popleft()
         if key in seen:
             continue
         seen.add(key)

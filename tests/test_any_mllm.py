@@ -66,14 +66,17 @@ KEPT = {
     "llava_onevision": list(range(1, 36, 2)),  # 36 tokens (base tile + rows with newlines), no grid: 18 of 36
     "mistral3": list(range(1, 16, 2)),  # a 4 x 4 grid laid out as rows between break tokens: 4 rows x 2 columns
     "qwen2_audio": list(range(1, 16, 2)),  # a clip of 16 audio tokens, no grid: an even spread in time, 8 of 16
+    "glm_image": list(range(1, 16, 2)),  # VQ codes of a 4 x 4 grid written into the ids: 4 rows x 2 columns
 }
 
 
-@pytest.mark.parametrize("family", ACCEPTANCE + [pytest.param("qwen2_audio", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ACCEPTANCE + [pytest.param(family, marks=pytest.mark.slow)
+                                                 for family in ("qwen2_audio", "glm_image")])
 def test_loss_equals_a_hand_built_reference_with_known_kept_positions(family):
     """The dense model run on the sequence compacted by hand (inputs_embeds, mask and position ids gathered at the
     kept positions where they enter the language model), scored against the labels gathered the same way: every
-    text token and its label stay, in order."""
+    text token and its label stay, in order. GLM-Image writes its image's VQ codes into the token ids before the
+    lookup: the lookup of the merged ids is the merge, and the kept positions are looked-up codes."""
     model, inputs = hf_models.BUILDERS[family]()
     kwargs = forward_kwargs(model, inputs)[0]
     reference_model = copy.deepcopy(model)
