@@ -31,6 +31,8 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
+(m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
+    layer): inkling.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1822,6 +1824,32 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+# ------------------------------------------------------------------------------ (m) natively multimodal decoders
+def inkling(layers=4):
+    """InklingForConditionalGeneration: no ViT, each 4 x 4 patch (2 frames) folded to one token by an MLP tower
+    (``pixel_values`` ``[patches, 2, 4, 4, 3]``, a 4 x 4 grid per image); blocks of short convolutions around sliding
+    or full attention (a relative position bias of its own extent each), a dense MLP in the first block and MoE in the
+    others, so only blocks 1 and 3 are alike; ``[bos, content_image, image x 16, text]``."""
+    from transformers import InklingConfig, InklingForConditionalGeneration
+
+    image_token, image_bos, patch, side = 3, 5, 4, 4
+    tokens = side * side
+    text = _text(layers=layers, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=16, d_rel=4, rel_extent=64, pad_token_id=0,
+                 layer_types=["hybrid_sliding", "hybrid"] * (layers // 2),
+                 mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1)
+    # 4 tower layers: one per fold of the 4 x 4 x 2 patch (fewer would need scipy to assign the folds)
+    cfg = InklingConfig(text_config=text, vision_config=dict(patch_size=patch, num_hidden_layers=4),
+                        audio_config=dict(n_mel_bins=4, mel_vocab_size=8), image_token_id=image_token,
+                        audio_token_id=4, image_bos_token_id=image_bos)
+    model = _seeded(InklingForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, image_bos] + [image_token] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tokens, 2, patch, patch, 3), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1858,4 +1886,6 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
+    # (m) natively multimodal decoders
+    "inkling": inkling,
 }
