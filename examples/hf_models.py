@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
-    layer): inkling.
+    layer): inkling, inkling2.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1850,6 +1850,36 @@ def inkling(layers=4):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+def _inkling2(config_cls, model_cls, layers, layer_types, **text_extra):
+    """An Inkling-2 build: a ViT (a class token per image, axial RoPE) whose 2 x 2 patches are concatenated into one
+    token, ``pixel_values`` one ``[8, 8, 3]`` patch square per token and ``image_grid_thw`` in tokens (a 4 x 4 grid);
+    blocks of sliding or full attention read an attention over the block states (the hidden states the decoder loop
+    keeps at block boundaries) instead of a plain residual, MoE MLPs; ``[bos, content_image, image x 16, text]``."""
+    image_token, image_bos, patch, merge, side = 3, 5, 4, 2, 4
+    tokens = side * side
+    text = _text(layers=layers, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=16, d_rel=4, rel_extent=64, pad_token_id=0, unpadded_vocab_size=VOCAB,
+                 layer_types=layer_types, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                 **text_extra)
+    vision = _vit(dict, model_type="inkling2_vision", patch_size=patch, spatial_merge_size=merge,
+                  posemb_grid_size=side * merge, projection_hidden_dim=64, text_hidden_size=64,
+                  rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    model = _seeded(model_cls, config_cls(text_config=text, vision_config=vision, image_token_id=image_token))
+    input_ids, mask, labels = _batch([[BOS, image_bos] + [image_token] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tokens, patch * merge, patch * merge, 3),
+                  image_grid_thw=torch.tensor([[1, side, side]] * BATCH), attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def inkling2(layers=4):
+    """Inkling2ForConditionalGeneration: a block boundary every 2 blocks; the first block reads no block states, so
+    only blocks 1 and 3 (sliding attention) are alike."""
+    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
+
+    return _inkling2(Inkling2Config, Inkling2ForConditionalGeneration, layers,
+                     ["hybrid_sliding", "hybrid_sliding", "hybrid", "hybrid_sliding"], n_layers_per_attn_res_block=2)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1887,5 +1917,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (m) natively multimodal decoders
-    "inkling": inkling,
+    "inkling": inkling, "inkling2": inkling2,
 }

@@ -38,7 +38,9 @@ the parameters it reads (its op graph's Weisfeiler-Lehman hash when it reads non
 a model computes lazily in whichever layer first needs them. Runs may mix kinds (self- and
 cross-attention layers, dense and mixture-of-experts layers, attention and convolution layers): a
 member of a kind seen once is kept when it sits inside the run, or at its end when it is numbered in
-the same list as the others. The decoder stack is the stack on
+the same list as the others; where the others are numbered in a list, a member at an end that is not is no block
+even when its kind repeats (a final read-out and a norm after the layers, each reading one weight of the hidden
+width). The decoder stack is the stack on
 the token stream covering the most nodes; stacks fed only by pixels are vision stacks. A block is a
 residual block (it reads its hidden input at least twice), which rules out chains of plain layers
 (two projector linears) and stacks nested inside another stack's blocks are not reported.
@@ -580,9 +582,13 @@ def _runs_of_blocks(flow, kids, members) -> list[list[Block]]:
         for h in hashes.values():
             counts[h] += 1
         items = {_container(kid) for kid in run if counts[hashes[kid]] >= 2} - {None}
-        while run and counts[hashes[run[0]]] < 2 and _container(run[0]) not in items:
+
+        def stray(kid):  # at an end of the run: not an item of the list, and of a kind seen once or beside a list
+            return _container(kid) not in items and (counts[hashes[kid]] < 2 or bool(items))
+
+        while run and stray(run[0]):
             run = run[1:]
-        while run and counts[hashes[run[-1]]] < 2 and _container(run[-1]) not in items:
+        while run and stray(run[-1]):
             run = run[:-1]
         blocks = _blocks(flow, run, members, hashes) if len(run) >= 2 else []
         if blocks and all(_is_residual(flow, b, members[b.path]) for b in blocks):

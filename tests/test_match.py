@@ -212,3 +212,29 @@ def test_views_of_one_picture_are_opened_by_different_markers():
     pictures = pictures_in(images_in(ids == 3), ids)
     assert [[image.positions for image in picture] for picture in pictures] == [
         [(2, 3), (6, 7, 8)], [(12, 13)], [(16, 17)]]
+
+
+class ReadOutDecoder(tiny_llava.Decoder):
+    """The layers, then a read-out that scales the hidden state by one weight of its width (reading it once: no
+    residual block) and a norm of the same width: siblings of the layer list of one kind."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(width))
+
+        def forward(self, hidden):
+            return hidden * self.weight
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.final_norm, self.norm = self.norm, self.Scale(cfg.hidden_size)
+
+    def forward(self, inputs_embeds, attention_mask):
+        return self.final_norm(super().forward(inputs_embeds, attention_mask))
+
+
+def test_modules_after_the_layer_list_are_no_blocks_even_of_one_kind():
+    model = tiny_llava.build_model()
+    model.decoder = ReadOutDecoder(model.config)
+    assert inspect(model, tiny_llava.example_inputs(model)).blocks == TINY_BLOCKS
