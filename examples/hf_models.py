@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
-    layer): inkling, inkling2.
+    layer): inkling, inkling2, inkling2_loop.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1880,6 +1880,17 @@ def inkling2(layers=4):
                      ["hybrid_sliding", "hybrid_sliding", "hybrid", "hybrid_sliding"], n_layers_per_attn_res_block=2)
 
 
+def inkling2_loop(layers=4):
+    """Inkling2LoopForConditionalGeneration: Inkling-2 whose blocks 1 and 2 run twice, the second pass restarting
+    from block 1's input and gating in messages read from the first pass's block states (a block boundary at every
+    block)."""
+    from transformers import Inkling2LoopConfig, Inkling2LoopForConditionalGeneration
+
+    return _inkling2(Inkling2LoopConfig, Inkling2LoopForConditionalGeneration, layers,
+                     ["hybrid_sliding"] * (layers - 1) + ["hybrid"], n_layers_per_attn_res_block=1,
+                     loop_layer_index_start=1, loop_layer_index_end=3, loop_num_passes=2, loop_gate_rank=8)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1917,5 +1928,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (m) natively multimodal decoders
-    "inkling": inkling, "inkling2": inkling2,
+    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop,
 }

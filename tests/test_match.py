@@ -238,3 +238,31 @@ def test_modules_after_the_layer_list_are_no_blocks_even_of_one_kind():
     model = tiny_llava.build_model()
     model.decoder = ReadOutDecoder(model.config)
     assert inspect(model, tiny_llava.example_inputs(model)).blocks == TINY_BLOCKS
+
+
+class LoopedLayers(torch.nn.ModuleList):
+    """Layers 1 and 2 run twice: the second pass restarts from layer 0's output plus a message, a side module's
+    projection of the first pass's output, called between the items (after layer 2 and before layer 3)."""
+
+    def __init__(self, layers, width):
+        super().__init__(layers)
+        self.message = torch.nn.Linear(width, width)
+
+    def __iter__(self):
+        kept = {}
+
+        def first(hidden, *args):
+            kept["hidden"] = self[0](hidden, *args)
+            return kept["hidden"]
+
+        def restart(hidden, *args):
+            return kept["hidden"] + self.message(hidden)
+
+        return iter([first, self[1], self[2], restart, self[1], self[2], self[3]])
+
+
+def test_a_side_module_called_between_looped_layers_is_no_block_and_ends_no_run():
+    model = tiny_llava.build_model()
+    model.decoder.layers = LoopedLayers(model.decoder.layers, model.config.hidden_size)
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.blocks == TINY_BLOCKS and report.support["skip_layers"] == "ok"
