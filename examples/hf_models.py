@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
-    layer): inkling, inkling2, inkling2_loop.
+    layer): inkling, inkling2, inkling2_loop, gemma4_unified.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1891,6 +1891,34 @@ def inkling2_loop(layers=4):
                      loop_layer_index_start=1, loop_layer_index_end=3, loop_num_passes=2, loop_gate_rank=8)
 
 
+def gemma4_unified(layers=4):
+    """Gemma4UnifiedForConditionalGeneration: no vision tower, each 4 x 4 patch (``pixel_values`` ``[batch, 16, 48]``)
+    embedded by LayerNorms, a linear layer and factorized (x, y) position embeddings, then projected; image ids
+    replaced by the pad id before the lookup, KV sharing (layers 2, 3 reuse the K/V of 0, 1), bidirectional attention
+    over the image; ``[bos, boi, image x 16, eoi, text]``, a 4 x 4 grid."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    image_token, boi, eoi = 3, 4, 5
+    patch, kernel, side = 2, 2, 4
+    tokens = side * side
+    text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16,
+                 layer_types=["sliding_attention", "full_attention"] * (layers // 2), num_kv_shared_layers=2,
+                 use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = dict(patch_size=patch, pooling_kernel_size=kernel, mm_embed_dim=32, mm_posemb_size=side,
+                  output_proj_dims=32)
+    cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
+                              boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
+                              eoa_token_index=9)
+    model = _seeded(Gemma4UnifiedForConditionalGeneration, cfg)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
+    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, tokens, 3 * (patch * kernel) ** 2),
+                  image_position_ids=positions, attention_mask=mask, labels=labels,
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1928,5 +1956,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (m) natively multimodal decoders
-    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop,
+    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop, "gemma4_unified": gemma4_unified,
 }

@@ -505,10 +505,11 @@ def _producer_module(flow: nx.DiGraph, visual: str, merge: str) -> str | None:
 
 
 def _placeholder_id(flow: nx.DiGraph, merge: str, token_input: str) -> int | None:
-    """The token id compared against the token input to build the merge's position mask."""
-    seen, frontier = set(), [p for p in flow.predecessors(merge) if not _is_float(flow, p)]
+    """The token id compared against the token input to build the merge's position mask: the comparison nearest the
+    merge (breadth first), not one of the other placeholder ids a model may compare before the lookup."""
+    seen, frontier = set(), deque(p for p in flow.predecessors(merge) if not _is_float(flow, p))
     while frontier:
-        key = frontier.pop()
+        key = frontier.popleft()
         if key in seen:
             continue
         seen.add(key)

@@ -33,7 +33,7 @@ def test_bundled_example(merge, kind):
         assert (b.positions.offset, b.positions.count) == (0, 64)
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "idefics3", "mllama", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "idefics3", "mllama", "qwen2_vl", "gemma4_unified"])
 def test_hf_family(family):
     model, inputs = hf_models.BUILDERS[family]()
     expected = model.stsc_expected
