@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
-    layer): inkling, inkling2, inkling2_loop, gemma4_unified.
+    layer): inkling, inkling2, inkling2_loop, gemma4_unified, muse_spark.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1919,6 +1919,33 @@ def gemma4_unified(layers=4):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+def muse_spark(layers=4):
+    """MuseSparkForConditionalGeneration: a windowed ViT (axial RoPE, 4 x 4 patch windows, the last layer global)
+    whose 2 x 2 patches are concatenated by a pixel shuffle, an MLP adapter, a projection and an RMSNorm; image ids set
+    to 0 in place before the lookup; blocks with gated residuals, NoPE full attention in every fourth block from the
+    last, a dense MLP in the first block and MoE (projected to its own width) in the others; ``[bos, image_start,
+    image x 16, image_end, text]``, 8 x 8 patches of 2 frames per image."""
+    from transformers import MuseSparkConfig, MuseSparkForConditionalGeneration
+
+    image_token, start, end = 3, 4, 5
+    patch, merge, side = 4, 2, 8
+    tokens = (side // merge) ** 2
+    text = _text(layers=layers, head_dim=16, sliding_window=16, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+                 moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=32,
+                 pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = _vit(dict, patch_size=patch, pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16,
+                  merge_size=merge, rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    audio = dict(patch_sizes=[2, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=64)
+    cfg = MuseSparkConfig(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image_token,
+                          video_token_id=6, audio_token_id=7, out_hidden_size=32 * merge ** 2,
+                          projector_hidden_size=64)
+    model = _seeded(MuseSparkForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, start] + [image_token] * tokens + [end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * side * side, 3 * 2 * patch * patch),
+                  image_grid_thw=torch.tensor([[1, side, side]] * BATCH), attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1956,5 +1983,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (m) natively multimodal decoders
-    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop, "gemma4_unified": gemma4_unified,
+    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop, "gemma4_unified": gemma4_unified, "muse_spark": muse_spark,
 }
