@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
-    layer): inkling, inkling2, inkling2_loop, gemma4_unified, muse_spark.
+    layer): inkling, inkling2, inkling2_loop, gemma4_unified, muse_spark, cosmos3_edge.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1946,6 +1946,23 @@ def muse_spark(layers=4):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+def cosmos3_edge(layers=3):
+    """Cosmos3EdgeForConditionalGeneration: a SigLIP2 tower on flat patches (learned positions resized to each grid),
+    2 x 2 patches merged by an MLP, M-RoPE positions from ``mm_token_type_ids``; ``[vision_start, image x 4,
+    vision_end, text]``."""
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "mrope_section": [2, 3, 3]})
+    vision = _vit(dict, patch_size=PATCH, num_patches=16, spatial_merge_size=MERGE)
+    cfg = Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64, image_token_id=image,
+                            video_token_id=6, vision_start_token_id=start, vision_end_token_id=end)
+    model = _seeded(Cosmos3EdgeForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, patch_shape=(3 * PATCH * PATCH,))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1983,5 +2000,7 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (m) natively multimodal decoders
-    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop, "gemma4_unified": gemma4_unified, "muse_spark": muse_spark,
+    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop,
+    "gemma4_unified": gemma4_unified, "muse_spark": muse_spark,
+    "cosmos3_edge": cosmos3_edge,
 }
