@@ -36,6 +36,8 @@ The sections, by how images enter the token sequence:
     every position, no placeholders: refused by ``compress_visual_tokens``).
 (l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note,
     unlimited_ocr, muse_glimmer. GLM-Image writes an image's VQ codes into the token ids before the lookup.
+(m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
+    layer): inkling, inkling2, inkling2_loop, gemma4_unified, muse_spark, cosmos3_edge.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -2089,6 +2091,142 @@ def muse_glimmer(layers=4):
     model = _seeded(MuseGlimmerForConditionalGeneration, cfg)
     inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, bos=True)
     del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+# ------------------------------------------------------------------------------ (m) natively multimodal decoders
+def inkling(layers=4):
+    """InklingForConditionalGeneration: no ViT, each 4 x 4 patch (2 frames) folded to one token by an MLP tower
+    (``pixel_values`` ``[patches, 2, 4, 4, 3]``, a 4 x 4 grid per image); blocks of short convolutions around sliding
+    or full attention (a relative position bias of its own extent each), a dense MLP in the first block and MoE in the
+    others, so only blocks 1 and 3 are alike; ``[bos, content_image, image x 16, text]``."""
+    from transformers import InklingConfig, InklingForConditionalGeneration
+
+    image_token, image_bos, patch, side = 3, 5, 4, 4
+    tokens = side * side
+    text = _text(layers=layers, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=16, d_rel=4, rel_extent=64, pad_token_id=0,
+                 layer_types=["hybrid_sliding", "hybrid"] * (layers // 2),
+                 mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1)
+    # 4 tower layers: one per fold of the 4 x 4 x 2 patch (fewer would need scipy to assign the folds)
+    cfg = InklingConfig(text_config=text, vision_config=dict(patch_size=patch, num_hidden_layers=4),
+                        audio_config=dict(n_mel_bins=4, mel_vocab_size=8), image_token_id=image_token,
+                        audio_token_id=4, image_bos_token_id=image_bos)
+    model = _seeded(InklingForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, image_bos] + [image_token] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tokens, 2, patch, patch, 3), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def _inkling2(config_cls, model_cls, layers, layer_types, **text_extra):
+    """An Inkling-2 build: a ViT (a class token per image, axial RoPE) whose 2 x 2 patches are concatenated into one
+    token, ``pixel_values`` one ``[8, 8, 3]`` patch square per token and ``image_grid_thw`` in tokens (a 4 x 4 grid);
+    blocks of sliding or full attention read an attention over the block states (the hidden states the decoder loop
+    keeps at block boundaries) instead of a plain residual, MoE MLPs; ``[bos, content_image, image x 16, text]``."""
+    image_token, image_bos, patch, merge, side = 3, 5, 4, 2, 4
+    tokens = side * side
+    text = _text(layers=layers, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=16, d_rel=4, rel_extent=64, pad_token_id=0, unpadded_vocab_size=VOCAB,
+                 layer_types=layer_types, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                 **text_extra)
+    vision = _vit(dict, model_type="inkling2_vision", patch_size=patch, spatial_merge_size=merge,
+                  posemb_grid_size=side * merge, projection_hidden_dim=64, text_hidden_size=64,
+                  rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    model = _seeded(model_cls, config_cls(text_config=text, vision_config=vision, image_token_id=image_token))
+    input_ids, mask, labels = _batch([[BOS, image_bos] + [image_token] * tokens] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tokens, patch * merge, patch * merge, 3),
+                  image_grid_thw=torch.tensor([[1, side, side]] * BATCH), attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def inkling2(layers=4):
+    """Inkling2ForConditionalGeneration: a block boundary every 2 blocks; the first block reads no block states, so
+    only blocks 1 and 3 (sliding attention) are alike."""
+    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
+
+    return _inkling2(Inkling2Config, Inkling2ForConditionalGeneration, layers,
+                     ["hybrid_sliding", "hybrid_sliding", "hybrid", "hybrid_sliding"], n_layers_per_attn_res_block=2)
+
+
+def inkling2_loop(layers=4):
+    """Inkling2LoopForConditionalGeneration: Inkling-2 whose blocks 1 and 2 run twice, the second pass restarting
+    from block 1's input and gating in messages read from the first pass's block states (a block boundary at every
+    block)."""
+    from transformers import Inkling2LoopConfig, Inkling2LoopForConditionalGeneration
+
+    return _inkling2(Inkling2LoopConfig, Inkling2LoopForConditionalGeneration, layers,
+                     ["hybrid_sliding"] * (layers - 1) + ["hybrid"], n_layers_per_attn_res_block=1,
+                     loop_layer_index_start=1, loop_layer_index_end=3, loop_num_passes=2, loop_gate_rank=8)
+
+
+def gemma4_unified(layers=4):
+    """Gemma4UnifiedForConditionalGeneration: no vision tower, each 4 x 4 patch (``pixel_values`` ``[batch, 16, 48]``)
+    embedded by LayerNorms, a linear layer and factorized (x, y) position embeddings, then projected; image ids
+    replaced by the pad id before the lookup, KV sharing (layers 2, 3 reuse the K/V of 0, 1), bidirectional attention
+    over the image; ``[bos, boi, image x 16, eoi, text]``, a 4 x 4 grid."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    image_token, boi, eoi = 3, 4, 5
+    patch, kernel, side = 2, 2, 4
+    tokens = side * side
+    text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16,
+                 layer_types=["sliding_attention", "full_attention"] * (layers // 2), num_kv_shared_layers=2,
+                 use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = dict(patch_size=patch, pooling_kernel_size=kernel, mm_embed_dim=32, mm_posemb_size=side,
+                  output_proj_dims=32)
+    cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
+                              boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
+                              eoa_token_index=9)
+    model = _seeded(Gemma4UnifiedForConditionalGeneration, cfg)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
+    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, tokens, 3 * (patch * kernel) ** 2),
+                  image_position_ids=positions, attention_mask=mask, labels=labels,
+                  mm_token_type_ids=(input_ids == image_token).long())
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def muse_spark(layers=4):
+    """MuseSparkForConditionalGeneration: a windowed ViT (axial RoPE, 4 x 4 patch windows, the last layer global)
+    whose 2 x 2 patches are concatenated by a pixel shuffle, an MLP adapter, a projection and an RMSNorm; image ids set
+    to 0 in place before the lookup; blocks with gated residuals, NoPE full attention in every fourth block from the
+    last, a dense MLP in the first block and MoE (projected to its own width) in the others; ``[bos, image_start,
+    image x 16, image_end, text]``, 8 x 8 patches of 2 frames per image."""
+    from transformers import MuseSparkConfig, MuseSparkForConditionalGeneration
+
+    image_token, start, end = 3, 4, 5
+    patch, merge, side = 4, 2, 8
+    tokens = (side // merge) ** 2
+    text = _text(layers=layers, head_dim=16, sliding_window=16, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+                 moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=32,
+                 pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    vision = _vit(dict, patch_size=patch, pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16,
+                  merge_size=merge, rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    audio = dict(patch_sizes=[2, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=64)
+    cfg = MuseSparkConfig(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image_token,
+                          video_token_id=6, audio_token_id=7, out_hidden_size=32 * merge ** 2,
+                          projector_hidden_size=64)
+    model = _seeded(MuseSparkForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, start] + [image_token] * tokens + [end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * side * side, 3 * 2 * patch * patch),
+                  image_grid_thw=torch.tensor([[1, side, side]] * BATCH), attention_mask=mask, labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+
+
+def cosmos3_edge(layers=3):
+    """Cosmos3EdgeForConditionalGeneration: a SigLIP2 tower on flat patches (learned positions resized to each grid),
+    2 x 2 patches merged by an MLP, M-RoPE positions from ``mm_token_type_ids``; ``[vision_start, image x 4,
+    vision_end, text]``."""
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "mrope_section": [2, 3, 3]})
+    vision = _vit(dict, patch_size=PATCH, num_patches=16, spatial_merge_size=MERGE)
+    cfg = Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64, image_token_id=image,
+                            video_token_id=6, vision_start_token_id=start, vision_end_token_id=end)
+    model = _seeded(Cosmos3EdgeForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, patch_shape=(3 * PATCH * PATCH,))
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
 
 
@@ -2135,4 +2273,8 @@ BUILDERS = {
     # (l) vision-language families with their own layouts
     "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp, "dots3_note": dots3_note,
     "unlimited_ocr": unlimited_ocr, "muse_glimmer": muse_glimmer,
+    # (m) natively multimodal decoders
+    "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop,
+    "gemma4_unified": gemma4_unified, "muse_spark": muse_spark,
+    "cosmos3_edge": cosmos3_edge,
 }

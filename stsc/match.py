@@ -40,7 +40,11 @@ the parameters it reads (its op graph's Weisfeiler-Lehman hash when it reads non
 a model computes lazily in whichever layer first needs them. Runs may mix kinds (self- and
 cross-attention layers, dense and mixture-of-experts layers, attention and convolution layers): a
 member of a kind seen once is kept when it sits inside the run, or at its end when it is numbered in
-the same list as the others. The decoder stack is the stack on
+the same list as the others; where the others are numbered in a list, a member at an end that is not is no block
+even when its kind repeats (a final read-out and a norm after the layers, each reading one weight of the hidden
+width). A module called between two items of a list, fed by the first while the first also feeds the second (a side
+module of a loop that runs some blocks more than once, reading a previous pass's states), neither ends the run nor
+is a block. The decoder stack is the stack on
 the token stream covering the most nodes; stacks fed only by pixels are vision stacks. A block is a
 residual block (it reads its hidden input at least twice), which rules out chains of plain layers
 (two projector linears) and stacks nested inside another stack's blocks are not reported.
@@ -518,7 +522,8 @@ def _producer_module(flow: nx.DiGraph, visual: str, merge: str) -> str | None:
 
 def _placeholder_id(flow: nx.DiGraph, merge: str, token_input: str) -> int | None:
     """The token id compared against the token input to build the merge's position mask: the comparison nearest the
-    merge (breadth first), so ids compared further back, e.g. the markers of spans the mask excludes, are not taken."""
+    merge (breadth first): not the markers of spans the mask excludes, nor the other placeholder ids (video, audio) a
+    model may compare before the lookup."""
     seen, frontier = set(), deque(p for p in flow.predecessors(merge) if not _is_float(flow, p))
     while frontier:
         key = frontier.popleft()
@@ -582,9 +587,13 @@ def _stacks(flow: nx.DiGraph, order: list[str]) -> list[list[Block]]:
 def _runs_of_blocks(flow, kids, members) -> list[list[Block]]:
     owner = {key: kid for kid in kids for key in members[kid]}
     kids = sorted(kids, key=lambda k: flow.nodes[members[k][0]]["order"])
-    runs, current = [], [kids[0]]
-    for prev, nxt in zip(kids, kids[1:]):
-        if nxt in _fed_siblings(flow, prev, members[prev], owner):
+    runs, current, rest = [], [kids[0]], kids[1:]
+    while rest:
+        prev = current[-1]
+        fed = _fed_siblings(flow, prev, members[prev], owner)
+        rest = _past_side_modules(prev, rest, fed)
+        nxt = rest.pop(0)
+        if nxt in fed:
             current.append(nxt)
         else:
             runs.append(current)
@@ -597,14 +606,26 @@ def _runs_of_blocks(flow, kids, members) -> list[list[Block]]:
         for h in hashes.values():
             counts[h] += 1
         items = {_container(kid) for kid in run if counts[hashes[kid]] >= 2} - {None}
-        while run and counts[hashes[run[0]]] < 2 and _container(run[0]) not in items:
+
+        def stray(kid):  # at an end of the run: not an item of the list, and of a kind seen once or beside a list
+            return _container(kid) not in items and (counts[hashes[kid]] < 2 or bool(items))
+
+        while run and stray(run[0]):
             run = run[1:]
-        while run and counts[hashes[run[-1]]] < 2 and _container(run[-1]) not in items:
+        while run and stray(run[-1]):
             run = run[:-1]
         blocks = _blocks(flow, run, members, hashes) if len(run) >= 2 else []
         if blocks and all(_is_residual(flow, b, members[b.path]) for b in blocks):
             stacks.append(blocks)
     return stacks
+
+
+def _past_side_modules(prev: str, rest: list[str], fed: set[str]) -> list[str]:
+    """``rest`` (the siblings after ``prev``, in call order) from the next item of ``prev``'s list on, where ``prev``
+    feeds that item and only siblings outside the list are first called before it: side modules a loop over the list
+    calls between two items (one reading a previous pass's states for looped blocks, say) are not blocks."""
+    items = [i for i, kid in enumerate(rest) if _container(prev) is not None and _container(kid) == _container(prev)]
+    return rest[items[0]:] if items and items[0] > 0 and rest[items[0]] in fed else rest
 
 
 def _container(path: str) -> str | None:

@@ -33,7 +33,7 @@ def test_bundled_example(merge, kind):
         assert (b.positions.offset, b.positions.count) == (0, 64)
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "idefics3", "mllama", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "paligemma", "gemma3", "idefics3", "mllama", "qwen2_vl", "gemma4_unified"])
 def test_hf_family(family):
     model, inputs = hf_models.BUILDERS[family]()
     expected = model.stsc_expected
@@ -212,3 +212,57 @@ def test_views_of_one_picture_are_opened_by_different_markers():
     pictures = pictures_in(images_in(ids == 3), ids)
     assert [[image.positions for image in picture] for picture in pictures] == [
         [(2, 3), (6, 7, 8)], [(12, 13)], [(16, 17)]]
+
+
+class ReadOutDecoder(tiny_llava.Decoder):
+    """The layers, then a read-out that scales the hidden state by one weight of its width (reading it once: no
+    residual block) and a norm of the same width: siblings of the layer list of one kind."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(width))
+
+        def forward(self, hidden):
+            return hidden * self.weight
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.final_norm, self.norm = self.norm, self.Scale(cfg.hidden_size)
+
+    def forward(self, inputs_embeds, attention_mask):
+        return self.final_norm(super().forward(inputs_embeds, attention_mask))
+
+
+def test_modules_after_the_layer_list_are_no_blocks_even_of_one_kind():
+    model = tiny_llava.build_model()
+    model.decoder = ReadOutDecoder(model.config)
+    assert inspect(model, tiny_llava.example_inputs(model)).blocks == TINY_BLOCKS
+
+
+class LoopedLayers(torch.nn.ModuleList):
+    """Layers 1 and 2 run twice: the second pass restarts from layer 0's output plus a message, a side module's
+    projection of the first pass's output, called between the items (after layer 2 and before layer 3)."""
+
+    def __init__(self, layers, width):
+        super().__init__(layers)
+        self.message = torch.nn.Linear(width, width)
+
+    def __iter__(self):
+        kept = {}
+
+        def first(hidden, *args):
+            kept["hidden"] = self[0](hidden, *args)
+            return kept["hidden"]
+
+        def restart(hidden, *args):
+            return kept["hidden"] + self.message(hidden)
+
+        return iter([first, self[1], self[2], restart, self[1], self[2], self[3]])
+
+
+def test_a_side_module_called_between_looped_layers_is_no_block_and_ends_no_run():
+    model = tiny_llava.build_model()
+    model.decoder.layers = LoopedLayers(model.decoder.layers, model.config.hidden_size)
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.blocks == TINY_BLOCKS and report.support["skip_layers"] == "ok"
