@@ -31,6 +31,8 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
+(o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
+    queries of every frame in one run: ``tokens_per_image`` counts the clip).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -527,15 +529,20 @@ def _qformer(config_cls, **extra):
                 **extra)
 
 
-def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, **extra_inputs):
-    """BLIP-2 / InstructBLIP: a Q-Former of 8 learned queries, ``[image x 8, bos, text]`` (the processor's order)."""
+def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, frames=None, **extra_inputs):
+    """BLIP-2 / InstructBLIP: a Q-Former of 8 learned queries, ``[image x 8, bos, text]`` (the processor's order).
+    ``frames``: a clip of that many frames per row instead of an image, the queries of every frame in one run at the
+    video placeholder (InstructBLIP-Video)."""
     image_token, queries = 3, 8
+    placeholder = {"video_token_index" if frames else "image_token_index": image_token}
     cfg = config_cls(vision_config=_vit(vision_cls, image_size=32, patch_size=8), qformer_config=qformer,
-                     text_config=text, num_query_tokens=queries, image_token_index=image_token)
+                     text_config=text, num_query_tokens=queries, **placeholder)
     model = _seeded(model_cls, cfg)
     with torch.no_grad():  # a fresh BLIP-2's query tokens are all zeros: give them random values
         model.query_tokens.normal_(std=0.5)
-    return _same_rows(model, [image_token] * queries + [bos], (3, 32, 32), blocks, queries, image_token, **extra_inputs)
+    tokens = queries * (frames or 1)
+    pixels = (frames, 3, 32, 32) if frames else (3, 32, 32)
+    return _same_rows(model, [image_token] * tokens + [bos], pixels, blocks, tokens, image_token, **extra_inputs)
 
 
 def blip2(layers=3):
@@ -555,14 +562,21 @@ def instructblip(layers=3, qformer_len=6, qformer_vocab=100):
     """InstructBlipForConditionalGeneration: the Q-Former also reads the instruction, tokenized with its own (smaller)
     vocabulary and a different length than ``input_ids``. ``qformer_len`` / ``qformer_vocab`` give survey variants."""
     from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
-                              InstructBlipVisionConfig, LlamaConfig)
+                              InstructBlipVisionConfig)
+
+    return _instructblip(InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipVisionConfig,
+                         InstructBlipQFormerConfig, layers, qformer_len, qformer_vocab)
+
+
+def _instructblip(config_cls, model_cls, vision_cls, qformer_cls, layers, qformer_len, qformer_vocab, frames=None):
+    """An InstructBLIP build (Llama text) whose Q-Former reads an instruction of ``qformer_len`` ids."""
+    from transformers import LlamaConfig
 
     text = LlamaConfig(**_text(layers=layers), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     qformer_ids = torch.randint(5, qformer_vocab, (BATCH, qformer_len), generator=torch.Generator().manual_seed(2))
-    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipVisionConfig,
-                 _qformer(InstructBlipQFormerConfig, vocab_size=qformer_vocab, pad_token_id=0), text, bos=BOS,
-                 blocks=_blocks(layers, "language_model.model.layers"), qformer_input_ids=qformer_ids,
-                 qformer_attention_mask=torch.ones_like(qformer_ids))
+    return _blip(config_cls, model_cls, vision_cls, _qformer(qformer_cls, vocab_size=qformer_vocab, pad_token_id=0),
+                 text, bos=BOS, blocks=_blocks(layers, "language_model.model.layers"), frames=frames,
+                 qformer_input_ids=qformer_ids, qformer_attention_mask=torch.ones_like(qformer_ids))
 
 
 def ovis2(layers=3):
@@ -1822,6 +1836,17 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+# ------------------------------------------------------ (o) video, vision-language-action and speech-dialogue families
+def instructblipvideo(layers=3):
+    """InstructBlipVideoForConditionalGeneration: InstructBLIP on a clip of 4 frames (the processor's fixed count), each
+    frame's 8 queries in one run, ``[video x 32, bos, text]``."""
+    from transformers import (InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration,
+                              InstructBlipVideoQFormerConfig, InstructBlipVideoVisionConfig)
+
+    return _instructblip(InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration,
+                         InstructBlipVideoVisionConfig, InstructBlipVideoQFormerConfig, layers, 6, 100, frames=4)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1858,4 +1883,6 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
+    # (o) video, vision-language-action and speech-dialogue families
+    "instructblipvideo": instructblipvideo,
 }
