@@ -32,7 +32,8 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
-    queries of every frame in one run: ``tokens_per_image`` counts the clip).
+    queries of every frame in one run: ``tokens_per_image`` counts the clip), video_llama_3 (a clip of 2 frames, each
+    its own run after its timestamp: ``tokens_per_image`` counts one frame).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1847,6 +1848,28 @@ def instructblipvideo(layers=3):
                          InstructBlipVideoVisionConfig, InstructBlipVideoQFormerConfig, layers, 6, 100, frames=4)
 
 
+def video_llama_3(layers=3):
+    """VideoLlama3ForConditionalGeneration on a clip of 2 frames (4 x 4 patches each, one frame per temporal patch,
+    2 x 2 merged to 4 tokens): ``Time 0.0s:<video> x 4,Time 1.0s:<video> x 4`` after a bos (the timestamp is a text
+    id here, the comma another), flat pixel patches, ``video_merge_sizes`` and the processor's token compression mask
+    (every token kept); Qwen2 text, 1-D positions."""
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
+
+    video_token, comma, (t, h, w) = 6, 7, VIDEO_GRID
+    tokens = h * w // MERGE ** 2
+    vision = _vit(dict, patch_size=PATCH, num_channels=3)
+    cfg = VideoLlama3Config(text_config=_text(layers=layers), vision_config=vision, image_token_id=5,
+                            video_token_id=video_token)
+    model = _seeded(VideoLlama3ForConditionalGeneration, cfg)
+    frames = [[40 + frame] + [video_token] * tokens for frame in range(t)]
+    input_ids, mask, labels = _batch([[BOS] + frames[0] + [comma] + frames[1]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values_videos=_pixels(BATCH * t * h * w, 3 * PATCH * PATCH),
+                  video_grid_thw=torch.tensor([VIDEO_GRID] * BATCH), video_merge_sizes=torch.tensor([MERGE] * BATCH),
+                  video_compression_mask=torch.ones(BATCH * t * tokens, dtype=torch.bool), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, video_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1884,5 +1907,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (o) video, vision-language-action and speech-dialogue families
-    "instructblipvideo": instructblipvideo,
+    "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3,
 }
