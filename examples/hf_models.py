@@ -33,7 +33,8 @@ The sections, by how images enter the token sequence:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
     queries of every frame in one run: ``tokens_per_image`` counts the clip), video_llama_3 (a clip of 2 frames, each
-    its own run after its timestamp: ``tokens_per_image`` counts one frame).
+    its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 (two cameras back to back in one
+    run, a Gemma action expert attending to the decoder's keys and values).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1870,6 +1871,48 @@ def video_llama_3(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, video_token))
 
 
+def _gemma(layers, **extra):
+    """A tiny Gemma decoder config (as a dict), head width 16."""
+    return _text(layers=layers, model_type="gemma", head_dim=16, **extra)
+
+
+def _action_inputs(cameras, tokens, image_token, chunk, dim, state):
+    """Inputs of a vision-language-action model (PI0-style) on ``cameras`` images per row: ``[<image> x tokens per
+    camera, bos, task text]`` (the processor's prompt), a robot ``state`` input if ``state`` (PI0.5 writes it in the
+    text), the target ``actions`` (the labels: a flow-matching loss on the action chunk), and fixed ``noise`` and
+    ``timestep`` (drawn at random when left out)."""
+    input_ids, mask, _ = _batch([[image_token] * tokens * cameras + [BOS]] * BATCH)
+    gen = torch.Generator().manual_seed(3)
+    return dict(**({"state": torch.randn(BATCH, dim, generator=gen)} if state else {}), input_ids=input_ids,
+                pixel_values=_pixels(BATCH, cameras, 3, 32, 32),
+                pixel_attention_mask=torch.ones(BATCH, cameras, dtype=torch.bool), attention_mask=mask,
+                actions=torch.randn(BATCH, chunk, dim, generator=gen),
+                noise=torch.randn(BATCH, chunk, dim, generator=gen), timestep=torch.tensor([0.3, 0.7]))
+
+
+def _vla(config_cls, model_cls, layers, cameras=2, state=True):
+    """A PI0-style build: a PaliGemma prefix (SigLIP tower, 16 tokens per camera, Gemma text) and a Gemma action expert
+    of width 32 whose layer ``i`` attends to the prefix's keys and values of layer ``i``; chunks of 4 actions of 8."""
+    image_token, tokens, chunk, dim = 3, 16, 4, 8
+    vision = _vit(dict, model_type="siglip_vision_model", image_size=32, patch_size=8, vision_use_head=False)
+    vlm = dict(model_type="paligemma", text_config=_gemma(layers), vision_config=vision, projection_dim=64,
+               image_token_id=image_token)
+    cfg = config_cls(vlm_config=vlm, dit_config=_gemma(layers, hidden_size=32, intermediate_size=64), chunk_size=chunk,
+                     max_state_dim=dim, max_action_dim=dim)
+    model = _seeded(model_cls, cfg)
+    inputs = _action_inputs(cameras, tokens, image_token, chunk, dim, state)
+    return _finish(model, inputs, Expected(_blocks(layers, "model.vlm.language_model.layers"), "scatter", tokens,
+                                           image_token))
+
+
+def pi0(layers=3):
+    """PI0ForConditionalGeneration: two cameras per row, their placeholder runs back to back; the state is a token of
+    the action expert's sequence."""
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    return _vla(PI0Config, PI0ForConditionalGeneration, layers)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1907,5 +1950,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (o) video, vision-language-action and speech-dialogue families
-    "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3,
+    "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3, "pi0": pi0,
 }
