@@ -33,8 +33,8 @@ The sections, by how images enter the token sequence:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
     queries of every frame in one run: ``tokens_per_image`` counts the clip), video_llama_3 (a clip of 2 frames, each
-    its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 (two cameras back to back in one
-    run, a Gemma action expert attending to the decoder's keys and values).
+    its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 and pi05 (two cameras back to back
+    in one run, a Gemma action expert attending to the decoder's keys and values).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1913,6 +1913,14 @@ def pi0(layers=3):
     return _vla(PI0Config, PI0ForConditionalGeneration, layers)
 
 
+def pi05(layers=3):
+    """PI05ForConditionalGeneration: as PI0, the state written in the prompt's text instead, the action expert's norms
+    conditioned on the timestep (adaptive RMS norm)."""
+    from transformers import PI05Config, PI05ForConditionalGeneration
+
+    return _vla(PI05Config, PI05ForConditionalGeneration, layers, state=False)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1950,5 +1958,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (o) video, vision-language-action and speech-dialogue families
-    "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3, "pi0": pi0,
+    "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3, "pi0": pi0, "pi05": pi05,
 }

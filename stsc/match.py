@@ -177,7 +177,10 @@ def match(cap: Capture) -> Structure:
     vision_stacks = [s for s in stacks if all(taint[b.hidden_out] == PIXELS for b in s)]
     vision = [b.path for s in vision_stacks for b in s]
     vision_end = max((flow.nodes[s[-1].hidden_out]["order"] for s in vision_stacks), default=-1)
-    blocks = max(decoder, key=lambda s: sum(b.nodes for b in s), default=[])
+    # the token stream enters a decoder's first block; a second stack that only reads the decoder's keys and values
+    # (an action expert) carries tokens at its output alone
+    fed = [s for s in decoder if taint[s[0].hidden_in] & TOKENS]
+    blocks = max(fed or decoder, key=lambda s: sum(b.nodes for b in s), default=[])
     if not blocks:
         notes.append(f"no decoder blocks found: looked for {DECODER_BLOCKS}")
     _find_partners(flow, order, blocks, [b for s in stacks if s is not blocks for b in s])
