@@ -32,9 +32,9 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
-    queries of every frame in one run: ``tokens_per_image`` counts the clip), video_llama_3 (a clip of 2 frames, each
-    its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 and pi05 (two cameras back to back
-    in one run, a Gemma action expert attending to the decoder's keys and values).
+    queries of every frame back to back in one run: ``tokens_per_image`` counts one frame's), video_llama_3 (a clip
+    of 2 frames, each its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 and pi05 (two
+    cameras back to back in one run, a Gemma action expert attending to the decoder's keys and values).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -534,7 +534,7 @@ def _qformer(config_cls, **extra):
 def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, frames=None, **extra_inputs):
     """BLIP-2 / InstructBLIP: a Q-Former of 8 learned queries, ``[image x 8, bos, text]`` (the processor's order).
     ``frames``: a clip of that many frames per row instead of an image, the queries of every frame in one run at the
-    video placeholder (InstructBLIP-Video)."""
+    video placeholder (InstructBLIP-Video), each frame's queries an image."""
     image_token, queries = 3, 8
     placeholder = {"video_token_index" if frames else "image_token_index": image_token}
     cfg = config_cls(vision_config=_vit(vision_cls, image_size=32, patch_size=8), qformer_config=qformer,
@@ -542,9 +542,9 @@ def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, frames=
     model = _seeded(model_cls, cfg)
     with torch.no_grad():  # a fresh BLIP-2's query tokens are all zeros: give them random values
         model.query_tokens.normal_(std=0.5)
-    tokens = queries * (frames or 1)
     pixels = (frames, 3, 32, 32) if frames else (3, 32, 32)
-    return _same_rows(model, [image_token] * tokens + [bos], pixels, blocks, tokens, image_token, **extra_inputs)
+    return _same_rows(model, [image_token] * queries * (frames or 1) + [bos], pixels, blocks, queries, image_token,
+                      **extra_inputs)
 
 
 def blip2(layers=3):
@@ -1841,7 +1841,7 @@ def glm46v_video(layers=3):
 # ------------------------------------------------------ (o) video, vision-language-action and speech-dialogue families
 def instructblipvideo(layers=3):
     """InstructBlipVideoForConditionalGeneration: InstructBLIP on a clip of 4 frames (the processor's fixed count), each
-    frame's 8 queries in one run, ``[video x 32, bos, text]``."""
+    frame's 8 queries back to back in one run, ``[video x 32, bos, text]``."""
     from transformers import (InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration,
                               InstructBlipVideoQFormerConfig, InstructBlipVideoVisionConfig)
 
