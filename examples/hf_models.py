@@ -38,6 +38,10 @@ The sections, by how images enter the token sequence:
     unlimited_ocr, muse_glimmer. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
     layer): inkling, inkling2, inkling2_loop, gemma4_unified, muse_spark, cosmos3_edge.
+(o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
+    queries of every frame back to back in one run: ``tokens_per_image`` counts one frame's), video_llama_3 (a clip
+    of 2 frames, each its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 and pi05 (two
+    cameras back to back in one run, a Gemma action expert attending to the decoder's keys and values).
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -534,15 +538,20 @@ def _qformer(config_cls, **extra):
                 **extra)
 
 
-def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, **extra_inputs):
-    """BLIP-2 / InstructBLIP: a Q-Former of 8 learned queries, ``[image x 8, bos, text]`` (the processor's order)."""
+def _blip(config_cls, model_cls, vision_cls, qformer, text, bos, blocks, frames=None, **extra_inputs):
+    """BLIP-2 / InstructBLIP: a Q-Former of 8 learned queries, ``[image x 8, bos, text]`` (the processor's order).
+    ``frames``: a clip of that many frames per row instead of an image, the queries of every frame in one run at the
+    video placeholder (InstructBLIP-Video), each frame's queries an image."""
     image_token, queries = 3, 8
+    placeholder = {"video_token_index" if frames else "image_token_index": image_token}
     cfg = config_cls(vision_config=_vit(vision_cls, image_size=32, patch_size=8), qformer_config=qformer,
-                     text_config=text, num_query_tokens=queries, image_token_index=image_token)
+                     text_config=text, num_query_tokens=queries, **placeholder)
     model = _seeded(model_cls, cfg)
     with torch.no_grad():  # a fresh BLIP-2's query tokens are all zeros: give them random values
         model.query_tokens.normal_(std=0.5)
-    return _same_rows(model, [image_token] * queries + [bos], (3, 32, 32), blocks, queries, image_token, **extra_inputs)
+    pixels = (frames, 3, 32, 32) if frames else (3, 32, 32)
+    return _same_rows(model, [image_token] * queries * (frames or 1) + [bos], pixels, blocks, queries, image_token,
+                      **extra_inputs)
 
 
 def blip2(layers=3):
@@ -562,14 +571,21 @@ def instructblip(layers=3, qformer_len=6, qformer_vocab=100):
     """InstructBlipForConditionalGeneration: the Q-Former also reads the instruction, tokenized with its own (smaller)
     vocabulary and a different length than ``input_ids``. ``qformer_len`` / ``qformer_vocab`` give survey variants."""
     from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
-                              InstructBlipVisionConfig, LlamaConfig)
+                              InstructBlipVisionConfig)
+
+    return _instructblip(InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipVisionConfig,
+                         InstructBlipQFormerConfig, layers, qformer_len, qformer_vocab)
+
+
+def _instructblip(config_cls, model_cls, vision_cls, qformer_cls, layers, qformer_len, qformer_vocab, frames=None):
+    """An InstructBLIP build (Llama text) whose Q-Former reads an instruction of ``qformer_len`` ids."""
+    from transformers import LlamaConfig
 
     text = LlamaConfig(**_text(layers=layers), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     qformer_ids = torch.randint(5, qformer_vocab, (BATCH, qformer_len), generator=torch.Generator().manual_seed(2))
-    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipVisionConfig,
-                 _qformer(InstructBlipQFormerConfig, vocab_size=qformer_vocab, pad_token_id=0), text, bos=BOS,
-                 blocks=_blocks(layers, "language_model.model.layers"), qformer_input_ids=qformer_ids,
-                 qformer_attention_mask=torch.ones_like(qformer_ids))
+    return _blip(config_cls, model_cls, vision_cls, _qformer(qformer_cls, vocab_size=qformer_vocab, pad_token_id=0),
+                 text, bos=BOS, blocks=_blocks(layers, "language_model.model.layers"), frames=frames,
+                 qformer_input_ids=qformer_ids, qformer_attention_mask=torch.ones_like(qformer_ids))
 
 
 def ovis2(layers=3):
@@ -2228,6 +2244,87 @@ def cosmos3_edge(layers=3):
     model = _seeded(Cosmos3EdgeForConditionalGeneration, cfg)
     inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, patch_shape=(3 * PATCH * PATCH,))
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+# ------------------------------------------------------ (o) video, vision-language-action and speech-dialogue families
+def instructblipvideo(layers=3):
+    """InstructBlipVideoForConditionalGeneration: InstructBLIP on a clip of 4 frames (the processor's fixed count), each
+    frame's 8 queries back to back in one run, ``[video x 32, bos, text]``."""
+    from transformers import (InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration,
+                              InstructBlipVideoQFormerConfig, InstructBlipVideoVisionConfig)
+
+    return _instructblip(InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration,
+                         InstructBlipVideoVisionConfig, InstructBlipVideoQFormerConfig, layers, 6, 100, frames=4)
+
+
+def video_llama_3(layers=3):
+    """VideoLlama3ForConditionalGeneration on a clip of 2 frames (4 x 4 patches each, one frame per temporal patch,
+    2 x 2 merged to 4 tokens): ``Time 0.0s:<video> x 4,Time 1.0s:<video> x 4`` after a bos (the timestamp is a text
+    id here, the comma another), flat pixel patches, ``video_merge_sizes`` and the processor's token compression mask
+    (every token kept); Qwen2 text, 1-D positions."""
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
+
+    video_token, comma, (t, h, w) = 6, 7, VIDEO_GRID
+    tokens = h * w // MERGE ** 2
+    vision = _vit(dict, patch_size=PATCH, num_channels=3)
+    cfg = VideoLlama3Config(text_config=_text(layers=layers), vision_config=vision, image_token_id=5,
+                            video_token_id=video_token)
+    model = _seeded(VideoLlama3ForConditionalGeneration, cfg)
+    frames = [[40 + frame] + [video_token] * tokens for frame in range(t)]
+    input_ids, mask, labels = _batch([[BOS] + frames[0] + [comma] + frames[1]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values_videos=_pixels(BATCH * t * h * w, 3 * PATCH * PATCH),
+                  video_grid_thw=torch.tensor([VIDEO_GRID] * BATCH), video_merge_sizes=torch.tensor([MERGE] * BATCH),
+                  video_compression_mask=torch.ones(BATCH * t * tokens, dtype=torch.bool), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, video_token))
+
+
+def _gemma(layers, **extra):
+    """A tiny Gemma decoder config (as a dict), head width 16."""
+    return _text(layers=layers, model_type="gemma", head_dim=16, **extra)
+
+
+def _action_inputs(cameras, tokens, image_token, chunk, dim, state):
+    """Inputs of a vision-language-action model (PI0-style) on ``cameras`` images per row: ``[<image> x tokens per
+    camera, bos, task text]`` (the processor's prompt), a robot ``state`` input if ``state`` (PI0.5 writes it in the
+    text), the target ``actions`` (the labels: a flow-matching loss on the action chunk), and fixed ``noise`` and
+    ``timestep`` (drawn at random when left out)."""
+    input_ids, mask, _ = _batch([[image_token] * tokens * cameras + [BOS]] * BATCH)
+    gen = torch.Generator().manual_seed(3)
+    return dict(**({"state": torch.randn(BATCH, dim, generator=gen)} if state else {}), input_ids=input_ids,
+                pixel_values=_pixels(BATCH, cameras, 3, 32, 32),
+                pixel_attention_mask=torch.ones(BATCH, cameras, dtype=torch.bool), attention_mask=mask,
+                actions=torch.randn(BATCH, chunk, dim, generator=gen),
+                noise=torch.randn(BATCH, chunk, dim, generator=gen), timestep=torch.tensor([0.3, 0.7]))
+
+
+def _vla(config_cls, model_cls, layers, cameras=2, state=True):
+    """A PI0-style build: a PaliGemma prefix (SigLIP tower, 16 tokens per camera, Gemma text) and a Gemma action expert
+    of width 32 whose layer ``i`` attends to the prefix's keys and values of layer ``i``; chunks of 4 actions of 8."""
+    image_token, tokens, chunk, dim = 3, 16, 4, 8
+    vision = _vit(dict, model_type="siglip_vision_model", image_size=32, patch_size=8, vision_use_head=False)
+    vlm = dict(model_type="paligemma", text_config=_gemma(layers), vision_config=vision, projection_dim=64,
+               image_token_id=image_token)
+    cfg = config_cls(vlm_config=vlm, dit_config=_gemma(layers, hidden_size=32, intermediate_size=64), chunk_size=chunk,
+                     max_state_dim=dim, max_action_dim=dim)
+    model = _seeded(model_cls, cfg)
+    inputs = _action_inputs(cameras, tokens, image_token, chunk, dim, state)
+    return _finish(model, inputs, Expected(_blocks(layers, "model.vlm.language_model.layers"), "scatter", tokens,
+                                           image_token))
+
+
+def pi0(layers=3):
+    """PI0ForConditionalGeneration: two cameras per row, their placeholder runs back to back; the state is a token of
+    the action expert's sequence."""
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    return _vla(PI0Config, PI0ForConditionalGeneration, layers)
+
+
+def pi05(layers=3):
+    """PI05ForConditionalGeneration: as PI0, the state written in the prompt's text instead, the action expert's norms
+    conditioned on the timestep (adaptive RMS norm)."""
+    from transformers import PI05Config, PI05ForConditionalGeneration
+
+    return _vla(PI05Config, PI05ForConditionalGeneration, layers, state=False)
 
 
 BUILDERS = {
@@ -2277,4 +2374,6 @@ BUILDERS = {
     "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop,
     "gemma4_unified": gemma4_unified, "muse_spark": muse_spark,
     "cosmos3_edge": cosmos3_edge,
+    # (o) video, vision-language-action and speech-dialogue families
+    "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3, "pi0": pi0, "pi05": pi05,
 }

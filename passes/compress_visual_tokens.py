@@ -496,7 +496,7 @@ class SequenceCompactor(_Runtime):
                 self._plan = Plan.keep_all(visual, real)
             else:
                 images = images_in(visual, self._inputs.get(self.boundary.token_input), self.boundary.rows_layout,
-                                   self.boundary.image_grids(self._inputs), self.boundary.grid)
+                                   self.boundary.image_grids(self._inputs), self.boundary.grid, self.boundary.cut)
                 self._plan = plan(hidden.detach(), visual, images, self.config, generator, real)
             self.last_plan, self._shape = self._plan, (batch, length)
             self._realised.add(self._plan)
@@ -705,7 +705,7 @@ def _example_images(boundary, example_inputs: dict) -> list[Image]:
     else:
         mask = boundary.positions(example_inputs)
     return images_in(mask, example_inputs.get(boundary.token_input), boundary.rows_layout,
-                     boundary.image_grids(example_inputs), boundary.grid)
+                     boundary.image_grids(example_inputs), boundary.grid, boundary.cut)
 
 
 def _apply_cross_attention(model: nn.Module, structure, config: CompressVisualTokensConfig):

@@ -20,6 +20,12 @@ A block that returns other tensors besides its hidden state (a selection of keys
 passes on itself) can be skipped where it receives each of them from the block before it: skipped, it passes those
 on unchanged, as the stack without it would. Otherwise it is kept, and its reason says so.
 
+A block whose keys and values a block of another stack reads (``Block.partners``: a vision-language-action model's
+action expert, its layer ``i`` attending to the decoder's layer ``i``) is skipped together with those partners,
+each guarded the same way: the layer is skipped in both stacks, as if the joint stack did not have it. The first
+such block always runs: the partners size their attention by the length of its entry in the shared cache (a shape read,
+which the data flow does not show).
+
 **Decisions** are drawn once per training forward (of the model, or of its backbone where a trainer calls that
 directly: :mod:`stsc.forwards`), before the first block runs, from a generator
 seeded by ``(seed, step, micro_step)`` (:func:`stsc.schedules.draw_skips`): identical on every rank,
@@ -111,11 +117,12 @@ class LayerSkipper:
     """Runtime of the pass: schedule state, skip decisions, and the guarded blocks."""
 
     def __init__(self, starts: list[nn.Module], blocks: list[tuple[str, nn.Module]], bindings: list[_Binding | None],
-                 skippable: list[bool], config: SkipLayersConfig):
+                 skippable: list[bool], config: SkipLayersConfig, partners: list[tuple[int, nn.Module, _Binding]] = ()):
         self.config = config
         self.schedule = config.skip_schedule()
         self.paths = [path for path, _ in blocks]
         self.modules = [module for _, module in blocks]
+        self.partners = [module for _, module, _ in partners]  # guarded with the block of their index
         self.skippable = skippable
         self.progress = 0.0  # epochs into the stage
         self.clock = StepClock()
@@ -125,6 +132,8 @@ class LayerSkipper:
         for index, (module, binding) in enumerate(zip(self.modules, bindings)):
             if binding is not None:
                 module._call_impl = _GuardedCall(self, index, binding)
+        for partner, (index, module, binding) in enumerate(partners):
+            module._call_impl = _GuardedCall(self, index, binding, partner)
         self._scope = ForwardScope(starts, self._before_forward)  # the model, or its backbone called directly
 
     # ----------------------------------------------------------------------------- schedule state
@@ -184,21 +193,22 @@ class LayerSkipper:
 
     def remove(self) -> None:
         """Undo the rewrite: blocks are called as before (hooks, then forward)."""
-        for module in self.modules:
+        for module in self.modules + self.partners:
             module.__dict__.pop("_call_impl", None)
         self._scope.remove()
 
 
 class _GuardedCall:
     """A block's ``_call_impl`` with the skip guard in front. An object rather than a closure, so that a
-    deep copy of the model guards its own blocks (with its own skipper), not the original's."""
+    deep copy of the model guards its own blocks (with its own skipper), not the original's. ``partner``: the index of
+    the partner block it guards instead (skipped with block ``index``)."""
 
-    def __init__(self, skipper: LayerSkipper, index: int, binding: _Binding):
-        self.skipper, self.index, self.binding = skipper, index, binding
+    def __init__(self, skipper: LayerSkipper, index: int, binding: _Binding, partner: int | None = None):
+        self.skipper, self.index, self.binding, self.partner = skipper, index, binding, partner
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
-        module = self.skipper.modules[self.index]
+        module = self.skipper.modules[self.index] if self.partner is None else self.skipper.partners[self.partner]
         if module.training and self.skipper._skip[self.index]:
             return self.binding.identity(args, kwargs)
         return nn.Module._call_impl(module, *args, **kwargs)
@@ -268,11 +278,20 @@ def _received(arguments, value) -> int | str | None:
     return next((where for where, argument in arguments if argument is value), None)
 
 
-def _not_skippable(block, binding: _Binding | None, config: SkipLayersConfig) -> str | None:
-    """Why ``block`` cannot be skipped (None when it can)."""
+def _not_skippable(block, binding: _Binding | None, config: SkipLayersConfig, partners: dict,
+                   first_partnered: bool) -> str | None:
+    """Why ``block`` cannot be skipped (None when it can); ``partners``: the binding of each partner block;
+    ``first_partnered``: ``block`` is the first block with partners."""
     if binding is None:
         return ("its output has other tensors besides the hidden state that it does not receive from the block "
                 "before it (to pass them on when skipped), or it did not run")
+    unbound = [path for path in block.partners if partners[path] is None]
+    if unbound:
+        return (f"blocks {unbound} of another stack read its keys and values and cannot be skipped with it (their "
+                "output has other tensors besides the hidden state, or they did not run)")
+    if first_partnered:
+        return (f"blocks {list(block.partners)} of another stack read its keys and values, and size their attention by "
+                "the length of its entry in the cache")
     if set(block.feeds) - set(binding.passed_to):
         return f"blocks {list(block.feeds)} read values it computes besides its output (e.g. shared keys and values)"
     if not config.allows_kind(block.kind):
@@ -302,9 +321,15 @@ def apply(model: nn.Module, structure, config: SkipLayersConfig, example_inputs:
     modules = dict(model.named_modules())
     blocks = [(b.path, modules[b.path]) for b in structure.blocks]
     bindings = bind_blocks(model, [m for _, m in blocks], example_inputs)
-    reasons = [_not_skippable(block, binding, config) for block, binding in zip(structure.blocks, bindings)]
+    paths = [path for block in structure.blocks for path in block.partners]
+    partners = dict(zip(paths, bind_blocks(model, [modules[p] for p in paths], example_inputs) if paths else []))
+    first = next((block for block in structure.blocks if block.partners), None)
+    reasons = [_not_skippable(block, binding, config, partners, block is first)
+               for block, binding in zip(structure.blocks, bindings)]
     skippable = [reason is None for reason in reasons]
-    skipper = LayerSkipper(forward_modules(model, structure), blocks, bindings, skippable, config)
+    guarded = [(index, modules[path], partners[path]) for index, block in enumerate(structure.blocks)
+               if skippable[index] for path in block.partners]
+    skipper = LayerSkipper(forward_modules(model, structure), blocks, bindings, skippable, config, guarded)
     if not any(p > 0 for p in skipper.probabilities_at(0.0)):
         skipper.remove()
         raise ValueError(f"no decoder block can be skipped: {len(blocks)} blocks, never_skip_first="

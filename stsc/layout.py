@@ -4,7 +4,9 @@ The matcher finds *which* positions of the merged sequence are visual (a ``[batc
 this module groups them into images, the unit every compression method works on:
 
 * a **run** is a maximal stretch of consecutive visual positions in one row;
-* an image is one run (the usual layout: ``[text] <image> x N [text]``), or, in the **rows** layout,
+* an image is one run (the usual layout: ``[text] <image> x N [text]``), a piece of one where images sit back to
+  back with nothing between them (a robot's cameras: each piece as many tokens as the tower gives an image), or, in
+  the **rows** layout,
   a chain of equal-length runs each followed by one separator token of the same id (a break token
   after each row of patches, as Pixtral-style models lay images out); the image's grid is then
   (runs, run length) and the separators stay in the sequence as text;
@@ -49,15 +51,19 @@ def runs_in(mask: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def images_in(mask: torch.Tensor, token_ids: torch.Tensor | None = None, rows_layout: bool = False,
-              grids: Sequence[tuple[int, int] | None] = (), default_grid: tuple[int, int] | None = None) -> list[Image]:
+              grids: Sequence[tuple[int, int] | None] = (), default_grid: tuple[int, int] | None = None,
+              cut: int | None = None) -> list[Image]:
     """Group the visual positions of ``mask`` into images, in sequence order (row by row).
 
     ``rows_layout``: chain runs into images as described in the module docstring (needs ``token_ids``
     to compare separators). The grid of an image that is a single run is ``grids[i]`` (per-image
     metadata, in image order), else ``default_grid`` (e.g. a patch convolution's), where its size
-    matches the image's.
+    matches the image's. ``cut``: images sit back to back, each of ``cut`` tokens: a run of a multiple of ``cut``
+    positions is cut into that many images.
     """
     runs = runs_in(mask)
+    if cut:
+        runs = [piece for run in runs for piece in _cut(run, cut)]
     groups: list[list[tuple[int, int, int]]] = []
     for run in runs:
         if rows_layout and groups and _continues(groups[-1], run, token_ids):
@@ -75,6 +81,14 @@ def images_in(mask: torch.Tensor, token_ids: torch.Tensor | None = None, rows_la
             image_grid = next((g for g in candidates if g is not None and prod(g) == len(positions)), None)
         images.append(Image(row, positions, image_grid))
     return images
+
+
+def _cut(run: tuple[int, int, int], cut: int) -> list[tuple[int, int, int]]:
+    """``run`` in pieces of ``cut`` positions, where it holds a whole number of them (else whole)."""
+    row, start, length = run
+    if length % cut:
+        return [run]
+    return [(row, start + offset, cut) for offset in range(0, length, cut)]
 
 
 def _continues(group: list[tuple[int, int, int]], run: tuple[int, int, int], token_ids: torch.Tensor) -> bool:

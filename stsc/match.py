@@ -109,6 +109,9 @@ class Block:
     hidden_out: str  # data-flow key of the hidden state leaving it
     nodes: int
     feeds: tuple[int, ...] = ()  # later blocks reading a value it computes besides its hidden output
+    # blocks of another stack reading a value it computes besides its hidden output (an action expert's layer
+    # attending to its keys and values): skipped together with it
+    partners: tuple[str, ...] = ()
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Boundary:
     # one picture (a global view plus slices, each opened by its marker: stsc.layout.pictures_in); else None
     picture_views: list[tuple[int, int, int, int]] | None = None
     padding_input: str | None = None  # the model input marking padding positions with 0 (see the module docstring)
+    # images back to back in one run (no token between them), each this many tokens, the tower's count per image
+    cut: int | None = None
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
         """The grid of each image of a batch, in order, from the per-image metadata input (if found)."""
@@ -179,9 +184,13 @@ def match(cap: Capture) -> Structure:
     vision_stacks = [s for s in stacks if all(taint[b.hidden_out] == PIXELS for b in s)]
     vision = [b.path for s in vision_stacks for b in s]
     vision_end = max((flow.nodes[s[-1].hidden_out]["order"] for s in vision_stacks), default=-1)
-    blocks = max(decoder, key=lambda s: sum(b.nodes for b in s), default=[])
+    # the token stream enters a decoder's first block; a second stack that only reads the decoder's keys and values
+    # (an action expert) carries tokens at its output alone
+    fed = [s for s in decoder if taint[s[0].hidden_in] & TOKENS]
+    blocks = max(fed or decoder, key=lambda s: sum(b.nodes for b in s), default=[])
     if not blocks:
         notes.append(f"no decoder blocks found: looked for {DECODER_BLOCKS}")
+    _find_partners(flow, order, blocks, [b for s in stacks if s is not blocks for b in s])
     boundary = None
     if token_input is not None and vision_inputs:
         with looking_for(f"match: looking for the vision boundary ({VISION_BOUNDARY})"):
@@ -307,14 +316,14 @@ def _boundary(cap, flow, order, taint, token_input, token_embedding, vision_inpu
     with looking_for("match: looking for the visual positions of the merged sequence"):
         positions = _positions(cap, flow, merge, kind, operand, token_input, notes)
     with looking_for("match: looking for the images of the example inputs at those positions"):
-        tokens_per_image, images, rows_layout, grid_input, scale, views = _images(cap, flow, merge, positions,
-                                                                                  token_input, shape, notes)
+        tokens_per_image, images, rows_layout, grid_input, scale, views, cut = _images(cap, flow, merge, positions,
+                                                                                       token_input, shape, notes)
     grid = _grid(flow, taint, visual, tokens_per_image, vision_end)
     padding = _padding_input(cap, flow, token_input, positions, notes) if kind != "cross_attention" else None
     return Boundary(kind, merge, op, tuple(flow.nodes[merge]["shape"]), visual, shape,
                     _producer_module(flow, visual, merge), tokens_per_image,
                     images, grid, placeholder, token_input, token_embedding, vision_inputs, positions, rows_layout,
-                    _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views, padding)
+                    _decoder_entry(flow, merge, visual, blocks), grid_input, scale, views, padding, cut)
 
 
 def _looks_up_merged_ids(flow: nx.DiGraph, merge: str) -> bool:
@@ -391,15 +400,16 @@ def _positions(cap, flow, merge, kind, operand, token_input, notes) -> PositionP
 
 def _images(cap, flow, merge, positions, token_input, shape, notes):
     """Visual tokens per image (a list when they differ), images in the example, whether images are laid out
-    as rows separated by break tokens (:mod:`stsc.layout`), the per-image grid metadata input and scale, and the
-    span of each picture whose images are views of it (None unless the layout groups views into pictures)."""
+    as rows separated by break tokens (:mod:`stsc.layout`), the per-image grid metadata input and scale, the
+    span of each picture whose images are views of it (None unless the layout groups views into pictures), and the
+    tokens of each of the images that sit back to back in one run (None unless they do)."""
     token_values = cap.example_inputs[token_input]
     static = shape and len(shape) >= 3 and all(isinstance(s, int) for s in shape)
     if positions is None or token_values.device.type == "meta":
         if static:
-            return prod(shape[1:-1]), shape[0], False, None, None, None
+            return prod(shape[1:-1]), shape[0], False, None, None, None, None
         notes.append(f"visual tokens per image not derivable from the visual-token tensor of shape {shape}")
-        return None, None, False, None, None, None
+        return None, None, False, None, None, None, None
     if isinstance(positions, Slots):
         merged = flow.nodes[merge]["shape"]
         mask = positions.mask(merged[0], merged[1])
@@ -410,17 +420,23 @@ def _images(cap, flow, merge, positions, token_input, shape, notes):
     rows_layout = len(rows) < len(single_runs) and not (static and shape[0] == len(single_runs))  # unless the
     # vision side itself counts one image per run
     images = rows if rows_layout else single_runs
+    tokens = sum(image.tokens for image in single_runs)
+    # the tower gives more images than there are runs, and the runs hold its tokens per image a whole number of times
+    cut = shape[1] if static and len(shape) == 3 and not rows_layout and shape[0] > len(single_runs) \
+        and tokens == shape[0] * shape[1] and all(image.tokens % shape[1] == 0 for image in single_runs) else None
+    if cut:
+        images = images_in(mask, cut=cut)
     counts = [image.tokens for image in images]
     if not counts:
         notes.append("visual positions: the example inputs hold no visual token")
-        return None, 0, rows_layout, None, None, None
+        return None, 0, rows_layout, None, None, None, None
     pictures = pictures_in(images, token_values)
     views = [(p[0].row, p[0].positions[0], p[-1].positions[-1], len(p)) for p in pictures] \
         if len(pictures) < len(images) else None
     grid_input, scale = next(((name, scale) for name, value in cap.example_inputs.items()
                               if isinstance(value, torch.Tensor) and name != token_input
                               and (scale := metadata_scale(value, counts)) is not None), (None, None))
-    return (counts[0] if len(set(counts)) == 1 else counts), len(counts), rows_layout, grid_input, scale, views
+    return (counts[0] if len(set(counts)) == 1 else counts), len(counts), rows_layout, grid_input, scale, views, cut
 
 
 def _padding_input(cap, flow, token_input, positions, notes) -> str | None:
@@ -567,16 +583,23 @@ def _grid(flow, taint, visual: str, tokens_per_image, vision_end: int) -> tuple[
 
 
 # --------------------------------------------------------------------------------------- blocks
-def _stacks(flow: nx.DiGraph, order: list[str]) -> list[list[Block]]:
+def _members(flow: nx.DiGraph, order: list[str]) -> dict[str, list[str]]:
+    """Each module path's data-flow keys, in order."""
     members: dict[str, list[str]] = defaultdict(list)
+    for key in order:
+        for path in flow.nodes[key]["module"]:
+            members[path].append(key)
+    return members
+
+
+def _stacks(flow: nx.DiGraph, order: list[str]) -> list[list[Block]]:
+    members = _members(flow, order)
     children: dict[str, list[str]] = defaultdict(list)
     for key in order:
         modules = ("",) + flow.nodes[key]["module"]
         for parent, child in zip(modules, modules[1:]):
             if child not in children[parent]:
                 children[parent].append(child)
-        for path in modules[1:]:
-            members[path].append(key)
     stacks = [stack for parent, kids in children.items() if len(kids) >= 2
               for stack in _runs_of_blocks(flow, kids, members)]
     outer = {b.path for stack in stacks for b in stack}
@@ -698,6 +721,18 @@ def _blocks(flow, run, members, hashes) -> list[Block]:
     for block in blocks:
         block.feeds = _side_channels(flow, block, members, [b.path for b in blocks])
     return blocks
+
+
+def _find_partners(flow, order, blocks: list[Block], others: list[Block]) -> None:
+    """Set each decoder block's ``partners``: the blocks of the other stacks (``others``) that read a value it
+    computes besides its hidden output, as a second stack attending to each decoder block's keys and values does
+    (a vision-language-action model's action expert)."""
+    if not others:
+        return
+    members = _members(flow, order)
+    for block in blocks:
+        paths = [block.path] + [other.path for other in others]
+        block.partners = tuple(paths[i] for i in _side_channels(flow, block, members, paths))
 
 
 def _side_channels(flow, block: Block, members, paths: list[str], limit: int = 64) -> tuple[int, ...]:

@@ -398,7 +398,8 @@ class _Session:
             notes.append(f"neighbour similarity: the visual positions {list(mask.shape)} do not match the sequence "
                          f"[{batch}, {length}] entering the first decoder block")
             return []
-        images = images_in(mask, self.inputs.get(b.token_input), b.rows_layout, b.image_grids(self.inputs), b.grid)
+        images = images_in(mask, self.inputs.get(b.token_input), b.rows_layout, b.image_grids(self.inputs), b.grid,
+                           b.cut)
         return [neighbour_similarity(hidden[image.row, list(image.positions)]) for image in images if image.tokens > 1]
 
     def _compress(self, config: CompressVisualTokensConfig) -> tuple[TokenPoint | None, str | None]:

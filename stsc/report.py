@@ -53,7 +53,8 @@ class Report:
         else:
             grid = (f"{b.grid[0]}x{b.grid[1]}" if b.grid
                     else f"per image from {b.grid_input} / {b.grid_scale}" if b.grid_input else "-")
-            layout = ", rows separated by break tokens" if b.rows_layout else ""
+            layout = (", rows separated by break tokens" if b.rows_layout
+                      else ", images back to back in one run" if b.cut else "")
             positions = getattr(b.positions, "code", None) or (repr(b.positions) if b.positions else "-")
             lines += [
                 f"boundary     {b.kind} ({b.merge_op} at {b.merge_node})",

@@ -179,6 +179,31 @@ def test_blocks_whose_keys_and_values_later_blocks_read_are_never_skipped():
     assert list(details["not_skippable"]) == model.stsc_expected.blocks[:2]
 
 
+@pytest.mark.slow
+def test_an_action_expert_reading_each_layers_keys_and_values_skips_that_layer_with_it():
+    """PI0: the decoder runs the prefix (images, text), then the action expert's layer i attends to the decoder's keys
+    and values of layer i. The expert is not taken for the decoder; a skipped decoder layer skips its partner too; the
+    first decoder layer always runs (the expert sizes its attention by its cache entry)."""
+    model, inputs = hf_models.BUILDERS["pi0"]()
+    experts = [f"model.dit.layers.{i}" for i in range(3)]
+    sparse = sparsify(model, "lds", inputs)
+    assert sparse.report.model.blocks == model.stsc_expected.blocks
+    assert [b.partners for b in sparse.report.model.block_details] == [(path,) for path in experts]
+    details = sparse.report.stages[1].passes[0]["details"]
+    assert details["skippable"] == model.stsc_expected.blocks[1:]
+    assert list(details["not_skippable"]) == model.stsc_expected.blocks[:1]
+    ran = []
+    for path in model.stsc_expected.blocks + experts:
+        sparse.model.get_submodule(path).register_forward_hook(lambda *_, path=path: ran.append(path))
+    sparse.set_progress(epoch=1.0, step=1)
+    sparse.runtimes["skip_layers"].force([1])
+    kwargs = forward_kwargs(sparse.model, inputs)[0]
+    sparse(**kwargs)  # the stage's first call installs its passes (binding the blocks runs the model) first
+    ran.clear()
+    sparse(**kwargs).loss.backward()
+    assert ran == [model.stsc_expected.blocks[0], model.stsc_expected.blocks[2], experts[0], experts[2]]
+
+
 def test_token_ids_rewritten_before_the_lookup_are_still_the_token_input():
     """Gemma4 replaces the image ids by the pad id before the lookup and indexes a per-layer table with them too."""
     model, inputs = hf_models.BUILDERS["gemma4"]()
