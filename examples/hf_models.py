@@ -31,6 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
+(k) More vision-language families (transformers 5.x): apertus1p5.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1822,6 +1823,33 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
+# --------------------------------------------------------------- (k) more vision-language families (transformers 5.x)
+def apertus1p5(layers=3):
+    """Apertus1p5ForConditionalGeneration: an EMU3.5 VQ tokenizer turns each image (cropped to ``image_sizes``) into
+    4 x 4 discrete codes, embedded by the text table and written at the placeholders; the processor's
+    ``<boi> 4*4 <wrapper>``, then the rows of placeholders joined by end-of-row tokens, ``<eoi>``. The audio tokenizer
+    (WavTokenizer) is built but given no clip."""
+    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration
+
+    image_token, boi, eoi, wrapper, eol, first_code_id = 3, 4, 5, 6, 7, 100
+    size, codes, side = 16, 16, 4  # 16 px, spatial factor 4 (channel_multiplier [1, 2, 1]) -> 4 x 4 codes
+    header = [boi, 30, 31, 30, wrapper]  # "<boi>4*4<wrapper>": the grid written as text
+    text = _text(layers=layers, model_type="apertus1p5_text", hidden_act="gelu", pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = dict(codebook_size=codes, base_channels=32, channel_multiplier=[1, 2, 1], num_res_blocks=1, embed_dim=8,
+                  latent_channels=8, attn_resolutions=[], resolution=size)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=8, upsampling_ratios=[2, 2], hidden_size=32,
+                 codebook_dim=32, codebook_size=12, decoder_hidden_size=32, decoder_intermediate_size=64,
+                 decoder_num_layers=2)
+    # visual codes take ids 100..115, audio codes 116..127: the vocabulary's end
+    cfg = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image_token,
+                           audio_token_id=8, image_token_offset=first_code_id, audio_token_offset=first_code_id + codes)
+    model = _seeded(Apertus1p5ForConditionalGeneration, cfg)
+    prompt = [BOS] + header + _image_rows(side, side, image_token, eol, end=eoi)
+    return _same_rows(model, prompt, (3, size, size), _blocks(layers), side * side, image_token,
+                      image_sizes=torch.tensor([[size, size]] * BATCH))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1858,4 +1886,6 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
+    # (k) more vision-language families (transformers 5.x)
+    "apertus1p5": apertus1p5,
 }
