@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(k) More vision-language families (transformers 5.x): apertus1p5.
+(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1850,6 +1850,20 @@ def apertus1p5(layers=3):
                       image_sizes=torch.tensor([[size, size]] * BATCH))
 
 
+def cohere_compass(layers=3):
+    """CohereCompassForConditionalGeneration: Qwen3-VL's tower (DeepStack taps after vision block 0) and layout over
+    a Cohere2 decoder (parallel attention and MLP), two sliding blocks with interleaved M-RoPE, then a full attention
+    block without positions (``rope_parameters`` per block kind, ``None`` for NoPE)."""
+    from transformers import CohereCompassConfig, CohereCompassForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = _text(layers=layers, head_dim=16, sliding_window=8,
+                 layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                 rope_parameters={"sliding_attention": rope, "full_attention": None})
+    vision = _qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return _qwen_vl(CohereCompassConfig, CohereCompassForConditionalGeneration, text, vision, SAME_GRIDS)
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1887,5 +1901,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (k) more vision-language families (transformers 5.x)
-    "apertus1p5": apertus1p5,
+    "apertus1p5": apertus1p5, "cohere_compass": cohere_compass,
 }
