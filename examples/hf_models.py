@@ -31,7 +31,7 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass.
+(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1864,6 +1864,22 @@ def cohere_compass(layers=3):
     return _qwen_vl(CohereCompassConfig, CohereCompassForConditionalGeneration, text, vision, SAME_GRIDS)
 
 
+def exaone4_5(layers=4):
+    """Exaone4_5_ForConditionalGeneration: Qwen2.5-VL's windowed tower with grouped-query attention (2D RoPE), over an
+    EXAONE-4 decoder of three sliding blocks then a full one (``LLLG``), 1-D positions;
+    ``[vision_start, image x N, vision_end]`` (no ``mm_token_type_ids``)."""
+    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, model_type="exaone4", head_dim=16, sliding_window=8, sliding_window_pattern=4)
+    vision = _qwen_vision(num_key_value_heads=2, window_size=16, fullatt_block_indexes=[1])
+    cfg = Exaone4_5_Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
+    model = _seeded(Exaone4_5_ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1901,5 +1917,5 @@ BUILDERS = {
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (k) more vision-language families (transformers 5.x)
-    "apertus1p5": apertus1p5, "cohere_compass": cohere_compass,
+    "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
 }
