@@ -31,7 +31,8 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5.
+(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
+    mistral_large4.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1880,6 +1881,28 @@ def exaone4_5(layers=4):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
 
 
+def mistral_large4(layers=4):
+    """MistralLarge4ForConditionalGeneration: Mistral3's Pixtral tower, 2 x 2 patch merger and image rows, over a
+    decoder of latent attention restricted by an indexer (blocks 0, 1, 3 select, block 2 reuses the selection before
+    it: each block returns its selection for the next), block 2 attending to block 1's latent keys and values (a
+    shared store), block 3 without RoPE, a dense MLP in block 0, then MoE; logits soft-capped."""
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration, PixtralVisionConfig
+
+    image_token, brk, end = 10, 12, 13
+    patch, merge, size = 4, 2, 32
+    side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
+    text = _text(layers=layers, model_type="mistral_large4_text", num_key_value_heads=4, kv_lora_rank=16,
+                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, index_topk=8, index_head_dim=16, index_n_heads=2, index_topk_freq=2,
+                 kv_source_layers=[0, 1, 1, 3], max_position_embeddings=512 * 2048)  # YaRN's default: 2048 x 512
+    cfg = MistralLarge4Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
+                              text_config=text, image_token_index=image_token, spatial_merge_size=merge,
+                              vision_feature_layer=-1)
+    model = _seeded(MistralLarge4ForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
+                      side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1918,4 +1941,5 @@ BUILDERS = {
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (k) more vision-language families (transformers 5.x)
     "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
+    "mistral_large4": mistral_large4,
 }

@@ -38,7 +38,8 @@ the parameters it reads (its op graph's Weisfeiler-Lehman hash when it reads non
 a model computes lazily in whichever layer first needs them. Runs may mix kinds (self- and
 cross-attention layers, dense and mixture-of-experts layers, attention and convolution layers): a
 member of a kind seen once is kept when it sits inside the run, or at its end when it is numbered in
-the same list as the others. The decoder stack is the stack on
+a list holding another of the run's blocks (every block of a short decoder may differ: Mistral Large 4's four
+mix dense and MoE MLPs, own and shared keys and values, RoPE and NoPE). The decoder stack is the stack on
 the token stream covering the most nodes; stacks fed only by pixels are vision stacks. A block is a
 residual block (it reads its hidden input at least twice), which rules out chains of plain layers
 (two projector linears) and stacks nested inside another stack's blocks are not reported.
@@ -47,7 +48,7 @@ residual block (it reads its hidden input at least twice), which rules out chain
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from math import prod
 
@@ -102,6 +103,7 @@ class Block:
     hidden_out: str  # data-flow key of the hidden state leaving it
     nodes: int
     feeds: tuple[int, ...] = ()  # later blocks reading a value it computes besides its hidden output
+    side_values: tuple = ()  # (shape, dtype) of each such value
 
 
 @dataclass
@@ -579,7 +581,9 @@ def _runs_of_blocks(flow, kids, members) -> list[list[Block]]:
         counts = defaultdict(int)
         for h in hashes.values():
             counts[h] += 1
-        items = {_container(kid) for kid in run if counts[hashes[kid]] >= 2} - {None}
+        # a list holding two of the run's blocks is the stack: its items stay at the ends whatever their kind (the
+        # blocks of a short decoder may all differ)
+        items = {path for path, n in Counter(map(_container, run)).items() if n >= 2} - {None}
         while run and counts[hashes[run[0]]] < 2 and _container(run[0]) not in items:
             run = run[1:]
         while run and counts[hashes[run[-1]]] < 2 and _container(run[-1]) not in items:
@@ -658,18 +662,30 @@ def _blocks(flow, run, members, hashes) -> list[Block]:
         kind = kinds.setdefault(hashes[kid], len(kinds))
         blocks.append(Block(kid, kind, hidden_in, hidden_out, len(nodes)))
     for block in blocks:
-        block.feeds = _side_channels(flow, block, members, [b.path for b in blocks])
+        block.feeds, block.side_values = _side_channels(flow, block, members, [b.path for b in blocks])
     return blocks
 
 
-def _side_channels(flow, block: Block, members, paths: list[str], limit: int = 64) -> tuple[int, ...]:
+def _side_channels(flow, block: Block, members, paths: list[str]) -> tuple[tuple[int, ...], tuple]:
     """Indices of the other blocks that read a value ``block`` computes from its hidden input, other than its
-    hidden output (keys and values shared across layers, say), directly or through glue outside every block."""
+    hidden output (keys and values shared across layers, say), directly or through glue outside every block; and
+    the (shape, dtype) of each such value (the skipper compares them with what the block returns)."""
     owner = {key: index for index, path in enumerate(paths) for key in members[path]}
     me = paths.index(block.path)
     inside = set(members[block.path])
     computed = inside & nx.descendants(flow, block.hidden_in)  # not values merely passed through (position tables)
-    frontier = deque(s for n in computed if n != block.hidden_out for s in flow.successors(n) if s not in inside)
+    exits = sorted((n for n in computed if n != block.hidden_out and any(s not in inside for s in flow.successors(n))),
+                   key=lambda n: flow.nodes[n]["order"])
+    outside = {n: [s for s in flow.successors(n) if s not in inside] for n in exits}
+    readers = _readers(flow, [s for n in exits for s in outside[n]], owner, me)
+    values = [(flow.nodes[n]["shape"], flow.nodes[n]["dtype"]) for n in exits
+              if readers and _readers(flow, outside[n], owner, me)]
+    return tuple(sorted(readers)), tuple(dict.fromkeys(values))
+
+
+def _readers(flow, starts: list[str], owner: dict[str, int], me: int, limit: int = 64) -> set[int]:
+    """The blocks other than ``me`` reached from ``starts`` through glue (nodes of no block), breadth first."""
+    frontier = deque(starts)
     readers, seen = set(), set()
     while frontier and len(seen) < limit:
         key = frontier.popleft()
@@ -681,4 +697,4 @@ def _side_channels(flow, block: Block, members, paths: list[str], limit: int = 6
                 readers.add(owner[key])
             continue
         frontier.extend(flow.successors(key))
-    return tuple(sorted(readers))
+    return readers
