@@ -32,7 +32,7 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
-    mistral_large4.
+    mistral_large4, hyperclovax_vision_v2.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1903,6 +1903,23 @@ def mistral_large4(layers=4):
                       side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
 
 
+def hyperclovax_vision_v2(layers=3):
+    """HyperCLOVAXVisionV2ForConditionalGeneration: Qwen2.5-VL's windowed tower and a linear projector over a
+    HyperCLOVA X decoder (norms after attention and MLP as well as before, scaled embeddings, residuals and logits);
+    1-D positions, ``[vision_start, image x N, vision_end]``."""
+    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, model_type="hyperclovax", head_dim=16, embedding_multiplier=2.0,
+                 residual_multiplier=0.5, logits_scaling=0.5, attention_multiplier=0.25)
+    vision = _qwen_vision(model_type="qwen2_5_vl_vision", window_size=16, fullatt_block_indexes=[1])
+    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
+    model = _seeded(HyperCLOVAXVisionV2ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1941,5 +1958,5 @@ BUILDERS = {
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
     # (k) more vision-language families (transformers 5.x)
     "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
-    "mistral_large4": mistral_large4,
+    "mistral_large4": mistral_large4, "hyperclovax_vision_v2": hyperclovax_vision_v2,
 }
