@@ -32,7 +32,8 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
-    mistral_large4, hyperclovax_vision_v2.
+    mistral_large4, hyperclovax_vision_v2, qianfan_ocr. qianfan_ocr puts an image's tiles in one run of
+    placeholders: ``tokens_per_image`` counts them all.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -1920,6 +1921,25 @@ def hyperclovax_vision_v2(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
 
 
+def qianfan_ocr(layers=3, tiles=3):
+    """QianfanOCRForConditionalGeneration: InternVL's layout (8 x 8 patches, CLS dropped, pixel-shuffled to 16 per
+    tile) with stochastic depth in the tower and a Qwen3 decoder; a document image is ``tiles`` tiles (two crops and
+    a thumbnail), all in one run ``<img> IMG_CONTEXT x 16 * tiles </img>``."""
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
+
+    image_token, img_start, img_end, per_tile = 3, 4, 5, 16
+    vision = _vit(dict, image_size=32, patch_size=4)
+    text = _text(layers=layers, model_type="qwen3", head_dim=16, bos_token_id=BOS, eos_token_id=2)
+    cfg = QianfanOCRConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                           image_seq_length=per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
+                           vision_feature_select_strategy="default")
+    model = _seeded(QianfanOCRForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, img_start] + [image_token] * per_tile * tiles + [img_end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tiles, 3, 32, 32), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", per_tile * tiles, image_token))
+
+
 BUILDERS = {
     # (a) one run of placeholders per image
     "llava": llava, "vipllava": vipllava, "paligemma": paligemma, "gemma3": gemma3, "gemma3_mixed": gemma3_mixed,
@@ -1959,4 +1979,5 @@ BUILDERS = {
     # (k) more vision-language families (transformers 5.x)
     "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
     "mistral_large4": mistral_large4, "hyperclovax_vision_v2": hyperclovax_vision_v2,
+    "qianfan_ocr": qianfan_ocr,
 }
