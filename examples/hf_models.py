@@ -42,6 +42,9 @@ The sections, by how images enter the token sequence:
     queries of every frame back to back in one run: ``tokens_per_image`` counts one frame's), video_llama_3 (a clip
     of 2 frames, each its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 and pi05 (two
     cameras back to back in one run, a Gemma action expert attending to the decoder's keys and values).
+(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
+    mistral_large4, hyperclovax_vision_v2, qianfan_ocr. qianfan_ocr puts an image's tiles in one run of
+    placeholders: ``tokens_per_image`` counts them all.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
@@ -2325,6 +2328,119 @@ def pi05(layers=3):
     from transformers import PI05Config, PI05ForConditionalGeneration
 
     return _vla(PI05Config, PI05ForConditionalGeneration, layers, state=False)
+# --------------------------------------------------------------- (k) more vision-language families (transformers 5.x)
+def apertus1p5(layers=3):
+    """Apertus1p5ForConditionalGeneration: an EMU3.5 VQ tokenizer turns each image (cropped to ``image_sizes``) into
+    4 x 4 discrete codes, embedded by the text table and written at the placeholders; the processor's
+    ``<boi> 4*4 <wrapper>``, then the rows of placeholders joined by end-of-row tokens, ``<eoi>``. The audio tokenizer
+    (WavTokenizer) is built but given no clip."""
+    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration
+
+    image_token, boi, eoi, wrapper, eol, first_code_id = 3, 4, 5, 6, 7, 100
+    size, codes, side = 16, 16, 4  # 16 px, spatial factor 4 (channel_multiplier [1, 2, 1]) -> 4 x 4 codes
+    header = [boi, 30, 31, 30, wrapper]  # "<boi>4*4<wrapper>": the grid written as text
+    text = _text(layers=layers, model_type="apertus1p5_text", hidden_act="gelu", pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = dict(codebook_size=codes, base_channels=32, channel_multiplier=[1, 2, 1], num_res_blocks=1, embed_dim=8,
+                  latent_channels=8, attn_resolutions=[], resolution=size)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=8, upsampling_ratios=[2, 2], hidden_size=32,
+                 codebook_dim=32, codebook_size=12, decoder_hidden_size=32, decoder_intermediate_size=64,
+                 decoder_num_layers=2)
+    # visual codes take ids 100..115, audio codes 116..127: the vocabulary's end
+    cfg = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image_token,
+                           audio_token_id=8, image_token_offset=first_code_id, audio_token_offset=first_code_id + codes)
+    model = _seeded(Apertus1p5ForConditionalGeneration, cfg)
+    prompt = [BOS] + header + _image_rows(side, side, image_token, eol, end=eoi)
+    return _same_rows(model, prompt, (3, size, size), _blocks(layers), side * side, image_token,
+                      image_sizes=torch.tensor([[size, size]] * BATCH))
+
+
+def cohere_compass(layers=3):
+    """CohereCompassForConditionalGeneration: Qwen3-VL's tower (DeepStack taps after vision block 0) and layout over
+    a Cohere2 decoder (parallel attention and MLP), two sliding blocks with interleaved M-RoPE, then a full attention
+    block without positions (``rope_parameters`` per block kind, ``None`` for NoPE)."""
+    from transformers import CohereCompassConfig, CohereCompassForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = _text(layers=layers, head_dim=16, sliding_window=8,
+                 layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                 rope_parameters={"sliding_attention": rope, "full_attention": None})
+    vision = _qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return _qwen_vl(CohereCompassConfig, CohereCompassForConditionalGeneration, text, vision, SAME_GRIDS)
+
+
+def exaone4_5(layers=4):
+    """Exaone4_5_ForConditionalGeneration: Qwen2.5-VL's windowed tower with grouped-query attention (2D RoPE), over an
+    EXAONE-4 decoder of three sliding blocks then a full one (``LLLG``), 1-D positions;
+    ``[vision_start, image x N, vision_end]`` (no ``mm_token_type_ids``)."""
+    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, model_type="exaone4", head_dim=16, sliding_window=8, sliding_window_pattern=4)
+    vision = _qwen_vision(num_key_value_heads=2, window_size=16, fullatt_block_indexes=[1])
+    cfg = Exaone4_5_Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
+    model = _seeded(Exaone4_5_ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def mistral_large4(layers=4):
+    """MistralLarge4ForConditionalGeneration: Mistral3's Pixtral tower, 2 x 2 patch merger and image rows, over a
+    decoder of latent attention restricted by an indexer (blocks 0, 1, 3 select, block 2 reuses the selection before
+    it: each block returns its selection for the next), block 2 attending to block 1's latent keys and values (a
+    shared store), block 3 without RoPE, a dense MLP in block 0, then MoE; logits soft-capped."""
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration, PixtralVisionConfig
+
+    image_token, brk, end = 10, 12, 13
+    patch, merge, size = 4, 2, 32
+    side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
+    text = _text(layers=layers, model_type="mistral_large4_text", num_key_value_heads=4, kv_lora_rank=16,
+                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, index_topk=8, index_head_dim=16, index_n_heads=2, index_topk_freq=2,
+                 kv_source_layers=[0, 1, 1, 3], max_position_embeddings=512 * 2048)  # YaRN's default: 2048 x 512
+    cfg = MistralLarge4Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
+                              text_config=text, image_token_index=image_token, spatial_merge_size=merge,
+                              vision_feature_layer=-1)
+    model = _seeded(MistralLarge4ForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
+                      side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
+
+
+def hyperclovax_vision_v2(layers=3):
+    """HyperCLOVAXVisionV2ForConditionalGeneration: Qwen2.5-VL's windowed tower and a linear projector over a
+    HyperCLOVA X decoder (norms after attention and MLP as well as before, scaled embeddings, residuals and logits);
+    1-D positions, ``[vision_start, image x N, vision_end]``."""
+    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
+
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, model_type="hyperclovax", head_dim=16, embedding_multiplier=2.0,
+                 residual_multiplier=0.5, logits_scaling=0.5, attention_multiplier=0.25)
+    vision = _qwen_vision(model_type="qwen2_5_vl_vision", window_size=16, fullatt_block_indexes=[1])
+    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
+    model = _seeded(HyperCLOVAXVisionV2ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def qianfan_ocr(layers=3, tiles=3):
+    """QianfanOCRForConditionalGeneration: InternVL's layout (8 x 8 patches, CLS dropped, pixel-shuffled to 16 per
+    tile) with stochastic depth in the tower and a Qwen3 decoder; a document image is ``tiles`` tiles (two crops and
+    a thumbnail), all in one run ``<img> IMG_CONTEXT x 16 * tiles </img>``."""
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
+
+    image_token, img_start, img_end, per_tile = 3, 4, 5, 16
+    vision = _vit(dict, image_size=32, patch_size=4)
+    text = _text(layers=layers, model_type="qwen3", head_dim=16, bos_token_id=BOS, eos_token_id=2)
+    cfg = QianfanOCRConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                           image_seq_length=per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
+                           vision_feature_select_strategy="default")
+    model = _seeded(QianfanOCRForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, img_start] + [image_token] * per_tile * tiles + [img_end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tiles, 3, 32, 32), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", per_tile * tiles, image_token))
 
 
 BUILDERS = {
@@ -2376,4 +2492,8 @@ BUILDERS = {
     "cosmos3_edge": cosmos3_edge,
     # (o) video, vision-language-action and speech-dialogue families
     "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3, "pi0": pi0, "pi05": pi05,
+    # (k) more vision-language families (transformers 5.x)
+    "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
+    "mistral_large4": mistral_large4, "hyperclovax_vision_v2": hyperclovax_vision_v2,
+    "qianfan_ocr": qianfan_ocr,
 }

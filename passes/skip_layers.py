@@ -18,7 +18,8 @@ sits before the block's hooks, so a skipped block runs none of them: FSDP2's pre
 
 A block that returns other tensors besides its hidden state (a selection of keys that the next block reads, or
 passes on itself) can be skipped where it receives each of them from the block before it: skipped, it passes those
-on unchanged, as the stack without it would. Otherwise it is kept, and its reason says so.
+on unchanged, as the stack without it would. Otherwise it is kept, and its reason says so; so is a block a later
+block reads besides what it returns (keys and values kept in a store: no passed-on output has their shape and dtype).
 
 A block whose keys and values a block of another stack reads (``Block.partners``: a vision-language-action model's
 action expert, its layer ``i`` attending to the decoder's layer ``i``) is skipped together with those partners,
@@ -96,6 +97,7 @@ class _Binding:
     out_leaves: tuple  # the other (non-tensor) leaves of the output, reproduced when skipping
     passed_on: tuple = ()  # (output leaf, argument) of each other tensor output: the argument it passes on skipped
     passed_to: tuple[int, ...] = ()  # the later blocks that receive one of those outputs as an argument
+    passed_values: tuple = ()  # (shape, dtype) of those outputs
 
     def hidden(self, args, kwargs) -> torch.Tensor:
         return _argument(args, kwargs, self.arg)
@@ -242,7 +244,8 @@ def bind_blocks(model: nn.Module, blocks: list[nn.Module], example_inputs: dict)
             passed = [pytree.tree_leaves(output)[leaf] for leaf, _ in binding.passed_on]
             binding = dataclasses.replace(binding, passed_to=tuple(
                 later for later in range(index + 1, len(blocks)) if later in calls
-                and any(value is tensor for value in pytree.tree_leaves(calls[later][:2]) for tensor in passed)))
+                and any(value is tensor for value in pytree.tree_leaves(calls[later][:2]) for tensor in passed)),
+                passed_values=tuple((tuple(tensor.shape), tensor.dtype) for tensor in passed))
         bindings.append(binding)
         previous = pytree.tree_leaves(output)
         hidden = previous[binding.out_leaf] if binding else None
@@ -292,7 +295,7 @@ def _not_skippable(block, binding: _Binding | None, config: SkipLayersConfig, pa
     if first_partnered:
         return (f"blocks {list(block.partners)} of another stack read its keys and values, and size their attention by "
                 "the length of its entry in the cache")
-    if set(block.feeds) - set(binding.passed_to):
+    if set(block.feeds) - set(binding.passed_to) or set(block.side_values) - set(binding.passed_values):
         return f"blocks {list(block.feeds)} read values it computes besides its output (e.g. shared keys and values)"
     if not config.allows_kind(block.kind):
         return "its kind is not in skip_kinds"

@@ -40,11 +40,12 @@ the parameters it reads (its op graph's Weisfeiler-Lehman hash when it reads non
 a model computes lazily in whichever layer first needs them. Runs may mix kinds (self- and
 cross-attention layers, dense and mixture-of-experts layers, attention and convolution layers): a
 member of a kind seen once is kept when it sits inside the run, or at its end when it is numbered in
-the same list as the others; where the others are numbered in a list, a member at an end that is not is no block
-even when its kind repeats (a final read-out and a norm after the layers, each reading one weight of the hidden
-width). A module called between two items of a list, fed by the first while the first also feeds the second (a side
-module of a loop that runs some blocks more than once, reading a previous pass's states), neither ends the run nor
-is a block. The decoder stack is the stack on
+a list holding another of the run's blocks (every block of a short decoder may differ: dense and MoE MLPs, own and
+shared keys and values, rotary embedding or none); where the others are numbered in a list, a
+member at an end that is not is no block even when its kind repeats (a final read-out and a norm after the layers,
+each reading one weight of the hidden width). A module called between two items of a list, fed by the first while
+the first also feeds the second (a side module of a loop that runs some blocks more than once, reading a previous
+pass's states), neither ends the run nor is a block. The decoder stack is the stack on
 the token stream covering the most nodes; stacks fed only by pixels are vision stacks. A block is a
 residual block (it reads its hidden input at least twice), which rules out chains of plain layers
 (two projector linears) and stacks nested inside another stack's blocks are not reported.
@@ -53,7 +54,7 @@ residual block (it reads its hidden input at least twice), which rules out chain
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from math import prod
 
@@ -109,6 +110,7 @@ class Block:
     hidden_out: str  # data-flow key of the hidden state leaving it
     nodes: int
     feeds: tuple[int, ...] = ()  # later blocks reading a value it computes besides its hidden output
+    side_values: tuple = ()  # (shape, dtype) of each such value
     # blocks of another stack reading a value it computes besides its hidden output (an action expert's layer
     # attending to its keys and values): skipped together with it
     partners: tuple[str, ...] = ()
@@ -628,7 +630,9 @@ def _runs_of_blocks(flow, kids, members) -> list[list[Block]]:
         counts = defaultdict(int)
         for h in hashes.values():
             counts[h] += 1
-        items = {_container(kid) for kid in run if counts[hashes[kid]] >= 2} - {None}
+        # a list holding two of the run's blocks is the stack: its items stay at the ends whatever their kind (the
+        # blocks of a short decoder may all differ)
+        items = {path for path, n in Counter(map(_container, run)).items() if n >= 2} - {None}
 
         def stray(kid):  # at an end of the run: not an item of the list, and of a kind seen once or beside a list
             return _container(kid) not in items and (counts[hashes[kid]] < 2 or bool(items))
@@ -719,7 +723,7 @@ def _blocks(flow, run, members, hashes) -> list[Block]:
         kind = kinds.setdefault(hashes[kid], len(kinds))
         blocks.append(Block(kid, kind, hidden_in, hidden_out, len(nodes)))
     for block in blocks:
-        block.feeds = _side_channels(flow, block, members, [b.path for b in blocks])
+        block.feeds, block.side_values = _side_channels(flow, block, members, [b.path for b in blocks])
     return blocks
 
 
@@ -732,17 +736,29 @@ def _find_partners(flow, order, blocks: list[Block], others: list[Block]) -> Non
     members = _members(flow, order)
     for block in blocks:
         paths = [block.path] + [other.path for other in others]
-        block.partners = tuple(paths[i] for i in _side_channels(flow, block, members, paths))
+        block.partners = tuple(paths[i] for i in _side_channels(flow, block, members, paths)[0])
 
 
-def _side_channels(flow, block: Block, members, paths: list[str], limit: int = 64) -> tuple[int, ...]:
+def _side_channels(flow, block: Block, members, paths: list[str]) -> tuple[tuple[int, ...], tuple]:
     """Indices of the other blocks that read a value ``block`` computes from its hidden input, other than its
-    hidden output (keys and values shared across layers, say), directly or through glue outside every block."""
+    hidden output (keys and values shared across layers, say), directly or through glue outside every block; and
+    the (shape, dtype) of each such value (the skipper compares them with what the block returns)."""
     owner = {key: index for index, path in enumerate(paths) for key in members[path]}
     me = paths.index(block.path)
     inside = set(members[block.path])
     computed = inside & nx.descendants(flow, block.hidden_in)  # not values merely passed through (position tables)
-    frontier = deque(s for n in computed if n != block.hidden_out for s in flow.successors(n) if s not in inside)
+    exits = sorted((n for n in computed if n != block.hidden_out and any(s not in inside for s in flow.successors(n))),
+                   key=lambda n: flow.nodes[n]["order"])
+    outside = {n: [s for s in flow.successors(n) if s not in inside] for n in exits}
+    readers = _readers(flow, [s for n in exits for s in outside[n]], owner, me)
+    values = [(flow.nodes[n]["shape"], flow.nodes[n]["dtype"]) for n in exits
+              if readers and _readers(flow, outside[n], owner, me)]
+    return tuple(sorted(readers)), tuple(dict.fromkeys(values))
+
+
+def _readers(flow, starts: list[str], owner: dict[str, int], me: int, limit: int = 64) -> set[int]:
+    """The blocks other than ``me`` reached from ``starts`` through glue (nodes of no block), breadth first."""
+    frontier = deque(starts)
     readers, seen = set(), set()
     while frontier and len(seen) < limit:
         key = frontier.popleft()
@@ -754,4 +770,4 @@ def _side_channels(flow, block: Block, members, paths: list[str], limit: int = 6
                 readers.add(owner[key])
             continue
         frontier.extend(flow.successors(key))
-    return tuple(sorted(readers))
+    return readers

@@ -60,6 +60,18 @@ def test_mixed_stack_reports_two_block_kinds():
     assert report.boundary.producer_module == "model.multi_modal_projector"
 
 
+def test_a_stack_whose_blocks_all_differ_is_found():
+    """A short decoder may have no two blocks alike (dense and MoE MLPs, own and shared keys, RoPE and NoPE: Mistral
+    Large 4's four blocks): two items of one list make a stack without a repeated kind. Here every MLP differs."""
+    model = tiny_llava.build_model()
+    for i, layer in enumerate(model.decoder.layers):
+        width, hidden = 32 + 16 * i, layer.gate_proj.in_features
+        layer.gate_proj, layer.up_proj = (torch.nn.Linear(hidden, width, bias=False) for _ in range(2))
+        layer.down_proj = torch.nn.Linear(width, hidden, bias=False)
+    report = inspect(model, tiny_llava.example_inputs(model))
+    assert report.blocks == TINY_BLOCKS and report.block_kinds == 4
+
+
 def test_export_failure_falls_back_to_a_real_tensor_trace_and_is_reported():
     model, inputs = hf_models.qwen2_vl()
     report = inspect(model, inputs)

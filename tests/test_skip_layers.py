@@ -214,3 +214,50 @@ def test_a_skipped_block_passes_on_the_selection_it_received():
     model.eval()
     with torch.no_grad():
         assert torch.equal(run(model, inputs)["logits"], run(original.eval(), inputs)["logits"])
+
+
+class StoringBlock(SelectingBlock):
+    """A selecting block that keeps its values in ``store`` for a later block (``keeps``), or adds the values kept
+    there to its own (``reads``): latent keys and values shared through a store, as in Mistral Large 4."""
+
+    def __init__(self, dim, selects, keeps=False, reads=False):
+        super().__init__(dim, selects)
+        self.keeps, self.reads = keeps, reads
+
+    def forward(self, hidden, store, previous=None):
+        selection = previous if self.score is None else (hidden @ self.score(hidden).transpose(1, 2)).topk(3).indices
+        values = self.value(hidden) + store["values"] if self.reads else self.value(hidden)
+        if self.keeps:
+            store["values"] = values
+        b, t, d = hidden.shape
+        picked = values.gather(1, selection.reshape(b, -1, 1).expand(-1, -1, d)).view(b, t, 3, d)
+        return hidden + self.out(picked.mean(2)), selection
+
+
+class StoringStack(SelectingStack):
+    """SelectingStack whose block 1 keeps its values in a store that block 2 attends to."""
+
+    def __init__(self, dim=16, vocab=32):
+        super().__init__(dim, vocab)
+        self.layers = torch.nn.ModuleList(StoringBlock(dim, selects, keeps=i == 1, reads=i == 2)
+                                          for i, selects in enumerate((1, 1, 0, 0, 1)))
+
+    def forward(self, input_ids, labels):
+        hidden, selection, store = self.embed(input_ids), None, {}
+        for layer in self.layers:
+            hidden, selection = layer(hidden, store, previous=selection)
+        logits = self.head(hidden)
+        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+def test_a_block_whose_stored_values_the_next_block_reads_is_kept_though_it_passes_on_a_selection():
+    """Block 1 returns its selection, which block 2 receives, and keeps values in a store that block 2 reads: passing
+    on the selection (which block 3 reads too) does not stand in for the stored values (shape and dtype differ), so
+    block 1 is never skipped."""
+    torch.manual_seed(0)
+    model = StoringStack().train()
+    ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(1))
+    _, info = skip_pass(model, {"input_ids": ids, "labels": ids})
+    assert info.details["skippable"] == ["layers.2", "layers.3", "layers.4"]
+    assert info.details["not_skippable"]["layers.1"] == ("blocks [2, 3] read values it computes besides its output "
+                                                         "(e.g. shared keys and values)")
