@@ -31,20 +31,20 @@ The sections, by how images enter the token sequence:
     qwen3_omni_moe_thinker. ``tokens_per_image`` counts one clip's audio tokens.
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
-(n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
-    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr, voxtral_realtime (audio added onto
-    every position, no placeholders: refused by ``compress_visual_tokens``).
+(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
+    mistral_large4, hyperclovax_vision_v2, qianfan_ocr. qianfan_ocr puts an image's tiles in one run of
+    placeholders: ``tokens_per_image`` counts them all.
 (l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note,
     unlimited_ocr, muse_glimmer. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
     layer): inkling, inkling2, inkling2_loop, gemma4_unified, muse_spark, cosmos3_edge.
+(n) More audio-language families, one clip per row as in (i): fun_asr_nano, granite_speech_plus,
+    moss_transcribe_diarize, nemotron3_5_transcribe, omniasr, vibevoice_asr, voxtral_realtime (audio added onto
+    every position, no placeholders: refused by ``compress_visual_tokens``).
 (o) Video, vision-language-action and speech-dialogue families: instructblipvideo (a clip of 4 frames, the Q-Former
     queries of every frame back to back in one run: ``tokens_per_image`` counts one frame's), video_llama_3 (a clip
     of 2 frames, each its own run after its timestamp: ``tokens_per_image`` counts one frame), pi0 and pi05 (two
     cameras back to back in one run, a Gemma action expert attending to the decoder's keys and values).
-(k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
-    mistral_large4, hyperclovax_vision_v2, qianfan_ocr. qianfan_ocr puts an image's tiles in one run of
-    placeholders: ``tokens_per_image`` counts them all.
 
 ``tokens_per_image`` is a list (one entry per image, in batch order) where the images of a batch differ in size.
 """
