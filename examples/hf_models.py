@@ -32,8 +32,8 @@ The sections, by how images enter the token sequence:
 (j) Video, one clip of two frame groups per row, each group its own run of placeholders after its timestamp:
     qwen3_5_video, cosmos3_omni, glm46v_video. ``tokens_per_image`` counts one frame group.
 (k) More vision-language families (transformers 5.x): apertus1p5, cohere_compass, exaone4_5,
-    mistral_large4, hyperclovax_vision_v2, qianfan_ocr. qianfan_ocr puts an image's tiles in one run of
-    placeholders: ``tokens_per_image`` counts them all.
+    mistral_large4, hyperclovax_vision_v2, qianfan_ocr. qianfan_ocr puts an image's tiles back to back in one run
+    of placeholders: ``tokens_per_image`` counts one tile (stsc cuts the run into the tower's images).
 (l) Vision-language families with their own layouts (transformers 5.x): glm5_next, glm_image, qwen4_exp, dots3_note,
     unlimited_ocr, muse_glimmer. GLM-Image writes an image's VQ codes into the token ids before the lookup.
 (m) Natively multimodal decoders, some with no vision encoder (patches embedded by an MLP, or by norms and a linear
@@ -1858,134 +1858,121 @@ def glm46v_video(layers=3):
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
 
 
-# ------------------------------------------------------------------------- (n) more audio-language families
-def fun_asr_nano(layers=3):
-    """FunAsrNanoForConditionalGeneration: a SAN-M encoder (attention with an FSMN memory) over low-frame-rate
-    features (7 mel frames stacked per step), projected and passed through adaptor layers, one token per step (16
-    steps -> 16 tokens), ``[bos, <|object_ref_start|> x 16, <|im_end|>, text]``, Qwen3 text."""
-    from transformers import FunAsrNanoConfig, FunAsrNanoForConditionalGeneration
+# --------------------------------------------------------------- (k) more vision-language families (transformers 5.x)
+def apertus1p5(layers=3):
+    """Apertus1p5ForConditionalGeneration: an EMU3.5 VQ tokenizer turns each image (cropped to ``image_sizes``) into
+    4 x 4 discrete codes, embedded by the text table and written at the placeholders; the processor's
+    ``<boi> 4*4 <wrapper>``, then the rows of placeholders joined by end-of-row tokens, ``<eoi>``. The audio tokenizer
+    (WavTokenizer) is built but given no clip."""
+    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration
 
-    audio_token, end, steps = 4, 5, 16
-    audio = _vit(dict, model_type="fun_asr_nano_encoder", num_mel_bins=MEL, num_timestamp_prediction_layers=1,
-                 fsmn_kernel_size=3, max_position_embeddings=CLIP_FRAMES, hidden_dropout=0.0, attention_dropout=0.0)
-    adaptor = dict(hidden_size=64, intermediate_size=16, num_attention_heads=4, num_hidden_layers=1,
-                   projector_hidden_size=64)
-    cfg = FunAsrNanoConfig(audio_config=audio, adaptor_config=adaptor,
-                           text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
-                           audio_token_id=audio_token)
-    model = _seeded(FunAsrNanoForConditionalGeneration, cfg)
-    features = _pixels(BATCH, steps, MEL * cfg.audio_config.num_stacked_frames)
-    return _audio_rows(model, [BOS] + [audio_token] * steps + [end], features, steps, audio_token, _blocks(layers),
-                       input_features_mask=torch.ones(BATCH, steps, dtype=torch.long))
-
-
-def granite_speech_plus(layers=3):
-    """GraniteSpeechPlusForConditionalGeneration: Granite Speech whose Q-Former reads the encoder's last features
-    concatenated with those after its first conformer layer (width 2 x 32), ``[bos, <|audio|> x 6, text]``."""
-    from transformers import GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration
-
-    return _granite_speech(GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration, layers,
-                           encoder_width=64, cat_hidden_layers=[1])
+    image_token, boi, eoi, wrapper, eol, first_code_id = 3, 4, 5, 6, 7, 100
+    size, codes, side = 16, 16, 4  # 16 px, spatial factor 4 (channel_multiplier [1, 2, 1]) -> 4 x 4 codes
+    header = [boi, 30, 31, 30, wrapper]  # "<boi>4*4<wrapper>": the grid written as text
+    text = _text(layers=layers, model_type="apertus1p5_text", hidden_act="gelu", pad_token_id=0, bos_token_id=BOS,
+                 eos_token_id=2)
+    vision = dict(codebook_size=codes, base_channels=32, channel_multiplier=[1, 2, 1], num_res_blocks=1, embed_dim=8,
+                  latent_channels=8, attn_resolutions=[], resolution=size)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=8, upsampling_ratios=[2, 2], hidden_size=32,
+                 codebook_dim=32, codebook_size=12, decoder_hidden_size=32, decoder_intermediate_size=64,
+                 decoder_num_layers=2)
+    # visual codes take ids 100..115, audio codes 116..127: the vocabulary's end
+    cfg = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image_token,
+                           audio_token_id=8, image_token_offset=first_code_id, audio_token_offset=first_code_id + codes)
+    model = _seeded(Apertus1p5ForConditionalGeneration, cfg)
+    prompt = [BOS] + header + _image_rows(side, side, image_token, eol, end=eoi)
+    return _same_rows(model, prompt, (3, size, size), _blocks(layers), side * side, image_token,
+                      image_sizes=torch.tensor([[size, size]] * BATCH))
 
 
-def moss_transcribe_diarize(layers=3):
-    """MossTranscribeDiarizeForConditionalGeneration: a Whisper encoder over a window padded to 512 frames of which
-    400 are real (``input_features_mask``), a stride-2 conv, the real frames kept and every 4 concatenated and projected
-    (400 frames -> 50 tokens, 12.5 per second); the processor writes a time marker (the text "2", "4") after every 2
-    seconds of placeholders: ``[bos, <|audio_start|>, <|audio_pad|> x 25, 2, <|audio_pad|> x 25, 4, <|audio_end|>,
-    text]``, Qwen3 text. ``tokens_per_image`` counts the clip's two runs."""
-    from transformers import MossTranscribeDiarizeConfig, MossTranscribeDiarizeForConditionalGeneration
+def cohere_compass(layers=3):
+    """CohereCompassForConditionalGeneration: Qwen3-VL's tower (DeepStack taps after vision block 0) and layout over
+    a Cohere2 decoder (parallel attention and MLP), two sliding blocks with interleaved M-RoPE, then a full attention
+    block without positions (``rope_parameters`` per block kind, ``None`` for NoPE)."""
+    from transformers import CohereCompassConfig, CohereCompassForConditionalGeneration
 
-    audio_token, start, end, two, four = 4, 5, 6, 50, 52
-    window, frames, run = 512, 400, 25
-    audio = _vit(dict, num_mel_bins=MEL, max_source_positions=window // 2)
-    cfg = MossTranscribeDiarizeConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16),
-                                      audio_token_id=audio_token)
-    model = _seeded(MossTranscribeDiarizeForConditionalGeneration, cfg)
-    prompt = [BOS, start] + [audio_token] * run + [two] + [audio_token] * run + [four, end]
-    mask = (torch.arange(window) < frames).long().expand(BATCH, -1)
-    return _audio_rows(model, prompt, _pixels(BATCH, MEL, window), 2 * run, audio_token, _blocks(layers),
-                       input_features_mask=mask)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = _text(layers=layers, head_dim=16, sliding_window=8,
+                 layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                 rope_parameters={"sliding_attention": rope, "full_attention": None})
+    vision = _qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return _qwen_vl(CohereCompassConfig, CohereCompassForConditionalGeneration, text, vision, SAME_GRIDS)
 
 
-def nemotron3_5_transcribe(layers=4):
-    """Nemotron3_5TranscribeForConditionalGeneration: a speech encoder over 8 stacked frames, run in chunks of 8
-    encoder frames with 2 frames of context each side and written into one buffer, plus a speaker-diarization model on
-    the same spectrogram whose speaker activities are embedded and added (128 frames -> 16 tokens); the placeholder id
-    is past the vocabulary (looked up as 0), ``[bos, <|audio|> x 16, text]``, a Nemotron-H decoder."""
-    from transformers import Nemotron3_5TranscribeConfig, Nemotron3_5TranscribeForConditionalGeneration
+def exaone4_5(layers=4):
+    """Exaone4_5_ForConditionalGeneration: Qwen2.5-VL's windowed tower with grouped-query attention (2D RoPE), over an
+    EXAONE-4 decoder of three sliding blocks then a full one (``LLLG``), 1-D positions;
+    ``[vision_start, image x N, vision_end]`` (no ``mm_token_type_ids``)."""
+    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration
 
-    frames, tokens, speakers = 128, 16, 4
-    encoder = _vit(dict, num_mel_bins=MEL)
-    diarization = dict(model_type="nemotron3_diarization", audio_config=encoder, chunk_length=8, chunk_left_context=2,
-                       chunk_right_context=2, fifo_length=8, speaker_cache_update_period=8,
-                       head_config=dict(hidden_size=16, num_speakers=speakers, audio_hidden_size=32),
-                       streaming_config=dict(num_speakers=speakers, speaker_cache_length=2 * speakers))
-    timestamps = _vit(dict, num_hidden_layers=1, vocab_size=16, blank_token_id=15)
-    cfg = Nemotron3_5TranscribeConfig(audio_config=dict(asr_config=encoder, diarization_config=diarization),
-                                      text_config=_nemotron_h_text(layers), word_timestamp_config=timestamps,
-                                      audio_token_id=VOCAB)
-    model = _seeded(Nemotron3_5TranscribeForConditionalGeneration, cfg)
-    return _audio_rows(model, [BOS] + [VOCAB] * tokens, _pixels(BATCH, frames, MEL), tokens, VOCAB, _blocks(layers),
-                       input_features_mask=torch.ones(BATCH, frames, dtype=torch.long))
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, model_type="exaone4", head_dim=16, sliding_window=8, sliding_window_pattern=4)
+    vision = _qwen_vision(num_key_value_heads=2, window_size=16, fullatt_block_indexes=[1])
+    cfg = Exaone4_5_Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
+    model = _seeded(Exaone4_5_ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
 
 
-def omniasr(layers=3):
-    """OmniASRForConditionalGeneration: a wav2vec2-style encoder on the raw waveform (two strided convs: 170 samples ->
-    16 frames, a convolutional position embedding), one token per frame; the prompt opens with the audio and closes
-    with the bos the transcription follows: ``[<extra_id_1> x 16, <|lang:...|>, bos, text]``, Llama text."""
-    from transformers import OmniASRConfig, OmniASRForConditionalGeneration
+def mistral_large4(layers=4):
+    """MistralLarge4ForConditionalGeneration: Mistral3's Pixtral tower, 2 x 2 patch merger and image rows, over a
+    decoder of latent attention restricted by an indexer (blocks 0, 1, 3 select, block 2 reuses the selection before
+    it: each block returns its selection for the next), block 2 attending to block 1's latent keys and values (a
+    shared store), block 3 without RoPE, a dense MLP in block 0, then MoE; logits soft-capped."""
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration, PixtralVisionConfig
 
-    audio_token, language, bos, samples, tokens = 4, 5, 0, 170, 16
-    audio = _vit(dict, model_type="omniasr_audio", conv_dim=(32, 32), conv_kernel=(10, 3), conv_stride=(5, 2),
-                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, hidden_dropout=0.0, layerdrop=0.0,
-                 activation_dropout=0.0)
-    cfg = OmniASRConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16), audio_token_id=audio_token)
-    model = _seeded(OmniASRForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[audio_token] * tokens + [language, bos]] * BATCH)
-    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
-                  padding_mask=torch.ones(BATCH, samples, dtype=torch.long))
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
-
-
-def vibevoice_asr(layers=3):
-    """VibeVoiceAsrForConditionalGeneration: two frozen convolutional tokenizers (acoustic and semantic, run under
-    ``no_grad``) on the raw waveform, in chunks of 64 samples with a streaming padding cache, 8 samples per latent
-    (128 samples -> 16 tokens); noise is added to the acoustic latents (``sample``, the default); the two projected
-    latents are summed, ``[bos, <|object_ref_start|>, <|box_start|> x 16, <|object_ref_end|>, text]``, Qwen2 text."""
-    from transformers import VibeVoiceAsrConfig, VibeVoiceAsrForConditionalGeneration
-
-    audio_token, start, end, samples, tokens = 4, 5, 6, 128, 16
-    tokenizer = dict(model_type="vibevoice_acoustic_tokenizer_encoder", hidden_size=16, num_filters=8,
-                     downsampling_ratios=[2, 4], depths=[1, 1, 1])
-    cfg = VibeVoiceAsrConfig(acoustic_tokenizer_encoder_config=tokenizer,
-                             semantic_tokenizer_encoder_config={**tokenizer, "hidden_size": 24},
-                             text_config=_text(layers=layers, model_type="qwen2"), audio_token_id=audio_token,
-                             audio_bos_token_id=start, audio_eos_token_id=end, acoustic_tokenizer_chunk_size=64)
-    model = _seeded(VibeVoiceAsrForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS, start] + [audio_token] * tokens + [end]] * BATCH)
-    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
-                  padding_mask=torch.ones(BATCH, samples, dtype=torch.bool))
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+    image_token, brk, end = 10, 12, 13
+    patch, merge, size = 4, 2, 32
+    side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
+    text = _text(layers=layers, model_type="mistral_large4_text", num_key_value_heads=4, kv_lora_rank=16,
+                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, index_topk=8, index_head_dim=16, index_n_heads=2, index_topk_freq=2,
+                 kv_source_layers=[0, 1, 1, 3], max_position_embeddings=512 * 2048)  # YaRN's default: 2048 x 512
+    cfg = MistralLarge4Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
+                              text_config=text, image_token_index=image_token, spatial_merge_size=merge,
+                              vision_feature_layer=-1)
+    model = _seeded(MistralLarge4ForConditionalGeneration, cfg)
+    return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
+                      side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
 
 
-def voxtral_realtime(layers=3):
-    """VoxtralRealtimeForConditionalGeneration: a causal streaming encoder (stride-2 conv, every 4 frames concatenated
-    and projected: 128 frames -> 16 positions) whose features are added onto every token embedding, one audio frame
-    per position (no placeholders): ``[bos, streaming pad x 7 (left pad and 6 delay tokens), text]``, the delay as
-    ``num_delay_tokens``; a Mistral decoder whose MLPs are scaled by a delay embedding. No position holds audio alone,
-    so stsc refuses to compress it (layer skipping works)."""
-    from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+def hyperclovax_vision_v2(layers=3):
+    """HyperCLOVAXVisionV2ForConditionalGeneration: Qwen2.5-VL's windowed tower and a linear projector over a
+    HyperCLOVA X decoder (norms after attention and MLP as well as before, scaled embeddings, residuals and logits);
+    1-D positions, ``[vision_start, image x N, vision_end]``."""
+    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
 
-    pad, delay, frames, positions = 3, 6, 128, 16
-    audio = _vit(dict, num_mel_bins=MEL, head_dim=8, sliding_window=16, max_position_embeddings=CLIP_FRAMES)
-    text = _text(layers=layers, model_type="voxtral_realtime_text", head_dim=16, sliding_window=32)
-    cfg = VoxtralRealtimeConfig(audio_config=audio, text_config=text)
-    model = _seeded(VoxtralRealtimeForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS] + [pad] * (1 + delay)] * BATCH, text_tokens=positions - 2 - delay)
-    inputs = dict(input_ids=input_ids, input_features=_pixels(BATCH, MEL, frames), attention_mask=mask, labels=labels,
-                  num_delay_tokens=delay)
-    return _finish(model, inputs, Expected(_blocks(layers), "other", positions, None))
+    image, start, end = 5, 3, 4
+    text = _text(layers=layers, model_type="hyperclovax", head_dim=16, embedding_multiplier=2.0,
+                 residual_multiplier=0.5, logits_scaling=0.5, attention_multiplier=0.25)
+    vision = _qwen_vision(model_type="qwen2_5_vl_vision", window_size=16, fullatt_block_indexes=[1])
+    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
+    model = _seeded(HyperCLOVAXVisionV2ForConditionalGeneration, cfg)
+    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
+    del inputs["mm_token_type_ids"]
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+def qianfan_ocr(layers=3, tiles=3):
+    """QianfanOCRForConditionalGeneration: InternVL's layout (8 x 8 patches, CLS dropped, pixel-shuffled to 16 per
+    tile) with stochastic depth in the tower and a Qwen3 decoder; a document image is ``tiles`` tiles (two crops and
+    a thumbnail), all in one run ``<img> IMG_CONTEXT x 16 * tiles </img>``."""
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
+
+    image_token, img_start, img_end, per_tile = 3, 4, 5, 16
+    vision = _vit(dict, image_size=32, patch_size=4)
+    text = _text(layers=layers, model_type="qwen3", head_dim=16, bos_token_id=BOS, eos_token_id=2)
+    cfg = QianfanOCRConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                           image_seq_length=per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
+                           vision_feature_select_strategy="default")
+    model = _seeded(QianfanOCRForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, img_start] + [image_token] * per_tile * tiles + [img_end]] * BATCH)
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tiles, 3, 32, 32), attention_mask=mask,
+                  labels=labels)
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", per_tile, image_token))  # a tile an image
+
+
 # ------------------------------------------------------- (l) vision-language families with their own layouts
 def glm5_next(layers=5):
     """Glm5NextForConditionalGeneration: GLM-OCR's tower (a 2 x 2 conv downsample, then a clamped SwiGLU merger) over
@@ -2110,6 +2097,9 @@ def muse_glimmer(layers=4):
     model = _seeded(MuseGlimmerForConditionalGeneration, cfg)
     inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, bos=True)
     del inputs["mm_token_type_ids"]  # 1-D positions: the model takes no token types
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
 # ------------------------------------------------------------------------------ (m) natively multimodal decoders
 def inkling(layers=4):
     """InklingForConditionalGeneration: no ViT, each 4 x 4 patch (2 frames) folded to one token by an MLP tower
@@ -2247,6 +2237,138 @@ def cosmos3_edge(layers=3):
     model = _seeded(Cosmos3EdgeForConditionalGeneration, cfg)
     inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end, patch_shape=(3 * PATCH * PATCH,))
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
+
+
+# ------------------------------------------------------------------------- (n) more audio-language families
+def fun_asr_nano(layers=3):
+    """FunAsrNanoForConditionalGeneration: a SAN-M encoder (attention with an FSMN memory) over low-frame-rate
+    features (7 mel frames stacked per step), projected and passed through adaptor layers, one token per step (16
+    steps -> 16 tokens), ``[bos, <|object_ref_start|> x 16, <|im_end|>, text]``, Qwen3 text."""
+    from transformers import FunAsrNanoConfig, FunAsrNanoForConditionalGeneration
+
+    audio_token, end, steps = 4, 5, 16
+    audio = _vit(dict, model_type="fun_asr_nano_encoder", num_mel_bins=MEL, num_timestamp_prediction_layers=1,
+                 fsmn_kernel_size=3, max_position_embeddings=CLIP_FRAMES, hidden_dropout=0.0, attention_dropout=0.0)
+    adaptor = dict(hidden_size=64, intermediate_size=16, num_attention_heads=4, num_hidden_layers=1,
+                   projector_hidden_size=64)
+    cfg = FunAsrNanoConfig(audio_config=audio, adaptor_config=adaptor,
+                           text_config=_text(layers=layers, model_type="qwen3", head_dim=16),
+                           audio_token_id=audio_token)
+    model = _seeded(FunAsrNanoForConditionalGeneration, cfg)
+    features = _pixels(BATCH, steps, MEL * cfg.audio_config.num_stacked_frames)
+    return _audio_rows(model, [BOS] + [audio_token] * steps + [end], features, steps, audio_token, _blocks(layers),
+                       input_features_mask=torch.ones(BATCH, steps, dtype=torch.long))
+
+
+def granite_speech_plus(layers=3):
+    """GraniteSpeechPlusForConditionalGeneration: Granite Speech whose Q-Former reads the encoder's last features
+    concatenated with those after its first conformer layer (width 2 x 32), ``[bos, <|audio|> x 6, text]``."""
+    from transformers import GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration
+
+    return _granite_speech(GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration, layers,
+                           encoder_width=64, cat_hidden_layers=[1])
+
+
+def moss_transcribe_diarize(layers=3):
+    """MossTranscribeDiarizeForConditionalGeneration: a Whisper encoder over a window padded to 512 frames of which
+    400 are real (``input_features_mask``), a stride-2 conv, the real frames kept and every 4 concatenated and projected
+    (400 frames -> 50 tokens, 12.5 per second); the processor writes a time marker (the text "2", "4") after every 2
+    seconds of placeholders: ``[bos, <|audio_start|>, <|audio_pad|> x 25, 2, <|audio_pad|> x 25, 4, <|audio_end|>,
+    text]``, Qwen3 text. ``tokens_per_image`` counts the clip's two runs."""
+    from transformers import MossTranscribeDiarizeConfig, MossTranscribeDiarizeForConditionalGeneration
+
+    audio_token, start, end, two, four = 4, 5, 6, 50, 52
+    window, frames, run = 512, 400, 25
+    audio = _vit(dict, num_mel_bins=MEL, max_source_positions=window // 2)
+    cfg = MossTranscribeDiarizeConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16),
+                                      audio_token_id=audio_token)
+    model = _seeded(MossTranscribeDiarizeForConditionalGeneration, cfg)
+    prompt = [BOS, start] + [audio_token] * run + [two] + [audio_token] * run + [four, end]
+    mask = (torch.arange(window) < frames).long().expand(BATCH, -1)
+    return _audio_rows(model, prompt, _pixels(BATCH, MEL, window), 2 * run, audio_token, _blocks(layers),
+                       input_features_mask=mask)
+
+
+def nemotron3_5_transcribe(layers=4):
+    """Nemotron3_5TranscribeForConditionalGeneration: a speech encoder over 8 stacked frames, run in chunks of 8
+    encoder frames with 2 frames of context each side and written into one buffer, plus a speaker-diarization model on
+    the same spectrogram whose speaker activities are embedded and added (128 frames -> 16 tokens); the placeholder id
+    is past the vocabulary (looked up as 0), ``[bos, <|audio|> x 16, text]``, a Nemotron-H decoder."""
+    from transformers import Nemotron3_5TranscribeConfig, Nemotron3_5TranscribeForConditionalGeneration
+
+    frames, tokens, speakers = 128, 16, 4
+    encoder = _vit(dict, num_mel_bins=MEL)
+    diarization = dict(model_type="nemotron3_diarization", audio_config=encoder, chunk_length=8, chunk_left_context=2,
+                       chunk_right_context=2, fifo_length=8, speaker_cache_update_period=8,
+                       head_config=dict(hidden_size=16, num_speakers=speakers, audio_hidden_size=32),
+                       streaming_config=dict(num_speakers=speakers, speaker_cache_length=2 * speakers))
+    timestamps = _vit(dict, num_hidden_layers=1, vocab_size=16, blank_token_id=15)
+    cfg = Nemotron3_5TranscribeConfig(audio_config=dict(asr_config=encoder, diarization_config=diarization),
+                                      text_config=_nemotron_h_text(layers), word_timestamp_config=timestamps,
+                                      audio_token_id=VOCAB)
+    model = _seeded(Nemotron3_5TranscribeForConditionalGeneration, cfg)
+    return _audio_rows(model, [BOS] + [VOCAB] * tokens, _pixels(BATCH, frames, MEL), tokens, VOCAB, _blocks(layers),
+                       input_features_mask=torch.ones(BATCH, frames, dtype=torch.long))
+
+
+def omniasr(layers=3):
+    """OmniASRForConditionalGeneration: a wav2vec2-style encoder on the raw waveform (two strided convs: 170 samples ->
+    16 frames, a convolutional position embedding), one token per frame; the prompt opens with the audio and closes
+    with the bos the transcription follows: ``[<extra_id_1> x 16, <|lang:...|>, bos, text]``, Llama text."""
+    from transformers import OmniASRConfig, OmniASRForConditionalGeneration
+
+    audio_token, language, bos, samples, tokens = 4, 5, 0, 170, 16
+    audio = _vit(dict, model_type="omniasr_audio", conv_dim=(32, 32), conv_kernel=(10, 3), conv_stride=(5, 2),
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, hidden_dropout=0.0, layerdrop=0.0,
+                 activation_dropout=0.0)
+    cfg = OmniASRConfig(audio_config=audio, text_config=_text(layers=layers, head_dim=16), audio_token_id=audio_token)
+    model = _seeded(OmniASRForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[audio_token] * tokens + [language, bos]] * BATCH)
+    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
+                  padding_mask=torch.ones(BATCH, samples, dtype=torch.long))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+
+
+def vibevoice_asr(layers=3):
+    """VibeVoiceAsrForConditionalGeneration: two frozen convolutional tokenizers (acoustic and semantic, run under
+    ``no_grad``) on the raw waveform, in chunks of 64 samples with a streaming padding cache, 8 samples per latent
+    (128 samples -> 16 tokens); noise is added to the acoustic latents (``sample``, the default); the two projected
+    latents are summed, ``[bos, <|object_ref_start|>, <|box_start|> x 16, <|object_ref_end|>, text]``, Qwen2 text."""
+    from transformers import VibeVoiceAsrConfig, VibeVoiceAsrForConditionalGeneration
+
+    audio_token, start, end, samples, tokens = 4, 5, 6, 128, 16
+    tokenizer = dict(model_type="vibevoice_acoustic_tokenizer_encoder", hidden_size=16, num_filters=8,
+                     downsampling_ratios=[2, 4], depths=[1, 1, 1])
+    cfg = VibeVoiceAsrConfig(acoustic_tokenizer_encoder_config=tokenizer,
+                             semantic_tokenizer_encoder_config={**tokenizer, "hidden_size": 24},
+                             text_config=_text(layers=layers, model_type="qwen2"), audio_token_id=audio_token,
+                             audio_bos_token_id=start, audio_eos_token_id=end, acoustic_tokenizer_chunk_size=64)
+    model = _seeded(VibeVoiceAsrForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS, start] + [audio_token] * tokens + [end]] * BATCH)
+    inputs = dict(input_ids=input_ids, input_values=_pixels(BATCH, 1, samples), attention_mask=mask, labels=labels,
+                  padding_mask=torch.ones(BATCH, samples, dtype=torch.bool))
+    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, audio_token))
+
+
+def voxtral_realtime(layers=3):
+    """VoxtralRealtimeForConditionalGeneration: a causal streaming encoder (stride-2 conv, every 4 frames concatenated
+    and projected: 128 frames -> 16 positions) whose features are added onto every token embedding, one audio frame
+    per position (no placeholders): ``[bos, streaming pad x 7 (left pad and 6 delay tokens), text]``, the delay as
+    ``num_delay_tokens``; a Mistral decoder whose MLPs are scaled by a delay embedding. No position holds audio alone,
+    so stsc refuses to compress it (layer skipping works)."""
+    from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+
+    pad, delay, frames, positions = 3, 6, 128, 16
+    audio = _vit(dict, num_mel_bins=MEL, head_dim=8, sliding_window=16, max_position_embeddings=CLIP_FRAMES)
+    text = _text(layers=layers, model_type="voxtral_realtime_text", head_dim=16, sliding_window=32)
+    cfg = VoxtralRealtimeConfig(audio_config=audio, text_config=text)
+    model = _seeded(VoxtralRealtimeForConditionalGeneration, cfg)
+    input_ids, mask, labels = _batch([[BOS] + [pad] * (1 + delay)] * BATCH, text_tokens=positions - 2 - delay)
+    inputs = dict(input_ids=input_ids, input_features=_pixels(BATCH, MEL, frames), attention_mask=mask, labels=labels,
+                  num_delay_tokens=delay)
+    return _finish(model, inputs, Expected(_blocks(layers), "other", positions, None))
+
+
 # ------------------------------------------------------ (o) video, vision-language-action and speech-dialogue families
 def instructblipvideo(layers=3):
     """InstructBlipVideoForConditionalGeneration: InstructBLIP on a clip of 4 frames (the processor's fixed count), each
@@ -2328,119 +2450,6 @@ def pi05(layers=3):
     from transformers import PI05Config, PI05ForConditionalGeneration
 
     return _vla(PI05Config, PI05ForConditionalGeneration, layers, state=False)
-# --------------------------------------------------------------- (k) more vision-language families (transformers 5.x)
-def apertus1p5(layers=3):
-    """Apertus1p5ForConditionalGeneration: an EMU3.5 VQ tokenizer turns each image (cropped to ``image_sizes``) into
-    4 x 4 discrete codes, embedded by the text table and written at the placeholders; the processor's
-    ``<boi> 4*4 <wrapper>``, then the rows of placeholders joined by end-of-row tokens, ``<eoi>``. The audio tokenizer
-    (WavTokenizer) is built but given no clip."""
-    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration
-
-    image_token, boi, eoi, wrapper, eol, first_code_id = 3, 4, 5, 6, 7, 100
-    size, codes, side = 16, 16, 4  # 16 px, spatial factor 4 (channel_multiplier [1, 2, 1]) -> 4 x 4 codes
-    header = [boi, 30, 31, 30, wrapper]  # "<boi>4*4<wrapper>": the grid written as text
-    text = _text(layers=layers, model_type="apertus1p5_text", hidden_act="gelu", pad_token_id=0, bos_token_id=BOS,
-                 eos_token_id=2)
-    vision = dict(codebook_size=codes, base_channels=32, channel_multiplier=[1, 2, 1], num_res_blocks=1, embed_dim=8,
-                  latent_channels=8, attn_resolutions=[], resolution=size)
-    audio = dict(model_type="wavtokenizer_encoder", num_filters=8, upsampling_ratios=[2, 2], hidden_size=32,
-                 codebook_dim=32, codebook_size=12, decoder_hidden_size=32, decoder_intermediate_size=64,
-                 decoder_num_layers=2)
-    # visual codes take ids 100..115, audio codes 116..127: the vocabulary's end
-    cfg = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio, image_token_id=image_token,
-                           audio_token_id=8, image_token_offset=first_code_id, audio_token_offset=first_code_id + codes)
-    model = _seeded(Apertus1p5ForConditionalGeneration, cfg)
-    prompt = [BOS] + header + _image_rows(side, side, image_token, eol, end=eoi)
-    return _same_rows(model, prompt, (3, size, size), _blocks(layers), side * side, image_token,
-                      image_sizes=torch.tensor([[size, size]] * BATCH))
-
-
-def cohere_compass(layers=3):
-    """CohereCompassForConditionalGeneration: Qwen3-VL's tower (DeepStack taps after vision block 0) and layout over
-    a Cohere2 decoder (parallel attention and MLP), two sliding blocks with interleaved M-RoPE, then a full attention
-    block without positions (``rope_parameters`` per block kind, ``None`` for NoPE)."""
-    from transformers import CohereCompassConfig, CohereCompassForConditionalGeneration
-
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
-    text = _text(layers=layers, head_dim=16, sliding_window=8,
-                 layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
-                 rope_parameters={"sliding_attention": rope, "full_attention": None})
-    vision = _qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0])
-    return _qwen_vl(CohereCompassConfig, CohereCompassForConditionalGeneration, text, vision, SAME_GRIDS)
-
-
-def exaone4_5(layers=4):
-    """Exaone4_5_ForConditionalGeneration: Qwen2.5-VL's windowed tower with grouped-query attention (2D RoPE), over an
-    EXAONE-4 decoder of three sliding blocks then a full one (``LLLG``), 1-D positions;
-    ``[vision_start, image x N, vision_end]`` (no ``mm_token_type_ids``)."""
-    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration
-
-    image, start, end = 5, 3, 4
-    text = _text(layers=layers, model_type="exaone4", head_dim=16, sliding_window=8, sliding_window_pattern=4)
-    vision = _qwen_vision(num_key_value_heads=2, window_size=16, fullatt_block_indexes=[1])
-    cfg = Exaone4_5_Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
-    model = _seeded(Exaone4_5_ForConditionalGeneration, cfg)
-    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
-    del inputs["mm_token_type_ids"]
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
-
-
-def mistral_large4(layers=4):
-    """MistralLarge4ForConditionalGeneration: Mistral3's Pixtral tower, 2 x 2 patch merger and image rows, over a
-    decoder of latent attention restricted by an indexer (blocks 0, 1, 3 select, block 2 reuses the selection before
-    it: each block returns its selection for the next), block 2 attending to block 1's latent keys and values (a
-    shared store), block 3 without RoPE, a dense MLP in block 0, then MoE; logits soft-capped."""
-    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration, PixtralVisionConfig
-
-    image_token, brk, end = 10, 12, 13
-    patch, merge, size = 4, 2, 32
-    side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
-    text = _text(layers=layers, model_type="mistral_large4_text", num_key_value_heads=4, kv_lora_rank=16,
-                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
-                 moe_intermediate_size=32, index_topk=8, index_head_dim=16, index_n_heads=2, index_topk_freq=2,
-                 kv_source_layers=[0, 1, 1, 3], max_position_embeddings=512 * 2048)  # YaRN's default: 2048 x 512
-    cfg = MistralLarge4Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
-                              text_config=text, image_token_index=image_token, spatial_merge_size=merge,
-                              vision_feature_layer=-1)
-    model = _seeded(MistralLarge4ForConditionalGeneration, cfg)
-    return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
-                      side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
-
-
-def hyperclovax_vision_v2(layers=3):
-    """HyperCLOVAXVisionV2ForConditionalGeneration: Qwen2.5-VL's windowed tower and a linear projector over a
-    HyperCLOVA X decoder (norms after attention and MLP as well as before, scaled embeddings, residuals and logits);
-    1-D positions, ``[vision_start, image x N, vision_end]``."""
-    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
-
-    image, start, end = 5, 3, 4
-    text = _text(layers=layers, model_type="hyperclovax", head_dim=16, embedding_multiplier=2.0,
-                 residual_multiplier=0.5, logits_scaling=0.5, attention_multiplier=0.25)
-    vision = _qwen_vision(model_type="qwen2_5_vl_vision", window_size=16, fullatt_block_indexes=[1])
-    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=image, video_token_id=6)
-    model = _seeded(HyperCLOVAXVisionV2ForConditionalGeneration, cfg)
-    inputs, tokens = _grid_inputs(SAME_GRIDS, image, start, end)
-    del inputs["mm_token_type_ids"]
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image))
-
-
-def qianfan_ocr(layers=3, tiles=3):
-    """QianfanOCRForConditionalGeneration: InternVL's layout (8 x 8 patches, CLS dropped, pixel-shuffled to 16 per
-    tile) with stochastic depth in the tower and a Qwen3 decoder; a document image is ``tiles`` tiles (two crops and
-    a thumbnail), all in one run ``<img> IMG_CONTEXT x 16 * tiles </img>``."""
-    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
-
-    image_token, img_start, img_end, per_tile = 3, 4, 5, 16
-    vision = _vit(dict, image_size=32, patch_size=4)
-    text = _text(layers=layers, model_type="qwen3", head_dim=16, bos_token_id=BOS, eos_token_id=2)
-    cfg = QianfanOCRConfig(vision_config=vision, text_config=text, image_token_id=image_token,
-                           image_seq_length=per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
-                           vision_feature_select_strategy="default")
-    model = _seeded(QianfanOCRForConditionalGeneration, cfg)
-    input_ids, mask, labels = _batch([[BOS, img_start] + [image_token] * per_tile * tiles + [img_end]] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH * tiles, 3, 32, 32), attention_mask=mask,
-                  labels=labels)
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", per_tile * tiles, image_token))
 
 
 BUILDERS = {
@@ -2479,10 +2488,10 @@ BUILDERS = {
     "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
     # (j) video
     "qwen3_5_video": qwen3_5_video, "cosmos3_omni": cosmos3_omni, "glm46v_video": glm46v_video,
-    # (n) more audio-language families
-    "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
-    "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
-    "omniasr": omniasr, "vibevoice_asr": vibevoice_asr, "voxtral_realtime": voxtral_realtime,
+    # (k) more vision-language families (transformers 5.x)
+    "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
+    "mistral_large4": mistral_large4, "hyperclovax_vision_v2": hyperclovax_vision_v2,
+    "qianfan_ocr": qianfan_ocr,
     # (l) vision-language families with their own layouts
     "glm5_next": glm5_next, "glm_image": glm_image, "qwen4_exp": qwen4_exp, "dots3_note": dots3_note,
     "unlimited_ocr": unlimited_ocr, "muse_glimmer": muse_glimmer,
@@ -2490,10 +2499,10 @@ BUILDERS = {
     "inkling": inkling, "inkling2": inkling2, "inkling2_loop": inkling2_loop,
     "gemma4_unified": gemma4_unified, "muse_spark": muse_spark,
     "cosmos3_edge": cosmos3_edge,
+    # (n) more audio-language families
+    "fun_asr_nano": fun_asr_nano, "granite_speech_plus": granite_speech_plus,
+    "moss_transcribe_diarize": moss_transcribe_diarize, "nemotron3_5_transcribe": nemotron3_5_transcribe,
+    "omniasr": omniasr, "vibevoice_asr": vibevoice_asr, "voxtral_realtime": voxtral_realtime,
     # (o) video, vision-language-action and speech-dialogue families
     "instructblipvideo": instructblipvideo, "video_llama_3": video_llama_3, "pi0": pi0, "pi05": pi05,
-    # (k) more vision-language families (transformers 5.x)
-    "apertus1p5": apertus1p5, "cohere_compass": cohere_compass, "exaone4_5": exaone4_5,
-    "mistral_large4": mistral_large4, "hyperclovax_vision_v2": hyperclovax_vision_v2,
-    "qianfan_ocr": qianfan_ocr,
 }

@@ -44,7 +44,7 @@ def on_meta(build):
     try:
         with torch.device("meta"):
             meta = build()[0]
-    except NotImplementedError:
+    except (NotImplementedError, RuntimeError):  # e.g. Tensor.item() on meta
         with torch.device("meta"):
             torch.manual_seed(0)
             meta = type(direct)(direct.config).train()
