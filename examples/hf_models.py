@@ -902,16 +902,23 @@ def _image_rows(rows, cols, image, brk, end=None):
 def mistral3(layers=3):
     """Mistral3ForConditionalGeneration: Pixtral tower, 2 x 2 patch merger; rows ``[IMG] x 4 [IMG_BREAK]``, the last
     break ``[IMG_END]``."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig
+
+    text = MistralConfig(**_text(layers=layers), head_dim=16, sliding_window=None)
+    return _pixtral_rows(Mistral3Config, Mistral3ForConditionalGeneration, text, layers)
+
+
+def _pixtral_rows(config_cls, model_cls, text, layers):
+    """Mistral3's layout over ``text``: a Pixtral tower (4 x 4 patches of a 32 x 32 image), a 2 x 2 patch merger, rows
+    ``[IMG] x 4 [IMG_BREAK]``, the last break ``[IMG_END]``."""
+    from transformers import PixtralVisionConfig
 
     image_token, brk, end = 10, 12, 13
     patch, merge, size = 4, 2, 32
     side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
-    text = MistralConfig(**_text(layers=layers), head_dim=16, sliding_window=None)
-    cfg = Mistral3Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
-                         text_config=text, image_token_index=image_token, spatial_merge_size=merge,
-                         vision_feature_layer=-1)
-    model = _seeded(Mistral3ForConditionalGeneration, cfg)
+    cfg = config_cls(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
+                     text_config=text, image_token_index=image_token, spatial_merge_size=merge, vision_feature_layer=-1)
+    model = _seeded(model_cls, cfg)
     return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
                       side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
 
@@ -1257,7 +1264,6 @@ def gemma4(layers=4):
     over the image; ``[bos, boi, image x 16, eoi, text]``, 8 x 8 patches pooled 2 x 2 by their positions."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    image_token, boi, eoi = 3, 4, 5
     patch, side, kernel = 4, 8, 2
     tokens = (side // kernel) ** 2
     text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16, vocab_size_per_layer_input=VOCAB,
@@ -1266,14 +1272,22 @@ def gemma4(layers=4):
                  eos_token_id=2)
     vision = _vit(dict, num_key_value_heads=4, head_dim=8, patch_size=patch, pooling_kernel_size=kernel,
                   position_embedding_size=side)
-    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
-                       boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
-                       eoa_token_index=9)
-    model = _seeded(Gemma4ForConditionalGeneration, cfg)
+    return _gemma4_layout(Gemma4Config, Gemma4ForConditionalGeneration, text, vision, layers, side, tokens,
+                          3 * patch * patch)
+
+
+def _gemma4_layout(config_cls, model_cls, text, vision, layers, side, tokens, patch_values):
+    """Gemma4's layout: ``[bos, boi, image x tokens, eoi, text]``, one image a row given as its ``side`` x ``side``
+    patches (``patch_values`` each) with their (x, y) positions, the image positions' token type 1."""
+    image_token, boi, eoi = 3, 4, 5
+    cfg = config_cls(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
+                     boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
+                     eoa_token_index=9)
+    model = _seeded(model_cls, cfg)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
     input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, side * side, 3 * patch * patch),
+    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, side * side, patch_values),
                   image_position_ids=positions, attention_mask=mask, labels=labels,
                   mm_token_type_ids=(input_ids == image_token).long())
     return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
@@ -1374,16 +1388,22 @@ def deepseek_ocr2(layers=3):
     Decoder: a dense block, then MoE blocks."""
     from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
 
-    image_token, size, tokens = 3, 16, 145
+    encoder = _text(hidden=64, layers=2, rms_norm_eps=1e-6)
+    return _sam_ocr(DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration, layers, 16, 145, encoder)
+
+
+def _sam_ocr(config_cls, model_cls, layers, size, tokens, encoder, **text_extra):
+    """A SAM-style high-resolution tower (a ``size`` px image) read by a second ``encoder``, over a decoder of a dense
+    block then MoE blocks: ``[bos, image x tokens, text]`` (DeepSeek-OCR-2, Unlimited-OCR)."""
+    image_token = 3
     sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=size,
                patch_size=2, mlp_ratio=2.0, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
-    encoder = _text(hidden=64, layers=2, rms_norm_eps=1e-6)
     text = _text(layers=layers, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), n_routed_experts=4,
                  n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2, bos_token_id=BOS,
-                 eos_token_id=2, pad_token_id=0)
-    cfg = DeepseekOcr2Config(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
-                             image_token_id=image_token)
-    model = _seeded(DeepseekOcr2ForConditionalGeneration, cfg)
+                 eos_token_id=2, pad_token_id=0, **text_extra)
+    cfg = config_cls(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                     image_token_id=image_token)
+    model = _seeded(model_cls, cfg)
     with torch.no_grad():  # SAM-style init uses initializer_range 1e-10: give the SAM tower real values
         for param in model.model.vision_tower.sam_encoder.parameters():
             if param.dim() >= 2:
@@ -1920,21 +1940,13 @@ def mistral_large4(layers=4):
     decoder of latent attention restricted by an indexer (blocks 0, 1, 3 select, block 2 reuses the selection before
     it: each block returns its selection for the next), block 2 attending to block 1's latent keys and values (a
     shared store), block 3 without RoPE, a dense MLP in block 0, then MoE; logits soft-capped."""
-    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration, PixtralVisionConfig
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
 
-    image_token, brk, end = 10, 12, 13
-    patch, merge, size = 4, 2, 32
-    side = size // (patch * merge)  # 4 x 4 merged tokens per 32 x 32 image
     text = _text(layers=layers, model_type="mistral_large4_text", num_key_value_heads=4, kv_lora_rank=16,
                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                  moe_intermediate_size=32, index_topk=8, index_head_dim=16, index_n_heads=2, index_topk_freq=2,
                  kv_source_layers=[0, 1, 1, 3], max_position_embeddings=512 * 2048)  # YaRN's default: 2048 x 512
-    cfg = MistralLarge4Config(vision_config=_vit(PixtralVisionConfig, image_size=size, patch_size=patch, head_dim=8),
-                              text_config=text, image_token_index=image_token, spatial_merge_size=merge,
-                              vision_feature_layer=-1)
-    model = _seeded(MistralLarge4ForConditionalGeneration, cfg)
-    return _same_rows(model, [BOS] + _image_rows(side, side, image_token, brk, end), (3, size, size), _blocks(layers),
-                      side * side, image_token, image_sizes=torch.tensor([[size, size]] * BATCH))
+    return _pixtral_rows(MistralLarge4Config, MistralLarge4ForConditionalGeneration, text, layers)
 
 
 def hyperclovax_vision_v2(layers=3):
@@ -2063,22 +2075,10 @@ def unlimited_ocr(layers=3):
     Decoder: a dense block, then MoE blocks, attention over a sliding window plus the prompt."""
     from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
 
-    image_token, size, side = 3, 32, 4
-    tokens = side * (side + 1) + 1
-    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=size,
-               patch_size=2, mlp_ratio=2.0, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
+    side = 4
     encoder = _vit(dict, hidden_size=64, intermediate_size=128, image_size=side, patch_size=1)
-    text = _text(layers=layers, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), n_routed_experts=4,
-                 n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2, sliding_window=8,
-                 bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
-    cfg = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
-                             image_token_id=image_token)
-    model = _seeded(UnlimitedOcrForConditionalGeneration, cfg)
-    with torch.no_grad():  # SAM-style init uses initializer_range 1e-10: give the SAM tower real values
-        for param in model.model.vision_tower.sam_encoder.parameters():
-            if param.dim() >= 2:
-                param.normal_(std=0.05)
-    return _same_rows(model, [BOS] + [image_token] * tokens, (3, size, size), _blocks(layers), tokens, image_token)
+    return _sam_ocr(UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration, layers, 32, side * (side + 1) + 1, encoder,
+                    sliding_window=8)
 
 
 def muse_glimmer(layers=4):
@@ -2174,7 +2174,6 @@ def gemma4_unified(layers=4):
     over the image; ``[bos, boi, image x 16, eoi, text]``, a 4 x 4 grid."""
     from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-    image_token, boi, eoi = 3, 4, 5
     patch, kernel, side = 2, 2, 4
     tokens = side * side
     text = _text(layers=layers, head_dim=16, global_head_dim=16, sliding_window=16,
@@ -2182,17 +2181,8 @@ def gemma4_unified(layers=4):
                  use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
     vision = dict(patch_size=patch, pooling_kernel_size=kernel, mm_embed_dim=32, mm_posemb_size=side,
                   output_proj_dims=32)
-    cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=None, image_token_id=image_token,
-                              boi_token_id=boi, eoi_token_id=eoi, video_token_id=6, audio_token_id=7, boa_token_id=8,
-                              eoa_token_index=9)
-    model = _seeded(Gemma4UnifiedForConditionalGeneration, cfg)
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    positions = torch.stack([cols.flatten(), rows.flatten()], dim=-1).expand(BATCH, -1, -1)  # (x, y) of each patch
-    input_ids, mask, labels = _batch([[BOS, boi] + [image_token] * tokens + [eoi]] * BATCH)
-    inputs = dict(input_ids=input_ids, pixel_values=_pixels(BATCH, tokens, 3 * (patch * kernel) ** 2),
-                  image_position_ids=positions, attention_mask=mask, labels=labels,
-                  mm_token_type_ids=(input_ids == image_token).long())
-    return _finish(model, inputs, Expected(_blocks(layers), "scatter", tokens, image_token))
+    return _gemma4_layout(Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration, text, vision, layers, side,
+                          tokens, 3 * (patch * kernel) ** 2)
 
 
 def muse_spark(layers=4):
