@@ -287,10 +287,11 @@ class _MetaWeights(TorchDispatchMode):
     computed from the inputs alone runs for real, so the trace specializes to the example as the real-tensor trace
     does (per-image sizes, positions, masks); an op that also reads a ``meta`` tensor (a weight, or anything computed
     from one) runs on the ``meta`` device, real operands moved there (boolean index masks first made integer indices,
-    as their count is a shape). Moving a real value to the ``meta`` device keeps it real, and so does making an integer
-    or boolean tensor from no tensor on it (``torch.arange(n, device=weight.device)``: positions, lengths and masks,
-    which decide shapes; it is made on ``device``, the inputs'). An op that would write a ``meta`` value into a real
-    tensor fails (the trace falls back to dynamo, with the reason)."""
+    as their count is a shape). Moving a real value to the ``meta`` device keeps it real, and so does an integer
+    ``arange`` made on it (``torch.arange(n, device=weight.device)``: positions, lengths and masks, which decide
+    shapes; it is made on ``device``, the inputs'); a buffer made there to be filled (``zeros``, ``full``) stays on
+    ``meta``. An op that would write a ``meta`` value into a real tensor fails (the trace falls back to dynamo, with
+    the reason)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
@@ -299,9 +300,10 @@ class _MetaWeights(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if not tensors and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
+        if func.overloadpacket is torch.ops.aten.arange and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type == "meta":
             made = func(*args, **kwargs)
-            if isinstance(made, torch.Tensor) and not (made.is_floating_point() or made.is_complex()):
+            if not (made.is_floating_point() or made.is_complex()):
                 return func(*args, **{**kwargs, "device": self.device})
             return made
         if not any(t.is_meta for t in tensors):
@@ -341,8 +343,7 @@ def _on_meta(func, args, kwargs):
 
 class _RealConstants(TorchFunctionMode):
     """``torch.tensor(data, device=<meta>)`` of integers or booleans (a grid, a size: made from no weight) is made real
-    on ``device``, as :class:`_MetaWeights` makes the tensors other factories make (this constructor is not
-    dispatched)."""
+    on ``device``, as :class:`_MetaWeights` makes an integer ``arange`` (this constructor is not dispatched)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
