@@ -300,15 +300,10 @@ class _MetaWeights(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func.overloadpacket is torch.ops.aten.arange and kwargs.get("device") is not None \
-                and torch.device(kwargs["device"]).type == "meta":
-            made = func(*args, **kwargs)
-            if not (made.is_floating_point() or made.is_complex()):
-                return func(*args, **{**kwargs, "device": self.device})
-            return made
+        if func.overloadpacket is torch.ops.aten.arange and _asks_for_meta(kwargs):
+            return _made_real(func, args, kwargs, self.device)
         if not any(t.is_meta for t in tensors):
-            if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None \
-                    and torch.device(kwargs["device"]).type == "meta":
+            if func is torch.ops.aten._to_copy.default and _asks_for_meta(kwargs):
                 kwargs = {k: v for k, v in kwargs.items() if k != "device"}
             return func(*args, **kwargs)
         if all(t.is_meta for t in tensors):
@@ -351,10 +346,21 @@ class _RealConstants(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.tensor and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
-            made = func(*args, **{**kwargs, "device": self.device})
-            return made.to("meta") if made.is_floating_point() or made.is_complex() else made
+        if func is torch.tensor and _asks_for_meta(kwargs):
+            return _made_real(func, args, kwargs, self.device)
         return func(*args, **kwargs)
+
+
+def _asks_for_meta(kwargs: dict) -> bool:
+    return kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta"
+
+
+def _made_real(make, args, kwargs, device: torch.device) -> torch.Tensor:
+    """What ``make`` makes from no tensor on the ``meta`` device, made on ``device`` where it is integer or boolean
+    (a position, a length, a mask, a grid: computed from no weight, and deciding shapes); a floating result goes back
+    to ``meta``."""
+    made = make(*args, **{**kwargs, "device": device})
+    return made.to("meta") if made.is_floating_point() or made.is_complex() else made
 
 
 @contextlib.contextmanager
